@@ -1,0 +1,156 @@
+"""Perturbation rules: where SAM takes its second gradient.
+
+A rule maps the parameters ``w`` and the gradients ``g`` at ``w`` to the perturbation ``e`` with ``||e|| <= rho``
+(in the rule's own geometry). Rules are pure tensor maths on lists of tensors, written with ``torch._foreach_*``
+so that one call covers every parameter; they know nothing of modules, data or optimisers.
+
+For speed and memory a rule works *in place*: ``perturb_`` overwrites the gradient tensors with ``e``. SAM hands
+it the gradients of the first pass, which are discarded afterwards anyway, so ``e`` costs no extra copy of the
+parameters. Rules compose: :class:`Adaptive` wraps any other rule and applies it in the ``|w|``-scaled space.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Adaptive",
+    "DualNorm",
+    "PerturbationRule",
+    "Unnormalized",
+    "global_norm",
+]
+
+
+@runtime_checkable
+class PerturbationRule(Protocol):
+    """The interface every rule implements."""
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        """Overwrite ``grads`` with the perturbation ``e`` at radius ``rho``.
+
+        ``grad_norms``, when given, holds the L2 norm of each gradient tensor (SAM computes them once for its
+        finiteness check); a rule that needs them reuses them instead of reading the gradients again.
+        """
+        ...
+
+
+def global_norm(tensor_norms: list[Tensor]) -> Tensor:
+    """L2 norm of a list of tensors, from their per-tensor L2 norms, without a host sync."""
+    device = tensor_norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in tensor_norms]))
+
+
+def _global_max(tensors: list[Tensor]) -> Tensor:
+    device = tensors[0].device
+    return torch.stack([t.amax().to(device) for t in tensors]).amax()
+
+
+class DualNorm:
+    """Ascent in the L_p ball: the first-order solution of max_{||e||_p <= rho} g.e (SAM paper, eq. 2).
+
+    ``e = rho * sign(g) * |g|^(q-1) / (||g||_q^q)^(1/p)`` elementwise, with ``1/p + 1/q = 1``:
+    ``p = 2`` gives ``rho g / ||g||_2`` (the SAM default), ``p = inf`` gives ``rho sign(g)``, and ``p = 1`` puts
+    all of rho on the largest ``|g_i|`` (split evenly among exact ties). The norm is global, over all tensors
+    passed together. A zero gradient gives a zero perturbation, never NaN.
+    """
+
+    def __init__(self, p: float = 2.0) -> None:
+        p = float(p)
+        if not p >= 1.0:  # also rejects NaN
+            raise ValueError(f"DualNorm needs p >= 1 (p = 2 is SAM, p = inf the sign rule); got p={p}.")
+        self.p = p
+
+    def __repr__(self) -> str:
+        return f"DualNorm(p={self.p})"
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        if not grads:
+            return
+        if self.p == 2.0:
+            norms = grad_norms if grad_norms is not None else torch._foreach_norm(grads)
+            norm = global_norm(norms)
+            scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
+            torch._foreach_mul_(grads, scale)
+        elif math.isinf(self.p):
+            torch._foreach_sign_(grads)
+            torch._foreach_mul_(grads, rho)
+        elif self.p == 1.0:
+            self._largest_coordinate_(grads, rho)
+        else:
+            self._general_p_(grads, rho)
+
+    @staticmethod
+    def _largest_coordinate_(grads: list[Tensor], rho: float) -> None:
+        magnitudes = torch._foreach_abs(grads)
+        top = _global_max(magnitudes)
+        hits = [(m == top) & (top > 0) for m in magnitudes]
+        count = torch.stack([h.sum().to(top.device) for h in hits]).sum().clamp_min(1)
+        torch._foreach_sign_(grads)
+        for grad, hit in zip(grads, hits):
+            grad.mul_(hit).mul_(rho / count.to(grad))
+
+    def _general_p_(self, grads: list[Tensor], rho: float) -> None:
+        # The formula is invariant to scaling g, so divide by max|g| first: no overflow in |g|^q for any q.
+        q = self.p / (self.p - 1.0)
+        ratios = torch._foreach_abs(grads)
+        top = _global_max(ratios)
+        torch._foreach_div_(ratios, torch.where(top > 0, top, torch.ones_like(top)))
+        weights = torch._foreach_pow(ratios, q - 1.0)  # |g|^(q-1), scaled
+        torch._foreach_mul_(ratios, weights)  # now |g|^q, scaled
+        total = torch.stack([r.sum().to(top.device) for r in ratios]).sum()
+        denominator = total.pow(1.0 / self.p)
+        scale = torch.where(denominator > 0, rho / denominator, torch.zeros_like(denominator))
+        torch._foreach_sign_(grads)
+        torch._foreach_mul_(grads, weights)
+        torch._foreach_mul_(grads, scale)
+
+
+class Unnormalized:
+    """USAM: ``e = rho g``, the unnormalised step the theory papers analyse (no division by ||g||)."""
+
+    def __repr__(self) -> str:
+        return "Unnormalized()"
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        if grads:
+            torch._foreach_mul_(grads, rho)
+
+
+class Adaptive:
+    """ASAM: apply ``inner`` in the space scaled by ``T_w = |w| + eta`` and map the result back.
+
+    With ``g' = T_w g`` the inner rule gives ``e'``, and ``e = T_w e'``; for ``inner = DualNorm(2)`` this is
+    ``e = rho T_w^2 g / ||T_w g||`` (Kwon et al. 2021), invariant to rescaling a layer's weights.
+    """
+
+    def __init__(self, inner: PerturbationRule | None = None, eta: float = 0.01) -> None:
+        if not eta >= 0.0:
+            raise ValueError(f"Adaptive needs eta >= 0 (T_w = |w| + eta); got eta={eta}.")
+        self.inner = inner if inner is not None else DualNorm(2.0)
+        self.eta = float(eta)
+
+    def __repr__(self) -> str:
+        return f"Adaptive({self.inner!r}, eta={self.eta})"
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        if not grads:
+            return
+        scaling = torch._foreach_abs(params)
+        if self.eta:
+            torch._foreach_add_(scaling, self.eta)
+        torch._foreach_mul_(grads, scaling)
+        self.inner.perturb_(params, grads, rho, None)  # norms of g no longer apply to T_w g
+        torch._foreach_mul_(grads, scaling)

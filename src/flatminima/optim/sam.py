@@ -1,0 +1,426 @@
+"""SAM: the two-pass protocol around any ``torch.optim`` optimiser.
+
+One step: gradient ``g`` at ``w`` -> move to ``w + e`` (``e`` from a perturbation rule) -> gradient there ->
+restore ``w`` exactly from a saved copy -> base optimiser step with the second gradient (Foret et al. 2021,
+Algorithm 1). The class is itself a :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are*
+the base optimiser's, so LR schedulers, per-group options and checkpoints work as with the base optimiser.
+
+Per-group options (plain values, so a ``state_dict`` loads with ``torch.load(weights_only=True)``):
+
+- ``rho``: radius (0 or ``perturb=False`` excludes the group from the perturbation, e.g. norms and biases);
+- ``p``: the L_p ball of the ascent (:class:`~flatminima.optim.perturb.DualNorm`);
+- ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`);
+- ``normalize``: ``False`` gives USAM, ``e = rho g`` (:class:`~flatminima.optim.perturb.Unnormalized`).
+
+Groups whose rules coincide are normalised together (one global norm, as in the paper); a custom rule passed
+as ``perturbation=`` replaces these for every group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from flatminima import running_stats
+from flatminima.optim.perturb import Adaptive, DualNorm, PerturbationRule, Unnormalized, global_norm
+
+__all__ = ["SAM"]
+
+NonFinitePolicy = Literal["raise", "skip", "ignore"]
+_RULE_KEYS = ("p", "adaptive", "adaptive_eta", "normalize")
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization around a base optimiser.
+
+    Args:
+        params: parameters or parameter groups, as for any optimiser (``None`` when ``base_optimizer`` is an
+            instance: its groups are used).
+        base_optimizer: a ``torch.optim.Optimizer`` subclass (built here with ``**base_kwargs``) or an instance.
+        rho: radius of the neighbourhood; 0 reproduces the base optimiser bit for bit.
+        p: the ascent's L_p ball, ``1 <= p <= inf``.
+        adaptive: ASAM, the ball taken in the space scaled by ``|w| + adaptive_eta``.
+        normalize: ``False`` for USAM (``e = rho g``).
+        perturbation: a custom :class:`PerturbationRule` for all groups (overrides ``p``, ``adaptive``,
+            ``normalize``); used by the variants.
+        model: the model being trained. Given once here, its BatchNorm running statistics are kept from the
+            first pass with no extra call in the training loop.
+        nonfinite: what to do when a gradient holds inf or NaN: ``"raise"`` (default) a ``FloatingPointError``,
+            ``"skip"`` the step (weights and optimiser state untouched), ``"ignore"`` to check nothing. The check
+            costs one device-to-host sync per pass; ``"ignore"`` removes it (a GradScaler, when passed, does its
+            own checking and the policy is not applied to that step).
+        **base_kwargs: options of the base optimiser (``lr``, ``momentum``, ``weight_decay``...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        *,
+        rho: float = 0.05,
+        p: float = 2.0,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        normalize: bool = True,
+        perturbation: PerturbationRule | None = None,
+        model: nn.Module | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        **base_kwargs: Any,
+    ) -> None:
+        base = _build_base(params, base_optimizer, base_kwargs)
+        if perturbation is not None and not isinstance(perturbation, PerturbationRule):
+            raise TypeError(f"perturbation must have a perturb_(params, grads, rho) method; got {perturbation!r}.")
+        if nonfinite not in ("raise", "skip", "ignore"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}.")
+        defaults = dict(
+            rho=rho, p=p, adaptive=adaptive, adaptive_eta=adaptive_eta, normalize=normalize, perturb=True
+        )
+        for group in base.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            _check_group(group)
+        self.perturbation = perturbation
+        self.nonfinite = nonfinite
+        self._norm_layers = running_stats.norm_layers(model) if model is not None else []
+        self._rules: dict[tuple, PerturbationRule] = {}
+        self._saved: dict[Tensor, Tensor] = {}  # one persistent copy of w per parameter, reused every step
+        self._perturbed: list[Tensor] = []
+        self._restore_from: list[Tensor] = []
+        self._frozen_flags: list[bool] | None = None
+        self._skip_descent = False
+        self._base_step_pending = False
+        super().__init__(base.param_groups, defaults)
+        self.base_optimizer = base
+        # Share, not copy: schedulers, add_param_group and state_dict all act on the base optimiser.
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.defaults.update(base.defaults)
+
+    # ------------------------------------------------------------------ the two passes
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move from ``w`` to ``w + e``, using the gradients now in ``.grad`` (the gradient at ``w``).
+
+        ``zero_grad=True`` clears the gradients for the second pass (and lets ``e`` reuse their memory).
+        With ``grad_scaler`` the gradients are unscaled first and an inf/NaN step is left unperturbed; the
+        scaler then skips that step in :meth:`second_step`.
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are still perturbed. "
+                "Call second_step() (or restore()) after the second backward pass."
+            )
+        self._skip_descent = False
+        self._perturb(zero_grad, grad_scaler)
+        if self._norm_layers and not self._skip_descent:
+            self._freeze_running_stats()
+        if zero_grad:
+            self.zero_grad()
+
+    def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
+        """Save ``w`` and add ``e``; leaves the weights alone when the gradient is not finite."""
+        buckets = self._buckets()
+        all_params = [p for params, _, _ in buckets.values() for p in params]
+        all_grads = [g for _, grads, _ in buckets.values() for g in grads]
+        if not all_grads:
+            return
+        if not zero_grad:  # the caller keeps its gradients: compute e in a copy
+            all_grads = [g.clone() for g in all_grads]
+            buckets = _rebind(buckets, all_grads)
+        norms = None
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            if not self._unscale_first_gradient(grad_scaler, all_grads):
+                return  # inf/NaN: no perturbation; the scaler skips this step in second_step
+        else:
+            norms = torch._foreach_norm(all_grads)
+            if self.nonfinite != "ignore" and not _finite(norms):
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        "SAM.first_step: the gradient at w holds inf or NaN, so no perturbation was applied "
+                        "and the weights are unchanged. Check the loss and learning rate, pass a GradScaler "
+                        "for mixed precision, or build SAM with nonfinite='skip' to skip such steps."
+                    )
+                self._skip_descent = True
+                return
+        saved = [self._saved_copy(p) for p in all_params]
+        torch._foreach_copy_(saved, all_params)
+        offset = 0
+        for rule, (params, grads, rhos) in buckets.items():
+            count = len(params)
+            _apply_rule(rule, params, grads, rhos, norms[offset : offset + count] if norms else None)
+            offset += count
+            torch._foreach_add_(params, grads)
+        self._perturbed, self._restore_from = all_params, saved
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore ``w`` exactly and take the base optimiser's step with the gradient from ``w + e``.
+
+        With ``grad_scaler`` the step goes through ``grad_scaler.step``, so its skip logic applies (call
+        ``grad_scaler.update()`` afterwards, as usual). Clip gradients before calling this, after
+        ``grad_scaler.unscale_(optimizer)`` when scaling.
+        """
+        self.restore()
+        if self._skip_descent:
+            self._skip_descent = False
+            self.zero_grad()
+            return
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._base_step_pending = True
+            try:
+                grad_scaler.step(self)
+            finally:
+                self._base_step_pending = False
+        else:
+            if self.nonfinite != "ignore" and not self._second_gradient_finite():
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        "SAM.second_step: the gradient at w + e holds inf or NaN; the weights were restored to "
+                        "w and no step was taken. Lower rho or the learning rate, or build SAM with "
+                        "nonfinite='skip' to skip such steps."
+                    )
+                self.zero_grad()
+                return
+            self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @property
+    def step_skipped(self) -> bool:
+        """True between a ``first_step`` that met a non-finite gradient (``nonfinite="skip"``) and ``second_step``."""
+        return self._skip_descent
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by :meth:`first_step` (a copy, so ``w`` is exact); no-op if unperturbed."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._restore_from)
+            self._perturbed, self._restore_from = [], []
+        self._thaw_running_stats()
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor | None:
+        """A full SAM step: ``closure`` runs forward and backward and returns the loss.
+
+        SAM clears the gradients before each of its two calls of ``closure`` (at ``w``, then at ``w + e``),
+        so closures written for torch.optim work whether or not they zero the gradients themselves. Returns
+        the loss at ``w``. With ``grad_scaler``, the closure must backpropagate ``grad_scaler.scale(loss)``.
+        """
+        if closure is None:
+            if self._base_step_pending:  # called back by GradScaler.step from second_step
+                return self.base_optimizer.step()
+            raise RuntimeError(
+                "SAM.step() needs a closure that runs forward and backward and returns the loss, e.g. "
+                "opt.step(lambda: (loss_fn(model(x), y).backward(), ...)[-1]); or call first_step() after the "
+                "first backward and second_step() after the second."
+            )
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        if not self._skip_descent:
+            try:
+                with torch.enable_grad(), self._second_pass_running_stats():
+                    closure()
+            except BaseException:
+                self.restore()
+                raise
+        self.second_step(grad_scaler=grad_scaler)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints and groups
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the base optimiser's state and the per-group SAM options; stays shared with the base."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            _check_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__ the groups are already in place
+            super().add_param_group(param_group)
+            return
+        for key in ("rho", "p", "adaptive", "adaptive_eta", "normalize", "perturb"):
+            param_group.setdefault(key, self.defaults[key])
+        _check_group(param_group)
+        self.base_optimizer.add_param_group(param_group)
+
+    # ------------------------------------------------------------------ internals
+
+    def _rule_for(self, group: dict[str, Any]) -> PerturbationRule:
+        if self.perturbation is not None:
+            return self.perturbation
+        key = tuple(group[k] for k in _RULE_KEYS)
+        rule = self._rules.get(key)
+        if rule is None:
+            rule = DualNorm(group["p"]) if group["normalize"] else Unnormalized()
+            if group["adaptive"]:
+                rule = Adaptive(rule, eta=group["adaptive_eta"])
+            self._rules[key] = rule
+        return rule
+
+    def _buckets(self) -> dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]]:
+        """Params and grads to perturb, grouped by rule; ``rhos`` holds (count, rho) per param group."""
+        buckets: dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]] = {}
+        for group in self.param_groups:
+            rho = group["rho"]
+            if not group["perturb"] or rho == 0:
+                continue
+            if rho < 0:
+                raise ValueError(f"rho must be >= 0; a param group has rho={rho}. Fix the group or scheduler.")
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("SAM does not support sparse gradients; use dense embeddings.")
+            entry = buckets.setdefault(self._rule_for(group), ([], [], []))
+            entry[0].extend(params)
+            entry[1].extend(p.grad for p in params)
+            entry[2].append((len(params), rho))
+        return buckets
+
+    def _saved_copy(self, param: Tensor) -> Tensor:
+        buffer = self._saved.get(param)
+        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+            buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+            self._saved[param] = buffer
+        return buffer
+
+    def _unscale_first_gradient(self, grad_scaler: torch.amp.GradScaler, grads: list[Tensor]) -> bool:
+        """Unscale in place and report whether the first gradient is finite (one sync, as GradScaler does)."""
+        scale = grad_scaler._get_scale_async()
+        if scale is None:  # scaler not yet used: its first scale() call creates it
+            return True
+        found_inf = torch.zeros(1, device=scale.device)
+        inv_scale = scale.double().reciprocal().float()
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, device_grads in by_device.items():
+            device_inf = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(device_grads, device_inf, inv_scale.to(device))
+            found_inf += device_inf.to(found_inf.device)
+        return not bool(found_inf.item())
+
+    def _second_gradient_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or _finite(torch._foreach_norm(grads))
+
+    def _freeze_running_stats(self) -> None:
+        self._frozen_flags = [layer.track_running_stats for layer in self._norm_layers]
+        for layer in self._norm_layers:
+            layer.track_running_stats = False
+
+    def _thaw_running_stats(self) -> None:
+        if self._frozen_flags is not None:
+            for layer, flag in zip(self._norm_layers, self._frozen_flags):
+                layer.track_running_stats = flag
+            self._frozen_flags = None
+
+    def _second_pass_running_stats(self) -> AbstractContextManager[None]:
+        """Closure pattern: freeze via the model if known (already done by first_step), else globally."""
+        if self._norm_layers:
+            return nullcontext()
+        return running_stats.freeze_everywhere()
+
+
+def _build_base(
+    params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer, base_kwargs: dict[str, Any]
+) -> Optimizer:
+    if isinstance(base_optimizer, Optimizer):
+        if isinstance(base_optimizer, SAM):
+            raise TypeError("base_optimizer is already a SAM optimiser; wrap the plain optimiser instead.")
+        if base_kwargs:
+            raise TypeError(
+                f"base_optimizer is an instance, so its options must go to its own constructor; "
+                f"got extra keyword arguments {sorted(base_kwargs)}."
+            )
+        if params is not None:
+            given = {id(p) for p in _flatten_params(params)}
+            held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if given != held:
+                raise ValueError(
+                    "params differ from the parameters the base optimiser instance holds; pass params=None "
+                    "to use the instance's parameter groups."
+                )
+        return base_optimizer
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        if params is None:
+            raise ValueError("params is None but base_optimizer is a class: pass the parameters to optimise.")
+        return base_optimizer(params, **base_kwargs)
+    raise TypeError(
+        f"base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance of "
+        f"one; got {base_optimizer!r}."
+    )
+
+
+def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
+    flat: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            value = item["params"]
+            flat.extend([value] if isinstance(value, Tensor) else list(value))
+        else:
+            flat.append(item)
+    return flat
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    rho, p, eta = group["rho"], group["p"], group["adaptive_eta"]
+    if isinstance(rho, Tensor) or not rho >= 0:
+        raise ValueError(f"rho must be a float >= 0 (0 gives the base optimiser); got rho={rho!r}.")
+    if not float(p) >= 1:
+        raise ValueError(f"p must be in [1, inf] (2 is SAM, inf the sign rule); got p={p!r}.")
+    if not eta >= 0:
+        raise ValueError(f"adaptive_eta must be >= 0; got {eta!r}.")
+    if math.isnan(float(rho)):
+        raise ValueError("rho is NaN.")
+
+
+def _finite(norms: list[Tensor]) -> bool:
+    return bool(torch.isfinite(global_norm(norms)).item()) if norms else True
+
+
+def _rebind(
+    buckets: dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]],
+    grads: list[Tensor],
+) -> dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]]:
+    """Same buckets over another list of gradient tensors (in bucket order)."""
+    rebound, offset = {}, 0
+    for rule, (params, _, rhos) in buckets.items():
+        rebound[rule] = (params, grads[offset : offset + len(params)], rhos)
+        offset += len(params)
+    return rebound
+
+
+def _apply_rule(
+    rule: PerturbationRule,
+    params: list[Tensor],
+    grads: list[Tensor],
+    rhos: list[tuple[int, float]],
+    norms: list[Tensor] | None,
+) -> None:
+    """Run ``rule`` over a bucket, with one rho per param group inside it."""
+    distinct = {rho for _, rho in rhos}
+    if len(distinct) == 1:
+        rule.perturb_(params, grads, distinct.pop(), norms)
+        return
+    rule.perturb_(params, grads, 1.0, norms)
+    start = 0
+    for count, rho in rhos:
+        torch._foreach_mul_(grads[start : start + count], rho)
+        start += count

@@ -1,0 +1,94 @@
+"""BatchNorm running statistics across SAM's two passes.
+
+SAM runs forward twice per step. Left alone, normalisation layers would update their running mean and variance
+in both passes, the second time with statistics of the *perturbed* network. The SAM paper's code keeps the
+statistics of the first, unperturbed pass. The tools here do that without copying a buffer: while frozen, a
+layer's ``track_running_stats`` is off, so in training mode it normalises with the batch statistics (exactly as
+before) but writes nothing, ``num_batches_tracked`` included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["AveragedRunningStats", "freeze_everywhere", "frozen", "norm_layers"]
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` that keep running statistics (BatchNorm, SyncBatchNorm, tracking InstanceNorm)."""
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+
+
+@contextmanager
+def frozen(layers: list[nn.Module]) -> Iterator[None]:
+    """Within the block, ``layers`` use batch statistics but leave their running statistics untouched."""
+    previous = [layer.track_running_stats for layer in layers]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.track_running_stats = flag
+
+
+@contextmanager
+def freeze_everywhere() -> Iterator[None]:
+    """Freeze every normalisation layer that runs forward inside the block, whatever model it belongs to.
+
+    For ``SAM.step(closure)`` when no model was handed to the optimiser: a global forward pre-hook switches
+    each layer off as it is called; all are switched back when the block ends, even if the forward raised.
+    """
+    switched: list[nn.Module] = []
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            switched.append(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in switched:
+            layer.track_running_stats = True
+
+
+class AveragedRunningStats:
+    """One running-statistics update per step from several unperturbed passes (micro-batches or m-SAM groups).
+
+    Every pass starts from the statistics the step began with; at the end the layers keep the average of the
+    states the passes produced. For equal-sized parts the running mean then equals the update a single pass
+    over the whole batch would give, and ``num_batches_tracked`` advances by one.
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        active = [m for m in layers if m.training and m.track_running_stats and m.running_mean is not None]
+        self._buffers: list[Tensor] = [b for m in active for b in (m.running_mean, m.running_var)]
+        self._start: list[Tensor] = [b.clone() for b in self._buffers]
+        self._counters: list[Tensor] = [m.num_batches_tracked for m in active if m.num_batches_tracked is not None]
+        self._counters_start: list[Tensor] = [c.clone() for c in self._counters]
+        self._sum: list[Tensor] = [torch.zeros_like(b) for b in self._buffers]
+        self._passes = 0
+
+    def before_pass(self) -> None:
+        if self._buffers and self._passes:
+            torch._foreach_copy_(self._buffers, self._start)
+            if self._counters:
+                torch._foreach_copy_(self._counters, self._counters_start)
+
+    def after_pass(self) -> None:
+        if self._buffers:
+            torch._foreach_add_(self._sum, self._buffers)
+        self._passes += 1
+
+    def finish(self) -> None:
+        if self._buffers and self._passes > 1:
+            torch._foreach_div_(self._sum, float(self._passes))
+            torch._foreach_copy_(self._buffers, self._sum)

@@ -1,0 +1,173 @@
+"""The batch-aware SAM step: for the variants that must see the batch, and for every training setting at once.
+
+:class:`SharpnessAwareStep` owns forward and backward, and with them what SAM makes delicate: BatchNorm running
+statistics (one update per step, from the unperturbed pass), autocast and GradScaler, gradient accumulation,
+gradient clipping and DistributedDataParallel's ``no_sync``. It drives a :class:`~flatminima.optim.sam.SAM`
+optimiser through ``first_step`` / ``restore`` / ``second_step``.
+
+m-SAM (Foret et al. 2021, sec. 4.1): with ``group_size=m`` the batch is split into disjoint groups of m
+examples; each group is perturbed by its own ``e_k`` (from its own gradient), and the gradients taken at the
+``w + e_k`` are averaged, weighted by group size. The perturbed gradients accumulate directly in ``.grad`` (the
+unperturbed ones are computed in fresh tensors), so m-SAM needs no buffer beyond SAM's saved copy of ``w``.
+
+DistributedDataParallel: by default the first pass runs under ``no_sync``, so each rank perturbs with its own
+gradient and only the second pass all-reduces; this is m-SAM with m = the per-rank batch, as in the original
+code. ``sync_perturbation=True`` all-reduces the first pass too (one perturbation for the global batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from flatminima import running_stats
+from flatminima.optim.sam import SAM
+
+__all__ = ["SharpnessAwareStep"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class SharpnessAwareStep:
+    """One SAM (or m-SAM) step on a batch: ``loss = step(inputs, targets)``.
+
+    Args:
+        model: the model, plain or wrapped in DistributedDataParallel.
+        loss_fn: ``loss_fn(outputs, targets)``, per-example losses (``reduction="none"``) or their mean.
+        optimizer: a :class:`SAM` over the model's parameters.
+        group_size: m of m-SAM; ``None`` (or >= the batch) is plain SAM.
+        accumulation_steps: split each pass of plain SAM into this many micro-batches (same result as the whole
+            batch at once, less memory).
+        grad_scaler: a ``torch.amp.GradScaler``; the step calls ``update()`` on it.
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+        max_grad_norm: clip the gradient used for the descent to this L2 norm.
+        sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks).
+
+    Returns from a call the mean loss at ``w`` over the batch, detached (no host sync).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: SAM,
+        *,
+        group_size: int | None = None,
+        accumulation_steps: int = 1,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        sync_perturbation: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, SAM):
+            raise TypeError(f"optimizer must be a flatminima.SAM; got {type(optimizer).__name__}.")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size (m of m-SAM) must be >= 1 or None for plain SAM; got {group_size}.")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1; got {accumulation_steps}.")
+        if group_size is not None and accumulation_steps > 1:
+            raise ValueError(
+                "m-SAM already processes the batch group by group; drop accumulation_steps, or lower group_size."
+            )
+        if group_size is not None and sync_perturbation:
+            raise ValueError("sync_perturbation (one perturbation for all ranks) cannot be combined with m-SAM.")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
+        if isinstance(model, DistributedDataParallel) and model.gradient_as_bucket_view and group_size is not None:
+            raise ValueError("m-SAM swaps .grad tensors, which gradient_as_bucket_view=True forbids; turn it off.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.group_size = group_size
+        self.accumulation_steps = accumulation_steps
+        self.grad_scaler = grad_scaler
+        self.autocast_dtype = autocast_dtype
+        self.max_grad_norm = max_grad_norm
+        self.sync_perturbation = sync_perturbation
+        self._norm_layers = running_stats.norm_layers(model)
+        self._ddp = isinstance(model, DistributedDataParallel)
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        batch = inputs.shape[0]
+        if batch == 0 or targets.shape[0] != batch:
+            raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
+        groups = self._groups(batch)
+        opt = self.optimizer
+        scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+        opt.zero_grad()
+        stats = running_stats.AveragedRunningStats(self._norm_layers)
+        loss_at_w: Tensor | float = 0.0
+        accumulated: list[Tensor | None] | None = None
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for index, chunks in enumerate(groups):
+            last_group = index == len(groups) - 1
+            group_count = sum(stop - start for start, stop in chunks)
+            # ascent pass at w: the gradient of this group's mean loss
+            for j, (start, stop) in enumerate(chunks):
+                sync = self.sync_perturbation and j == len(chunks) - 1
+                stats.before_pass()
+                with self._sync(sync):
+                    loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / group_count)
+                    self._backward(loss)
+                stats.after_pass()
+                loss_at_w = loss_at_w + loss.detach() * (group_count / batch)
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            if opt.step_skipped:  # non-finite gradient under nonfinite="skip": no step at all
+                stats.finish()
+                opt.second_step()
+                return torch.as_tensor(loss_at_w)
+            if accumulated is not None:  # put back the perturbed gradients of the earlier groups
+                for p, grad in zip(params, accumulated):
+                    p.grad = grad
+            # descent pass at w + e: accumulates this group's share of the batch gradient
+            with running_stats.frozen(self._norm_layers):
+                for j, (start, stop) in enumerate(chunks):
+                    sync = last_group and j == len(chunks) - 1
+                    with self._sync(sync):
+                        self._backward(self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / batch))
+            if not last_group:
+                opt.restore()
+                accumulated = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+        stats.finish()
+        if self.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)
+        opt.second_step(zero_grad=False, grad_scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+        return torch.as_tensor(loss_at_w)
+
+    def _groups(self, batch: int) -> list[list[tuple[int, int]]]:
+        """Each group is a list of (start, stop) chunks: one group of k chunks for SAM, one chunk per m-SAM group."""
+        if self.group_size is None or self.group_size >= batch:
+            bounds = torch.linspace(0, batch, min(self.accumulation_steps, batch) + 1).round().long().tolist()
+            return [[(a, b) for a, b in pairwise(bounds) if b > a]]
+        return [[(start, min(start + self.group_size, batch))] for start in range(0, batch, self.group_size)]
+
+    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        with self._autocast(inputs.device.type):
+            losses = self.loss_fn(self.model(inputs), targets)
+        if losses.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 under autocast
+            losses = losses.float()
+        return losses.mean()
+
+    def _backward(self, loss: Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def _autocast(self, device_type: str) -> AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def _sync(self, sync: bool) -> AbstractContextManager[None]:
+        if self._ddp and not sync:
+            return self.model.no_sync()
+        return nullcontext()

@@ -1,0 +1,26 @@
+"""Shared fixtures: small deterministic models and data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(6, 16)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_batch(seed: int = 0, n: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)
