@@ -3,8 +3,13 @@
 A fraction ``--noise`` of the TRAINING labels is replaced by a wrong class (the test labels stay clean). A
 ``SmallCNN`` is trained twice from the same initialisation and with the same batch order: once with plain SGD
 (momentum 0.9, weight decay 5e-4, cosine learning rate) and once with :class:`flatminima.SAM` around the same
-SGD. Late in training SGD memorises the noisy labels and its clean test accuracy drops; SAM resists the
-memorisation for longer (Foret et al. 2021, Table 4) and ends with a higher clean test accuracy.
+SGD. SGD memorises the noisy labels (by about epoch 30 of 60) and its clean test accuracy falls from ~95 % to
+~72 %; SAM with ``rho=0.3`` resists the memorisation much longer (Foret et al. 2021, Table 4) and ends near its
+best accuracy. SAM delays memorisation rather than preventing it: trained for 80-100 epochs it starts fitting
+the noisy labels too, and its final accuracy drops (still above SGD's). With ``rho=0.3`` SAM also spends its
+first 10-20 epochs near chance (train loss ~ln 10) before it starts learning; with ``rho >= 0.4`` it can stay
+stuck there (a constant prediction, most ReLUs inactive). ``rho=0.1`` (the paper's value for ResNets on CIFAR)
+hardly slows memorisation for this model.
 
 Run from the repository root::
 
@@ -47,12 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=60, help="training epochs (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (default: %(default)s)")
-    parser.add_argument("--rho", type=float, default=0.1, help="SAM radius (default: %(default)s)")
+    parser.add_argument("--rho", type=float, default=0.3, help="SAM radius (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: %(default)s)")
     parser.add_argument("--noise", type=float, default=0.4, help="label-noise rate in [0, 1] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a single run (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", help="several seeds: run each, report mean ± std")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: %(default)s; the model is tiny, 2 threads gain ~1.4x on an idle machine "
+        "but slow down badly when other processes compete for the cores)",
+    )
     parser.add_argument("--log-every", type=int, default=5, help="print progress every N epochs (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.threads < 1 or args.log_every < 1:

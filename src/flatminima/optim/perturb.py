@@ -44,7 +44,9 @@ class PerturbationRule(Protocol):
 def global_norm(tensor_norms: list[Tensor]) -> Tensor:
     """L2 norm of a list of tensors, from their per-tensor L2 norms, without a host sync."""
     device = tensor_norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in tensor_norms]))
+    if any(n.device != device for n in tensor_norms):
+        tensor_norms = [n.to(device) for n in tensor_norms]
+    return torch.linalg.vector_norm(torch.stack(tensor_norms))
 
 
 def _global_max(tensors: list[Tensor]) -> Tensor:
@@ -69,6 +71,14 @@ class DualNorm:
 
     def __repr__(self) -> str:
         return f"DualNorm(p={self.p})"
+
+    def linear_coefficient(self, rho: float, grad_norm: Tensor | float) -> Tensor | float | None:
+        """For p = 2, ``e = (rho / ||g||) g``; other p are not a multiple of g."""
+        if self.p != 2.0:
+            return None
+        if isinstance(grad_norm, Tensor):
+            return torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
+        return rho / grad_norm if grad_norm > 0 else 0.0
 
     def perturb_(
         self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
@@ -119,6 +129,9 @@ class Unnormalized:
 
     def __repr__(self) -> str:
         return "Unnormalized()"
+
+    def linear_coefficient(self, rho: float, grad_norm: Tensor | float) -> float:
+        return rho
 
     def perturb_(
         self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
