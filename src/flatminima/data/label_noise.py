@@ -44,8 +44,6 @@ def symmetric_label_noise(labels: Tensor, rate: float, num_classes: int, seed: i
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=gen)[:num_noisy].to(labels.device)
     # an offset in 1..C-1 added modulo C gives a uniform draw over the other C-1 classes
-    offset = torch.randint(1, num_classes, (num_noisy,), generator=gen).to(
-        device=labels.device, dtype=labels.dtype
-    )
+    offset = torch.randint(1, num_classes, (num_noisy,), generator=gen).to(device=labels.device, dtype=labels.dtype)
     noisy[idx] = (labels[idx] + offset) % num_classes
     return noisy

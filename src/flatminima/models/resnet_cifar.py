@@ -75,9 +75,7 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (any input size works thanks to global average pooling)."""
 
-    def __init__(
-        self, num_blocks: int, num_classes: int = 10, in_channels: int = 3, shortcut: Shortcut = "A"
-    ) -> None:
+    def __init__(self, num_blocks: int, num_classes: int = 10, in_channels: int = 3, shortcut: Shortcut = "A") -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -116,9 +114,7 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-def cifar_resnet(
-    depth: int, num_classes: int = 10, in_channels: int = 3, shortcut: Shortcut = "A"
-) -> CifarResNet:
+def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3, shortcut: Shortcut = "A") -> CifarResNet:
     """Build a CIFAR ResNet of the given depth; depth must be 6n + 2 (20, 32, 44, 56, 110, ...)."""
     if depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(

@@ -85,9 +85,7 @@ class SAM(Optimizer):
             raise TypeError(f"perturbation must have a perturb_(params, grads, rho) method; got {perturbation!r}.")
         if nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}.")
-        defaults = dict(
-            rho=rho, p=p, adaptive=adaptive, adaptive_eta=adaptive_eta, normalize=normalize, perturb=True
-        )
+        defaults = dict(rho=rho, p=p, adaptive=adaptive, adaptive_eta=adaptive_eta, normalize=normalize, perturb=True)
         for group in base.param_groups:
             for key, value in defaults.items():
                 group.setdefault(key, value)
