@@ -376,3 +376,20 @@ def test_sync_free_path_matches_the_float_path(monkeypatch, nonfinite: str) -> N
     opt_b.step(_closure(b, x, y))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+def test_half_precision_gradient_norm_does_not_overflow(flatten: bool, nonfinite: str) -> None:
+    """50,000 fp16 gradients of 300 have norm 67,082 > fp16's max 65,504: the norm must be taken in float32."""
+    params = [torch.zeros(10_000, dtype=torch.float16, requires_grad=True) for _ in range(5)]
+    opt = flatminima.SAM(params, torch.optim.SGD, rho=0.1, lr=0.0, nonfinite=nonfinite, flatten=flatten)
+    for p in params:
+        p.grad = torch.full_like(p, 300.0)
+    opt.first_step(zero_grad=True)
+    expected = 0.1 / 50_000**0.5  # rho g / ||g|| with g = 300 everywhere
+    for p in params:
+        torch.testing.assert_close(p.detach().float(), torch.full((10_000,), expected), rtol=2e-3, atol=0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.second_step()

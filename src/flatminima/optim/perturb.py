@@ -22,7 +22,9 @@ __all__ = [
     "DualNorm",
     "PerturbationRule",
     "Unnormalized",
+    "flat_norm",
     "global_norm",
+    "tensor_norms",
 ]
 
 
@@ -41,12 +43,26 @@ class PerturbationRule(Protocol):
         ...
 
 
-def global_norm(tensor_norms: list[Tensor]) -> Tensor:
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor L2 norms, accumulated in float32 for half-precision tensors (their norm overflows fp16)."""
+    low = any(t.dtype in _LOW_PRECISION for t in tensors)
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
+
+
+def flat_norm(tensor: Tensor) -> Tensor:
+    """L2 norm of one tensor, in float32 at least."""
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32 if tensor.dtype in _LOW_PRECISION else None)
+
+
+def global_norm(norms: list[Tensor]) -> Tensor:
     """L2 norm of a list of tensors, from their per-tensor L2 norms, without a host sync."""
-    device = tensor_norms[0].device
-    if any(n.device != device for n in tensor_norms):
-        tensor_norms = [n.to(device) for n in tensor_norms]
-    return torch.linalg.vector_norm(torch.stack(tensor_norms))
+    device = norms[0].device
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _global_max(tensors: list[Tensor]) -> Tensor:
@@ -86,7 +102,7 @@ class DualNorm:
         if not grads:
             return
         if self.p == 2.0:
-            norms = grad_norms if grad_norms is not None else torch._foreach_norm(grads)
+            norms = grad_norms if grad_norms is not None else tensor_norms(grads)
             norm = global_norm(norms)
             scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
             torch._foreach_mul_(grads, scale)

@@ -29,7 +29,15 @@ from torch.optim import Optimizer
 
 from flatminima import running_stats
 from flatminima.optim.flat import FlatLayout
-from flatminima.optim.perturb import Adaptive, DualNorm, PerturbationRule, Unnormalized, global_norm
+from flatminima.optim.perturb import (
+    Adaptive,
+    DualNorm,
+    PerturbationRule,
+    Unnormalized,
+    flat_norm,
+    global_norm,
+    tensor_norms,
+)
 
 __all__ = ["SAM"]
 
@@ -159,7 +167,7 @@ class SAM(Optimizer):
     def _perturb_flat(self, rule: PerturbationRule, rho: float) -> None:
         """``w += c g`` on the flat buffers after saving ``w``: one operation each."""
         flat = self._flat
-        norm = torch.linalg.vector_norm(flat.grads)
+        norm = flat_norm(flat.grads)
         if self.nonfinite != "ignore" or _host_sync_is_free([norm]):
             norm = norm.item()
             if self.nonfinite != "ignore" and not math.isfinite(norm):
@@ -196,7 +204,7 @@ class SAM(Optimizer):
         scaled = grad_scaler is not None and grad_scaler.is_enabled()
         if scaled and not self._unscale_first_gradient(grad_scaler, all_grads):
             return  # inf/NaN: no perturbation; the scaler skips this step in second_step
-        norms = torch._foreach_norm(all_grads)
+        norms = tensor_norms(all_grads)
         totals: list[Tensor] | list[float] = []
         offset = 0
         for params, _, _ in buckets.values():
@@ -384,9 +392,9 @@ class SAM(Optimizer):
 
     def _second_gradient_finite(self) -> bool:
         if self._flat is not None and self._flat.gradients_are_views():
-            return bool(torch.isfinite(torch.linalg.vector_norm(self._flat.grads)).item())
+            return bool(torch.isfinite(flat_norm(self._flat.grads)).item())
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return not grads or _finite(torch._foreach_norm(grads))
+        return not grads or _finite(tensor_norms(grads))
 
     def _freeze_running_stats(self) -> None:
         self._frozen_flags = [layer.track_running_stats for layer in self._norm_layers]
