@@ -125,3 +125,23 @@ def test_flat_needs_one_device_and_dtype() -> None:
     opt = flatminima.SAM(make_mlp().parameters(), torch.optim.SGD, lr=0.1, flatten=True)
     with pytest.raises(ValueError, match="flatten=True"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+
+
+def test_flat_parameter_unfrozen_later_is_trained_like_the_general_path() -> None:
+    a, b = make_mlp(seed=6, dtype=torch.float64), make_mlp(seed=6, dtype=torch.float64)
+    for model in (a, b):
+        model[0].weight.requires_grad_(False)
+    opt_a = flatminima.SAM(a.parameters(), torch.optim.AdamW, rho=0.1, lr=0.01)
+    opt_b = flatminima.SAM(b.parameters(), torch.optim.AdamW, rho=0.1, lr=0.01, flatten=True)
+    for step in range(4):
+        if step == 2:
+            for model in (a, b):
+                model[0].weight.requires_grad_(True)
+        if step == 3:  # frozen again: must not be stepped with a zero gradient
+            for model in (a, b):
+                model[0].weight.requires_grad_(False)
+        x, y = make_batch(step, dtype=torch.float64)
+        opt_a.step(_closure(a, x, y))
+        opt_b.step(_closure(b, x, y))
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

@@ -393,3 +393,15 @@ def test_half_precision_gradient_norm_does_not_overflow(flatten: bool, nonfinite
     for p in params:
         p.grad = torch.ones_like(p)
     opt.second_step()
+
+
+def test_first_step_twice_without_perturbation_keeps_batchnorm_flags() -> None:
+    model = make_mlp(batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, model=model)
+    x, y = make_batch()
+    cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    opt.first_step(zero_grad=True)  # nothing perturbed, so allowed: must not lose the saved flags
+    cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    assert model[1].track_running_stats

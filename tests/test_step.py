@@ -211,3 +211,64 @@ def test_step_needs_a_sam_optimizer_and_a_batch() -> None:
     step = flatminima.SharpnessAwareStep(model, per_example, _sgd_sam(model))
     with pytest.raises(ValueError, match="non-empty batch"):
         step(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
+
+
+def test_grad_scaler_unscales_before_the_perturbation_usam() -> None:
+    """USAM's e = rho g depends on the gradient's scale: a missing unscale would change the result 2**12-fold."""
+    a, b = make_mlp(seed=14), make_mlp(seed=14)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt_a = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.5, normalize=False)
+    opt_b = flatminima.SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.5, normalize=False)
+    x, y = make_batch()
+    flatminima.SharpnessAwareStep(a, per_example, opt_a, grad_scaler=scaler)(x, y)
+    flatminima.SharpnessAwareStep(b, per_example, opt_b)(x, y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_unscale_before_first_step_is_an_error() -> None:
+    model = make_mlp()
+    opt = _sgd_sam(model)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = make_batch()
+    scaler.scale(cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+
+
+def test_exception_in_a_pass_leaves_weights_restored() -> None:
+    model = make_mlp(seed=15, batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model)
+    calls = []
+
+    def loss_fn(outputs, targets):
+        calls.append(1)
+        if len(calls) == 2:  # the descent pass, at w + e
+            raise MemoryError("simulated out of memory")
+        return per_example(outputs, targets)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batch()
+    with pytest.raises(MemoryError):
+        flatminima.SharpnessAwareStep(model, loss_fn, opt)(x, y)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert model[1].track_running_stats  # BatchNorm not left frozen
+    flatminima.SharpnessAwareStep(model, per_example, opt)(x, y)  # and the optimiser is usable
+
+
+def test_skipped_step_leaves_batchnorm_statistics_untouched() -> None:
+    model = make_mlp(seed=16, batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, nonfinite="skip")
+    before = copy.deepcopy(model.state_dict())
+    x, y = make_batch()
+    x[0, 0] = float("nan")
+    flatminima.SharpnessAwareStep(model, per_example, opt)(x, y)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_flatten_with_msam_is_refused() -> None:
+    model = make_mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, flatten=True)
+    with pytest.raises(ValueError, match="flatten"):
+        flatminima.SharpnessAwareStep(model, per_example, opt, group_size=4)

@@ -14,14 +14,17 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["AveragedRunningStats", "freeze_everywhere", "frozen", "norm_layers"]
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of ``model`` that keep running statistics (BatchNorm, SyncBatchNorm, tracking InstanceNorm)."""
-    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    """The layers of ``model`` that keep running statistics: BatchNorm 1d/2d/3d and SyncBatchNorm.
+
+    InstanceNorm with ``track_running_stats=True`` is not handled: it updates its buffers whatever the flag says.
+    """
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
 @contextmanager
@@ -47,7 +50,7 @@ def freeze_everywhere() -> Iterator[None]:
     switched: list[nn.Module] = []
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
             module.track_running_stats = False
             switched.append(module)
 
@@ -87,6 +90,13 @@ class AveragedRunningStats:
         if self._buffers:
             torch._foreach_add_(self._sum, self._buffers)
         self._passes += 1
+
+    def rollback(self) -> None:
+        """Back to the statistics the step began with (a skipped step leaves no trace)."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._start)
+        if self._counters:
+            torch._foreach_copy_(self._counters, self._counters_start)
 
     def finish(self) -> None:
         if self._buffers and self._passes > 1:

@@ -76,6 +76,8 @@ class SharpnessAwareStep:
             )
         if group_size is not None and sync_perturbation:
             raise ValueError("sync_perturbation (one perturbation for all ranks) cannot be combined with m-SAM.")
+        if group_size is not None and optimizer._flat is not None:
+            raise ValueError("m-SAM keeps earlier groups' gradients aside, which flatten=True does not allow.")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
         if isinstance(model, DistributedDataParallel) and model.gradient_as_bucket_view and group_size is not None:
@@ -93,6 +95,13 @@ class SharpnessAwareStep:
         self._ddp = isinstance(model, DistributedDataParallel)
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        try:
+            return self._step(inputs, targets)
+        except BaseException:
+            self.optimizer.restore()  # never leave the weights at w + e (or BatchNorm frozen)
+            raise
+
+    def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         batch = inputs.shape[0]
         if batch == 0 or targets.shape[0] != batch:
             raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
@@ -118,7 +127,7 @@ class SharpnessAwareStep:
                 loss_at_w = loss_at_w + loss.detach() * (group_count / batch)
             opt.first_step(zero_grad=True, grad_scaler=scaler)
             if opt.step_skipped:  # non-finite gradient under nonfinite="skip": no step at all
-                stats.finish()
+                stats.rollback()
                 opt.second_step()
                 return torch.as_tensor(loss_at_w)
             if accumulated is not None:  # put back the perturbed gradients of the earlier groups

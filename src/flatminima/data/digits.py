@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DigitsSplit", "load_digits_split"]
+from flatminima.data.dataset import ImageDataset, channel_mean_std
+
+__all__ = ["DigitsSplit", "load_digits", "load_digits_split"]
 
 
 @dataclass
@@ -48,7 +50,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
             'load_digits_split needs scikit-learn; install it with: pip install "flatminima[examples]"'
         ) from exc
 
-    digits = load_digits()
+    digits = load_digits()  # scikit-learn's
     images = np.asarray(digits.images, dtype=np.float32) / 16.0  # pixel values are integers 0..16
     labels = np.asarray(digits.target, dtype=np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
@@ -66,4 +68,40 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
         mean=mean,
         std=std,
         num_classes=int(labels.max()) + 1,
+    )
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.25) -> ImageDataset:
+    """The digits as an :class:`ImageDataset`: uint8 ``[N, 1, 8, 8]`` (0..16 rescaled to 0..255), 10 classes.
+
+    The train/test split is exactly that of :func:`load_digits_split` with the same ``seed`` and
+    ``test_fraction`` (same stratified ``train_test_split`` call), so the two APIs see the same examples.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'load_digits needs scikit-learn; install it with: pip install "flatminima[examples]"'
+        ) from exc
+
+    digits = sklearn_load_digits()
+    images = np.rint(np.asarray(digits.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
+    labels = np.asarray(digits.target, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    x_train = torch.from_numpy(np.ascontiguousarray(x_tr[:, None]))
+    mean, std = channel_mean_std(x_train)
+    return ImageDataset(
+        name="digits",
+        train_images=x_train,
+        train_labels=torch.from_numpy(np.ascontiguousarray(y_tr)),
+        test_images=torch.from_numpy(np.ascontiguousarray(x_te[:, None])),
+        test_labels=torch.from_numpy(np.ascontiguousarray(y_te)),
+        num_classes=10,
+        mean=mean,
+        std=std,
     )

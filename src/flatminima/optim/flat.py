@@ -22,7 +22,7 @@ class FlatLayout:
 
     def __init__(self, params: list[Tensor]) -> None:
         if not params:
-            raise ValueError("flatten=True needs at least one parameter that requires grad.")
+            raise ValueError("flatten=True needs at least one parameter.")
         device, dtype = params[0].device, params[0].dtype
         if any(p.device != device or p.dtype != dtype for p in params):
             raise ValueError(
@@ -71,8 +71,8 @@ class FlatLayout:
 
     @torch.no_grad()
     def zero_gradients(self) -> None:
-        """Zero in place; gradients that are not views of the buffer are dropped (set to None)."""
+        """Zero in place; gradients that are not views of the buffer, or of frozen parameters, become None."""
         for param, view in zip(self.params, self.grad_views):
-            if param.grad is not None and param.grad is not view:
+            if param.grad is not None and (param.grad is not view or not param.requires_grad):
                 param.grad = None
         self.grads.zero_()

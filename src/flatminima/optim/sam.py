@@ -117,7 +117,7 @@ class SAM(Optimizer):
         self.state = base.state
         self.defaults.update(base.defaults)
         if flatten:
-            self._flat = FlatLayout([p for g in self.param_groups for p in g["params"] if p.requires_grad])
+            self._flat = FlatLayout([p for g in self.param_groups for p in g["params"]])
             self._flat_saved = torch.empty_like(self._flat.weights)
 
     # ------------------------------------------------------------------ the two passes
@@ -136,6 +136,11 @@ class SAM(Optimizer):
                 "Call second_step() (or restore()) after the second backward pass."
             )
         self._skip_descent = False
+        if grad_scaler is not None and _already_unscaled(grad_scaler, self):
+            raise RuntimeError(
+                "grad_scaler.unscale_(optimizer) was called before first_step: SAM unscales the first gradient "
+                "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
+            )
         flat_plan = self._flat_plan(grad_scaler)
         if flat_plan is not None:
             self._perturb_flat(*flat_plan)
@@ -236,6 +241,7 @@ class SAM(Optimizer):
         ``grad_scaler.unscale_(optimizer)`` when scaling.
         """
         self.restore()
+        self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
         if self._skip_descent:
             self._skip_descent = False
             self.zero_grad()
@@ -397,6 +403,8 @@ class SAM(Optimizer):
         return not grads or _finite(tensor_norms(grads))
 
     def _freeze_running_stats(self) -> None:
+        if self._frozen_flags is not None:  # already frozen (first_step again without second_step)
+            return
         self._frozen_flags = [layer.track_running_stats for layer in self._norm_layers]
         for layer in self._norm_layers:
             layer.track_running_stats = False
@@ -465,6 +473,13 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"adaptive_eta must be >= 0; got {eta!r}.")
     if math.isnan(float(rho)):
         raise ValueError("rho is NaN.")
+
+
+def _already_unscaled(grad_scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
+    """Whether the scaler has unscaled this optimiser's gradients in the current iteration."""
+    states = getattr(grad_scaler, "_per_optimizer_states", {})
+    stage = states.get(id(optimizer), {}).get("stage") if isinstance(states, dict) else None
+    return getattr(stage, "name", None) == "UNSCALED"
 
 
 def _host_sync_is_free(tensors: list[Tensor]) -> bool:

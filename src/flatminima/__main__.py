@@ -1,0 +1,7 @@
+"""``python -m flatminima``: the same as the ``flatminima`` command (and what torchrun runs)."""
+
+import sys
+
+from flatminima.cli import main
+
+sys.exit(main())

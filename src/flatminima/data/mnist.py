@@ -1,0 +1,140 @@
+"""MNIST and Fashion-MNIST from their IDX files (plain or ``.gz``), no download.
+
+IDX format: a big-endian uint32 magic number (2051 for images, 2049 for labels), one big-endian uint32 per
+dimension (images: N, rows, cols; labels: N), then the uint8 values.  Magic numbers and sizes are checked so a
+truncated or mixed-up file gives a clear error instead of garbage images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flatminima.data._files import corrupt, find_folder, missing
+from flatminima.data.dataset import ImageDataset, channel_mean_std
+
+__all__ = ["load_fashion_mnist", "load_mnist", "read_idx"]
+
+_MNIST_URL = "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
+_FASHION_URL = "https://github.com/zalandoresearch/fashion-mnist (files under data/fashion/)"
+_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number
+
+
+def load_mnist(root: str | os.PathLike[str]) -> ImageDataset:
+    """Load MNIST (60 000 train / 10 000 test, uint8 ``[N, 1, 28, 28]``, 10 classes) from its four IDX files.
+
+    ``root`` is the folder holding ``train-images-idx3-ubyte`` etc. (each plain or ``.gz``), or a parent with
+    them under ``MNIST/raw`` (torchvision's layout), ``MNIST`` or ``mnist``.
+    """
+    return _load("MNIST", "mnist", root, ("MNIST/raw", "MNIST", "mnist"), _MNIST_URL)
+
+
+def load_fashion_mnist(root: str | os.PathLike[str]) -> ImageDataset:
+    """Load Fashion-MNIST (60 000 train / 10 000 test, uint8 ``[N, 1, 28, 28]``, 10 classes) from its IDX files.
+
+    Same file names and format as MNIST.  ``root`` is the folder holding them, or a parent with them under
+    ``FashionMNIST/raw``, ``FashionMNIST``, ``fashion_mnist``, ``fashion-mnist`` or ``fashion``.
+    """
+    subfolders = ("FashionMNIST/raw", "FashionMNIST", "fashion_mnist", "fashion-mnist", "fashion")
+    return _load("Fashion-MNIST", "fashion_mnist", root, subfolders, _FASHION_URL)
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int, dataset: str = "IDX", url: str = "") -> np.ndarray:
+    """Read one uint8 IDX file (gzipped if its name ends in ``.gz``) holding an ``ndim``-dimensional array.
+
+    Raises ``ValueError`` naming the file when the magic number or the size does not match the header.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                raw = handle.read()
+        else:
+            raw = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(corrupt(dataset, path, f"it cannot be decompressed ({exc})", url)) from exc
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise ValueError(corrupt(dataset, path, f"it has {len(raw)} bytes, fewer than the {header}-byte header", url))
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _MAGIC[ndim]:
+        raise ValueError(
+            corrupt(
+                dataset,
+                path,
+                f"bad magic number {magic}, expected {_MAGIC[ndim]} for a {ndim}-d uint8 IDX file "
+                f"({'images' if ndim == 3 else 'labels'})",
+                url,
+            )
+        )
+    shape = tuple(int.from_bytes(raw[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(raw) != expected:
+        raise ValueError(
+            corrupt(dataset, path, f"it has {len(raw)} bytes but its header {shape} implies {expected}", url)
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load(dataset: str, name: str, root: str | os.PathLike[str], subfolders: tuple[str, ...], url: str) -> ImageDataset:
+    base = Path(root).expanduser()
+    folder = find_folder(base, list(_FILES.values()), subfolders)
+    if folder is None:
+        hint = "that folder does not exist" if not base.is_dir() else f"also looked in {', '.join(subfolders)}"
+        raise FileNotFoundError(missing(dataset, [f"{f}[.gz]" for f in _FILES.values()], base, url, hint=hint))
+    paths = {key: _find_file(folder, file) for key, file in _FILES.items()}
+    absent = [f"{_FILES[key]}[.gz]" for key, path in paths.items() if path is None]
+    if absent:
+        raise FileNotFoundError(missing(dataset, absent, folder, url))
+
+    arrays = {}
+    for key, path in paths.items():
+        assert path is not None
+        arrays[key] = read_idx(path, ndim=3 if key.endswith("images") else 1, dataset=dataset, url=url)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                corrupt(
+                    dataset,
+                    paths[f"{split}_labels"] or "",
+                    f"it holds {labels.shape[0]} labels but {paths[f'{split}_images']} holds {images.shape[0]} images",
+                    url,
+                )
+            )
+        if labels.size and labels.max() >= 10:
+            raise ValueError(
+                corrupt(dataset, paths[f"{split}_labels"] or "", f"label {labels.max()} outside [0, 9]", url)
+            )
+    # np.array copies the read-only buffers into writable memory for torch
+    x_train = torch.from_numpy(np.array(arrays["train_images"])[:, None])
+    x_test = torch.from_numpy(np.array(arrays["test_images"])[:, None])
+    mean, std = channel_mean_std(x_train)
+    return ImageDataset(
+        name=name,
+        train_images=x_train,
+        train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        test_images=x_test,
+        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+        num_classes=10,
+        mean=mean,
+        std=std,
+    )

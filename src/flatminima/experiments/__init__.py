@@ -1,0 +1,1 @@
+"""One module per reproduced claim: each runs, returns a table and draws a figure."""

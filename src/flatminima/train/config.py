@@ -1,0 +1,160 @@
+"""The training configuration: one dataclass, read from YAML, every field also a command-line flag.
+
+The fields and their help texts live here once; ``flatminima train --help`` and the YAML reader are generated
+from them, and the effective configuration is written beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["OPTIMIZERS", "TrainConfig", "add_arguments", "config_from_args"]
+
+OPTIMIZERS = ("sgd", "adamw", "sam", "asam", "usam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``flatminima train --help``."""
+
+    dataset: str = _option("digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise")
+    data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
+    model: str = _option("small_cnn", "resnet20/32/56, wrn28_10, wrn16_8, small_cnn, mlp, two_layer_cnn")
+    optimizer: str = _option("sam", "sgd, adamw, sam, asam (adaptive SAM), usam (unnormalised SAM)", OPTIMIZERS)
+    base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
+    rho: float = _option(0.05, "SAM radius")
+    rho_schedule: str = _option("constant", "constant, or linear: rho grows from 0 over warmup_epochs")
+    p: float = _option(2.0, "the L_p ball of the SAM ascent (2 = SAM, inf = sign)")
+    group_size: int | None = _option(None, "m of m-SAM: each group of m examples gets its own perturbation")
+    lr: float = _option(0.1, "peak learning rate")
+    lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 %% of training) or constant", SCHEDULES)
+    warmup_epochs: int = _option(0, "linear learning-rate warm-up, in epochs")
+    momentum: float = _option(0.9, "SGD momentum")
+    weight_decay: float = _option(5e-4, "weight decay")
+    weight_decay_in_loss: bool = _option(False, "add wd/2 ||w||^2 to the loss (as the SAM paper's code) instead")
+    label_smoothing: float = _option(0.0, "label smoothing of the cross-entropy")
+    epochs: int = _option(10, "training epochs")
+    batch_size: int = _option(128, "global batch size (split across ranks under torchrun)")
+    augment: bool = _option(False, "random crop (padding 4, or 1 for 8x8 images) and horizontal flip")
+    cutout: int = _option(0, "cutout square size, 0 for none")
+    label_noise: float = _option(0.0, "fraction of training labels corrupted")
+    label_noise_kind: str = _option("symmetric", "symmetric or asymmetric", ("symmetric", "asymmetric"))
+    validation_fraction: float = _option(0.0, "hold out this fraction of the training set (e.g. to tune rho)")
+    amp: str = _option("none", "mixed precision: none, bf16, fp16 (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
+    seed: int = _option(0, "seed of data order, label noise, initialisation and augmentation")
+    device: str = _option("auto", "auto, cpu or cuda")
+    threads: int = _option(0, "torch CPU threads, 0 for torch's default")
+    output: str = _option("runs/train", "output folder (config, metrics, checkpoints, summary)")
+    resume: bool = _option(False, "continue from the output folder's last checkpoint")
+    progress: bool = _option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Clear errors for nonsense values, naming the field and what it accepts."""
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.rho >= 0, "rho must be >= 0"),
+            (self.p >= 1, "p must be >= 1"),
+            (self.group_size is None or self.group_size >= 1, "group_size must be >= 1"),
+            (0 <= self.label_noise <= 1, "label_noise must be in [0, 1]"),
+            (0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.cutout >= 0, "cutout must be >= 0"),
+            (self.rho_schedule in ("constant", "linear"), "rho_schedule must be constant or linear"),
+        ]
+        for field_ in dataclasses.fields(self):
+            choices = field_.metadata.get("choices")
+            if choices and getattr(self, field_.name) not in choices:
+                checks.append((False, f"{field_.name} must be one of {', '.join(choices)}"))
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("invalid training config: " + "; ".join(errors) + ".")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML mapping of field names to values; unknown keys are an error, not silently ignored."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}.")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(known)}.")
+        return cls(**{name: _coerce(known[name], value) for name, value in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _base_type(field_: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    hint = hints[field_.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def _coerce(field_: dataclasses.Field, value: Any) -> Any:
+    if value is None:
+        return None
+    kind = _base_type(field_)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"config field {field_.name} must be true or false, got {value!r}.")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config field {field_.name} must be a {kind.__name__}, got {value!r}.") from error
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--batch-size``); defaults are None so that only flags given override the YAML."""
+    parser.add_argument("--config", help="YAML file of field: value; flags given here override it")
+    for field_ in dataclasses.fields(TrainConfig):
+        flag = "--" + field_.name.replace("_", "-")
+        kind = _base_type(field_)
+        help_text = f"{field_.metadata['help']} (default: {field_.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, choices=field_.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The YAML file (if any), overridden by the flags given, then validated."""
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(TrainConfig.from_yaml(args.config).to_dict())
+    for field_ in dataclasses.fields(TrainConfig):
+        given = getattr(args, field_.name, None)
+        if given is not None:
+            values[field_.name] = given
+    config = TrainConfig.from_dict(values)
+    config.validate()
+    return config

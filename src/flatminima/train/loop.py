@@ -1,0 +1,309 @@
+"""The training loop behind ``flatminima train``: data, model, optimiser, epochs, checkpoints, resume, DDP.
+
+Reproducibility is by construction: each epoch's data order and augmentation draw from generators seeded by
+(seed, epoch), and the checkpoint written after every epoch holds everything else that evolves (weights,
+optimiser and scheduler state, GradScaler, the global RNG), so a killed run resumed from its last checkpoint ends
+with the same weights as one left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from flatminima.data import load_dataset
+from flatminima.data.dataset import ImageDataset, to_float
+from flatminima.data.label_noise import asymmetric_label_noise, symmetric_label_noise
+from flatminima.data.splits import validation_split
+from flatminima.data.transforms import Augmentation, normalize
+from flatminima.models import build_model
+from flatminima.optim import SAM
+from flatminima.step import SharpnessAwareStep
+from flatminima.train.builders import build_loss, build_optimizer, build_scheduler, rho_at
+from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
+from flatminima.train.config import TrainConfig
+from flatminima.train.distributed import Distributed
+from flatminima.train.metrics import MetricsLog
+from flatminima.train.summary import plot_curves, write_summary
+
+__all__ = ["TrainResult", "train"]
+
+# fields that may change between a run and its resumption (they do not change the maths)
+_RESUMABLE = {"resume", "progress", "threads", "device", "output"}
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: its per-epoch history and where it wrote its files."""
+
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    output: Path
+    model: nn.Module
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1]
+
+
+@dataclass
+class _Data:
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    val_images: Tensor | None
+    val_labels: Tensor | None
+    dataset: ImageDataset
+
+
+def _prepare_data(config: TrainConfig) -> _Data:
+    """Load, hold out a validation split, corrupt the (remaining) training labels; the seed fixes all three."""
+    extra = {"seed": config.seed} if config.dataset in ("digits", "signal_noise") else {}
+    dataset = load_dataset(config.dataset, config.data_root, **extra)
+    images, labels = dataset.train_images, dataset.train_labels
+    val_images = val_labels = None
+    if config.validation_fraction > 0:
+        images, labels, val_images, val_labels = validation_split(
+            images, labels, config.validation_fraction, config.seed
+        )
+    if config.label_noise > 0:
+        corrupt = symmetric_label_noise if config.label_noise_kind == "symmetric" else asymmetric_label_noise
+        labels = corrupt(labels, config.label_noise, dataset.num_classes, seed=config.seed)
+    return _Data(images, labels, dataset.test_images, dataset.test_labels, val_images, val_labels, dataset)
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use --device cpu.")
+    return torch.device(f"cuda:{local_rank}" if config.device == "cuda" else config.device)
+
+
+class _Batches:
+    """Turns stored images into normalised, augmented float batches on the device."""
+
+    def __init__(self, dataset: ImageDataset, config: TrainConfig, device: torch.device) -> None:
+        self.mean, self.std, self.device = dataset.mean, dataset.std, device
+        image = dataset.train_images
+        is_image = image.ndim == 4
+        padding = (1 if image.shape[-1] <= 8 else 4) if config.augment and is_image else 0
+        self.augmentation = Augmentation(crop_padding=padding, flip=config.augment and is_image, cutout=config.cutout)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        batch = to_float(images)
+        if batch.ndim != 4:  # generated patch data: used as it is
+            return batch.to(self.device, non_blocking=True)
+        batch = normalize(batch, self.mean, self.std)
+        if generator is not None:
+            batch = self.augmentation(batch, generator)
+        return batch.to(self.device, non_blocking=True)
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, images: Tensor, labels: Tensor, batches: _Batches, ctx: Distributed, batch_size: int
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split, sharded across ranks and summed."""
+    model.eval()
+    share = torch.arange(ctx.rank, images.shape[0], ctx.world_size)
+    totals = torch.zeros(3, dtype=torch.float64, device=batches.device)
+    for start in range(0, share.numel(), batch_size):
+        index = share[start : start + batch_size]
+        outputs = model(batches(images[index], None)).float()
+        targets = labels[index].to(batches.device)
+        totals[0] += torch.nn.functional.cross_entropy(outputs, targets, reduction="sum").double()
+        totals[1] += (outputs.argmax(dim=1) == targets).sum()
+        totals[2] += index.numel()
+    model.train()
+    loss_sum, correct, count = ctx.sum(totals).tolist()
+    return loss_sum / count, correct / count
+
+
+def _plain_step(model, loss_fn, optimizer, scaler, autocast_dtype):
+    """SGD / AdamW: one forward-backward and a step, with the same autocast and scaler handling as SAM's."""
+
+    def step(inputs: Tensor, targets: Tensor) -> Tensor:
+        optimizer.zero_grad()
+        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(model(inputs), targets).float().mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run training as configured; see :class:`TrainConfig`. Under torchrun, every rank calls this."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = Distributed.from_environment("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
+    device = _device(config, ctx.local_rank)
+    output = Path(config.output)
+    data = _prepare_data(config)
+    if ctx.enabled and config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} ranks.")
+    torch.manual_seed(config.seed)
+    sample = data.train_images
+    model = build_model(config.model, data.dataset.num_classes, sample.shape[1], tuple(sample.shape[2:])).to(device)
+    network: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
+    loss_fn = build_loss(config, model)
+    optimizer = build_optimizer(config, model)
+    count = data.train_images.shape[0]
+    per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
+    if per_epoch < 1:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {count} training examples.")
+    scheduler = build_scheduler(config, optimizer, per_epoch)
+    autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    if isinstance(optimizer, SAM):
+        step = SharpnessAwareStep(
+            network,
+            loss_fn,
+            optimizer,
+            group_size=config.group_size,
+            grad_scaler=scaler,
+            autocast_dtype=autocast_dtype,
+        )
+    else:
+        step = _plain_step(network, loss_fn, optimizer, scaler, autocast_dtype)
+    batches = _Batches(data.dataset, config, device)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint_path = output / "checkpoint.pt"
+    if config.resume:
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        _check_resumable(state["config"], config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+    elif ctx.is_main and checkpoint_path.exists():
+        raise FileExistsError(
+            f"{output} already holds a run (checkpoint.pt); pass --resume to continue it, or choose another --output."
+        )
+
+    metrics = MetricsLog(output, enabled=ctx.is_main)
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_config(output / "config.yaml", config)
+        metrics.truncate_after(start_epoch)
+    progress = _progress(config, ctx, start_epoch, per_epoch)
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
+        augment = _epoch_generator(config.seed, epoch, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for index in range(per_epoch):
+            global_batch = order[index * config.batch_size : (index + 1) * config.batch_size]
+            local = ctx.shard(global_batch)
+            if isinstance(optimizer, SAM):
+                rho = rho_at(config, epoch + index / per_epoch)
+                for group in optimizer.param_groups:
+                    group["rho"] = rho
+            inputs = batches(data.train_images[local], augment)
+            loss = step(inputs, data.train_labels[local].to(device))
+            scheduler.step()
+            loss_sum += loss.double() * local.numel()
+            seen += local.numel()
+            if progress is not None:
+                progress.update(1)
+        totals = ctx.sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
+        record["test_loss"], record["test_accuracy"] = _evaluate(
+            network, data.test_images, data.test_labels, batches, ctx, 4 * config.batch_size
+        )
+        if data.val_images is not None:
+            record["val_loss"], record["val_accuracy"] = _evaluate(
+                network, data.val_images, data.val_labels, batches, ctx, 4 * config.batch_size
+            )
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{100 * record['test_accuracy']:.1f}%")
+        if ctx.is_main:
+            metrics.write(record)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "config": config.to_dict(),
+            }
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(state, checkpoint_path)
+        ctx.barrier()
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    if ctx.is_main:
+        save_checkpoint({"model": model.state_dict(), "config": config.to_dict()}, output / "model.pt")
+        figure = plot_curves({config.optimizer: history}, output / "test_accuracy.png")
+        write_summary(output, config.to_dict(), history, figure)
+    return TrainResult(config, history, output, model)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in _RESUMABLE and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}.")
+
+
+def _write_config(path: Path, config: TrainConfig) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _progress(config: TrainConfig, ctx: Distributed, start_epoch: int, per_epoch: int):
+    if not (config.progress and ctx.is_main):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    total = config.epochs * per_epoch
+    return tqdm(total=total, initial=start_epoch * per_epoch, desc=config.optimizer, unit="step", leave=False)
+
+
+def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``config`` with some fields changed."""
+    return dataclasses.replace(config, **changes)

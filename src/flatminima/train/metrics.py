@@ -1,0 +1,53 @@
+"""The metrics log: JSON lines (always) and TensorBoard (when installed), written by one process only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "read_metrics"]
+
+
+class MetricsLog:
+    """Append one JSON object per epoch to ``metrics.jsonl``; mirror scalars to TensorBoard if available."""
+
+    def __init__(self, folder: Path, enabled: bool = True) -> None:
+        self.path = folder / "metrics.jsonl"
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(log_dir=str(folder / "tensorboard"))
+            except (ImportError, ModuleNotFoundError):
+                self._tensorboard = None
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume: drop lines of epochs after the checkpoint, so the log matches an uninterrupted run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["epoch"] <= epoch]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as file:
+            file.write(json.dumps(clean) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._tensorboard.add_scalar(key, value, record["epoch"])
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
