@@ -34,28 +34,29 @@ class DigitsSplit:
     num_classes: int = 10
 
 
+def _split_digits(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits (pixel values 0..16) split stratified by class with ``seed``: x_tr, x_te, y_tr, y_te."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('the digits need scikit-learn; install it with: pip install "flatminima[examples]"') from exc
+    digits = sklearn_load_digits()
+    images = np.asarray(digits.images, dtype=np.float64)
+    labels = np.asarray(digits.target, dtype=np.int64)
+    return train_test_split(images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+
+
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit:
     """Load the digits, split them stratified by class with ``seed``, scale to [0, 1], standardise.
 
     Standardisation uses the mean and standard deviation of the TRAIN pixels only, so no test
     information leaks into the preprocessing.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'load_digits_split needs scikit-learn; install it with: pip install "flatminima[examples]"'
-        ) from exc
-
-    digits = load_digits()  # scikit-learn's
-    images = np.asarray(digits.images, dtype=np.float32) / 16.0  # pixel values are integers 0..16
-    labels = np.asarray(digits.target, dtype=np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-    )
+    x_tr, x_te, y_tr, y_te = _split_digits(test_fraction, seed)
+    x_tr, x_te = (x_tr / 16.0).astype(np.float32), (x_te / 16.0).astype(np.float32)
     mean = float(x_tr.mean())
     std = float(x_tr.std())
     x_tr = (x_tr - mean) / std
@@ -67,7 +68,7 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
         y_test=torch.from_numpy(np.ascontiguousarray(y_te)),
         mean=mean,
         std=std,
-        num_classes=int(labels.max()) + 1,
+        num_classes=10,
     )
 
 
@@ -75,31 +76,17 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> ImageDataset:
     """The digits as an :class:`ImageDataset`: uint8 ``[N, 1, 8, 8]`` (0..16 rescaled to 0..255), 10 classes.
 
     The train/test split is exactly that of :func:`load_digits_split` with the same ``seed`` and
-    ``test_fraction`` (same stratified ``train_test_split`` call), so the two APIs see the same examples.
+    ``test_fraction``, so the two APIs see the same examples.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
-    try:
-        from sklearn.datasets import load_digits as sklearn_load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'load_digits needs scikit-learn; install it with: pip install "flatminima[examples]"'
-        ) from exc
-
-    digits = sklearn_load_digits()
-    images = np.rint(np.asarray(digits.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
-    labels = np.asarray(digits.target, dtype=np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-    )
-    x_train = torch.from_numpy(np.ascontiguousarray(x_tr[:, None]))
+    x_tr, x_te, y_tr, y_te = _split_digits(test_fraction, seed)
+    to_uint8 = lambda x: np.rint(x * (255.0 / 16.0)).astype(np.uint8)  # noqa: E731
+    x_train = torch.from_numpy(np.ascontiguousarray(to_uint8(x_tr)[:, None]))
     mean, std = channel_mean_std(x_train)
     return ImageDataset(
         name="digits",
         train_images=x_train,
         train_labels=torch.from_numpy(np.ascontiguousarray(y_tr)),
-        test_images=torch.from_numpy(np.ascontiguousarray(x_te[:, None])),
+        test_images=torch.from_numpy(np.ascontiguousarray(to_uint8(x_te)[:, None])),
         test_labels=torch.from_numpy(np.ascontiguousarray(y_te)),
         num_classes=10,
         mean=mean,

@@ -19,6 +19,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatminima.models.init import kaiming_init
+
 __all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "resnet20", "resnet32", "resnet56"]
 
 
@@ -99,13 +101,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        # He et al. initialise convolutions with Kaiming-normal (fan_out, as in torchvision's ResNets)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatminima.models.init import kaiming_init
+
 __all__ = ["WideBasicBlock", "WideResNet", "wrn16_8", "wrn28_10"]
 
 
@@ -95,15 +97,7 @@ class WideResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def _init_weights(self) -> None:
-        # as in the reference code: Kaiming-normal (fan_out) convolutions, unit BN scale, zero linear bias
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, zero_linear_bias=True)  # as in the reference code
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
