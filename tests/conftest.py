@@ -22,5 +22,10 @@ def make_batch(seed: int = 0, n: int = 16, dtype: torch.dtype = torch.float32) -
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _deterministic_single_thread():
+    """Deterministic kernels, one thread: tiny float64 ops run far slower with 2 threads on a busy 2-core box."""
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -202,3 +202,43 @@ def test_train_api_returns_history(tmp_path: Path) -> None:
     )
     result = train(config)
     assert result.final["epoch"] == 1 and "val_accuracy" in result.final
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "sam", "--amp", "bf16"],
+        ["--optimizer", "sgd", "--label-noise", "0.3", "--label-noise-kind", "asymmetric", "--weight-decay-in-loss"],
+        [
+            "--optimizer",
+            "asam",
+            "--rho",
+            "0.5",
+            "--lr-schedule",
+            "step",
+            "--warmup-epochs",
+            "1",
+            "--rho-schedule",
+            "linear",
+            "--label-smoothing",
+            "0.1",
+            "--augment",
+            "--cutout",
+            "2",
+        ],
+        ["--optimizer", "sam", "--base-optimizer", "adamw", "--lr", "0.003", "--group-size", "16"],
+        ["--dataset", "signal_noise", "--model", "two_layer_cnn", "--batch-size", "10", "--optimizer", "usam"],
+    ],
+)
+def test_config_variants_run(tmp_path: Path, extra: list[str]) -> None:
+    assert main(_cli(tmp_path, "--epochs", "2", *extra)) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
+
+
+def test_help_documents_every_field(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--rho", "--group-size", "--weight-decay-in-loss", "--label-noise-kind", "--resume", "--amp"):
+        assert flag in out

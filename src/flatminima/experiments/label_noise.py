@@ -11,7 +11,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.nn import functional as F
+
+from flatminima.data.dataset import to_float
+from flatminima.data.transforms import normalize
+from flatminima.sharpness import hessian_eigenvalues
 from flatminima.train import TrainConfig, train
+from flatminima.train.loop import prepare_data
 from flatminima.train.summary import plot_curves
 
 __all__ = ["DEMO_CONFIG", "format_table", "run_label_noise_demo"]
@@ -56,12 +63,25 @@ def run_label_noise_demo(
             result = train(config)
             record = dict(result.final)
             record["best_test_accuracy"] = max(r["test_accuracy"] for r in result.history)
+            record["lambda_max"] = _lambda_max(config, result.model)
             finals[name].append(record)
             histories[f"{name.upper()} seed {seed}"] = result.history
     figure = plot_curves(histories, output / "test_accuracy.png")
     table = format_table(finals)
     (output / "results.md").write_text(table + f"\n\n![clean test accuracy]({figure.name})\n")
     return finals
+
+
+def _lambda_max(config: TrainConfig, model: torch.nn.Module, examples: int = 512) -> float:
+    """Top Hessian eigenvalue of the training loss (noisy labels, as trained) on the first ``examples`` examples."""
+    data = prepare_data(config)
+    images = normalize(to_float(data.train_images[:examples]), data.dataset.mean, data.dataset.std)
+    mean_loss = lambda outputs, targets: F.cross_entropy(outputs, targets)  # noqa: E731
+    return (
+        hessian_eigenvalues(model, mean_loss, (images, data.train_labels[:examples]), k=1, tol=1e-4)
+        .eigenvalues[0]
+        .item()
+    )
 
 
 def format_table(finals: dict[str, list[dict[str, Any]]]) -> str:
@@ -77,6 +97,7 @@ def format_table(finals: dict[str, list[dict[str, Any]]]) -> str:
         ("train loss (noisy labels)", "train_loss", 1.0, 3),
         ("clean test acc %", "test_accuracy", 100.0, 2),
         ("best test acc %", "best_test_accuracy", 100.0, 2),
+        ("lambda_max (train loss)", "lambda_max", 1.0, 3),
     ]
     lines = ["| optimiser | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for name in ("sgd", "sam"):

@@ -33,7 +33,7 @@ from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
 from flatminima.train.summary import plot_curves, write_summary
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "model_for", "prepare_data", "train"]
 
 # fields that may change between a run and its resumption (they do not change the maths)
 _RESUMABLE = {"resume", "progress", "threads", "device", "output"}
@@ -64,7 +64,7 @@ class _Data:
     dataset: ImageDataset
 
 
-def _prepare_data(config: TrainConfig) -> _Data:
+def prepare_data(config: TrainConfig) -> _Data:
     """Load, hold out a validation split, corrupt the (remaining) training labels; the seed fixes all three."""
     extra = {"seed": config.seed} if config.dataset in ("digits", "signal_noise") else {}
     dataset = load_dataset(config.dataset, config.data_root, **extra)
@@ -78,6 +78,13 @@ def _prepare_data(config: TrainConfig) -> _Data:
         corrupt = symmetric_label_noise if config.label_noise_kind == "symmetric" else asymmetric_label_noise
         labels = corrupt(labels, config.label_noise, dataset.num_classes, seed=config.seed)
     return _Data(images, labels, dataset.test_images, dataset.test_labels, val_images, val_labels, dataset)
+
+
+def model_for(config: TrainConfig, dataset: ImageDataset) -> nn.Module:
+    """The configured model, shaped for the dataset's images ([N, C, H, W]) or patches ([N, P, d])."""
+    sample = dataset.train_images
+    in_channels, size = (sample.shape[1], tuple(sample.shape[2:])) if sample.ndim == 4 else (1, tuple(sample.shape[1:]))
+    return build_model(config.model, dataset.num_classes, in_channels, size)
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -166,12 +173,11 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
     device = _device(config, ctx.local_rank)
     output = Path(config.output)
-    data = _prepare_data(config)
+    data = prepare_data(config)
     if ctx.enabled and config.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} ranks.")
     torch.manual_seed(config.seed)
-    sample = data.train_images
-    model = build_model(config.model, data.dataset.num_classes, sample.shape[1], tuple(sample.shape[2:])).to(device)
+    model = model_for(config, data.dataset).to(device)
     network: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
     loss_fn = build_loss(config, model)
     optimizer = build_optimizer(config, model)

@@ -1,0 +1,228 @@
+"""Extreme Hessian eigenpairs by Lanczos with full reorthogonalisation (restart-free, grown until converged)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flatminima.sharpness.hvp import HessianOperator, LossFn
+from flatminima.sharpness.results import EigenResult
+
+__all__ = ["LanczosDecomposition", "hessian_eigenvalues", "lanczos", "lanczos_eigs"]
+
+WHICH = ("largest", "smallest")
+
+Matvec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LanczosDecomposition:
+    """``H Q^T = Q^T T + beta[-1] q_next e_m^T`` with ``T = tridiag(beta[:-1], alpha, beta[:-1])``.
+
+    ``basis`` holds the ``m`` orthonormal Lanczos vectors as rows; ``beta[j]`` is the norm of the residual after
+    step ``j`` (0 where an invariant subspace was found and the iteration went on from a fresh random vector).
+    """
+
+    alpha: Tensor
+    beta: Tensor
+    basis: Tensor
+
+    def tridiagonal(self) -> Tensor:
+        """The ``(m, m)`` tridiagonal matrix ``T`` in float64."""
+        alpha, off = self.alpha.to(torch.float64), self.beta[:-1].to(torch.float64)
+        return torch.diag(alpha) + torch.diag(off, 1) + torch.diag(off, -1)
+
+
+def _as_matvec(op: HessianOperator | Matvec) -> Matvec:
+    return op.matvec if isinstance(op, HessianOperator) else op
+
+
+class _Lanczos:
+    """Incremental Lanczos: one matvec per ``step()``; full reorthogonalisation by two classical Gram-Schmidt passes.
+
+    On breakdown (an invariant subspace, ``beta ~ 0``) it continues from a random vector orthogonal to the basis with
+    ``beta = 0``, so ``dim`` steps always give the whole spectrum.
+    """
+
+    def __init__(self, matvec: Matvec, dim: int, v0: Tensor, reorthogonalize: bool = True, seed: int = 0) -> None:
+        norm = torch.linalg.vector_norm(v0)
+        if v0.shape != (dim,) or not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"v0 must be a finite non-zero vector of shape ({dim},)")
+        self.matvec, self.dim, self.reorthogonalize = matvec, dim, reorthogonalize
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self._basis = torch.empty(min(dim, 32), dim, dtype=v0.dtype, device=v0.device)
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.next_q: Tensor = v0 / norm
+        self.scale = 0.0
+        eps = torch.finfo(v0.dtype).eps
+        self.breakdown = eps**0.75
+
+    @property
+    def size(self) -> int:
+        return len(self.alpha)
+
+    @property
+    def basis(self) -> Tensor:
+        return self._basis[: self.size]
+
+    def _orthogonalize(self, w: Tensor, basis: Tensor) -> Tensor:
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        return w
+
+    def step(self) -> None:
+        j = self.size
+        if j >= self.dim:
+            raise RuntimeError("the Krylov space already spans the whole space")
+        if j == self._basis.shape[0]:
+            grown = torch.empty(min(self.dim, 2 * j), self.dim, dtype=self._basis.dtype, device=self._basis.device)
+            grown[:j] = self._basis
+            self._basis = grown
+        q = self.next_q
+        self._basis[j] = q
+        w = self.matvec(q)
+        a = float(q @ w)
+        w = w - a * q
+        if j > 0:
+            w = w - self.beta[-1] * self._basis[j - 1]
+        if self.reorthogonalize:
+            w = self._orthogonalize(w, self._basis[: j + 1])
+        b = float(torch.linalg.vector_norm(w))
+        self.scale = max(self.scale, abs(a), b)
+        self.alpha.append(a)
+        if j + 1 < self.dim and b <= self.breakdown * max(self.scale, torch.finfo(w.dtype).tiny):
+            r = torch.randn(self.dim, generator=self.generator, dtype=torch.float64).to(w)
+            r = self._orthogonalize(r, self._basis[: j + 1])
+            self.beta.append(0.0)
+            self.next_q = r / torch.linalg.vector_norm(r)
+        else:
+            self.beta.append(b)
+            self.next_q = w / b if b > 0 else w
+
+    def decomposition(self) -> LanczosDecomposition:
+        return LanczosDecomposition(
+            torch.tensor(self.alpha, dtype=torch.float64),
+            torch.tensor(self.beta, dtype=torch.float64),
+            self.basis,
+        )
+
+
+def lanczos(
+    op_or_matvec: HessianOperator | Matvec,
+    dim: int,
+    num_steps: int,
+    v0: Tensor,
+    reorthogonalize: bool = True,
+    seed: int = 0,
+) -> LanczosDecomposition:
+    """Run ``num_steps`` (at most ``dim``) Lanczos steps from ``v0``: the tridiagonal ``(alpha, beta)`` and basis."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    state = _Lanczos(_as_matvec(op_or_matvec), dim, v0, reorthogonalize, seed)
+    for _ in range(min(num_steps, dim)):
+        state.step()
+    return state.decomposition()
+
+
+def _check_k(k: int, dim: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > dim:
+        raise ValueError(f"k={k} exceeds the number of trainable parameters ({dim})")
+
+
+def _start_vector(dim: int, seed: int, like: HessianOperator) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def lanczos_eigs(
+    op: HessianOperator,
+    k: int = 5,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = True,
+) -> EigenResult:
+    """The ``k`` largest (or smallest) eigenpairs of ``op`` by Lanczos with full reorthogonalisation.
+
+    The Krylov space grows one matvec at a time until the cheap estimates ``|beta_m s_{m,i}|`` of the ``k`` wanted
+    Ritz pairs are ``<= tol * |theta_i|`` (never below ``10 sqrt(dim) eps ||T||``, so zero eigenvalues can converge);
+    the residuals are then verified with ``k`` true (counted) matvecs, and the iteration continues if they fail.
+    At ``dim`` steps the space is the whole space and the Ritz pairs are exact up to rounding.
+    """
+    if which not in WHICH:
+        raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
+    _check_k(k, op.dim)
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    max_steps = op.dim if max_steps is None else min(int(max_steps), op.dim)
+    if max_steps < k:
+        raise ValueError(f"max_steps={max_steps} must be at least k={k}")
+    start_hvp = op.num_hvp
+    state = _Lanczos(op.matvec, op.dim, _start_vector(op.dim, seed, op), True, seed)
+    floor_factor = 10 * math.sqrt(op.dim) * torch.finfo(op.dtype).eps
+    next_verify = k
+    while True:
+        state.step()
+        m = state.size
+        if m < next_verify and m < max_steps:
+            continue
+        theta, s = torch.linalg.eigh(state.decomposition().tridiagonal())
+        idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
+        theta_k, s_k = theta[idx], s[:, idx]
+        scale = max(float(theta.abs().max()), state.scale)
+        threshold = torch.clamp(tol * theta_k.abs(), min=floor_factor * scale)
+        estimates = (state.beta[-1] * s_k[-1]).abs()
+        if bool((estimates <= threshold).all()) or m >= max_steps:
+            vectors = s_k.T.to(state.basis) @ state.basis  # (k, dim)
+            vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            residuals = torch.stack(
+                [
+                    torch.linalg.vector_norm(op.matvec(y) - theta_k[i].to(y) * y).to(torch.float64)
+                    for i, y in enumerate(vectors)
+                ]
+            ).cpu()
+            converged = bool((residuals <= threshold).all())
+            if converged or m >= max_steps:
+                return EigenResult(
+                    eigenvalues=theta_k.clone(),
+                    eigenvectors=vectors if return_vectors else None,
+                    residuals=residuals,
+                    converged=converged,
+                    num_hvp=op.num_hvp - start_hvp,
+                    which=which,
+                )
+            next_verify = m + k  # the estimates were optimistic: grow further before verifying again
+        else:
+            next_verify = m + 1
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    k: int = 5,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    return_vectors: bool = True,
+    **operator_kwargs: Any,
+) -> EigenResult:
+    """Top-``k`` (``which="largest"``) or bottom-``k`` (``"smallest"``) Hessian eigenpairs of the full-data loss.
+
+    ``operator_kwargs`` go to :class:`HessianOperator` (``train_mode``, ``method``, ``distributed``).
+    """
+    if which not in WHICH:
+        raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
+    op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
+    return lanczos_eigs(op, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed, return_vectors=return_vectors)

@@ -1,0 +1,51 @@
+"""The command line: demo and sharpness, run for real on the embedded digits (short runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flatminima.cli import main
+
+
+def test_sharpness_command_measures_a_trained_checkpoint(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--output", str(run)]
+    assert main(args) == 0
+    code = main(
+        [
+            "sharpness",
+            "--checkpoint",
+            str(run / "model.pt"),
+            "--examples",
+            "128",
+            "--k",
+            "3",
+            "--trace-probes",
+            "10",
+            "--density-runs",
+            "2",
+            "--m",
+            "32",
+            "--output",
+            str(tmp_path / "sharp"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for row in ("top-3 eigenvalues (Lanczos)", "trace (Hutchinson)", "32-sharpness, worst case", "average case"):
+        assert row in out
+    assert "converged" in out
+    for figure in ("spectral_density.png", "landscape_top_eigenvector.png"):
+        assert (tmp_path / "sharp" / figure).stat().st_size > 1000
+
+
+def test_sharpness_command_reports_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["sharpness", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_demo_prints_table_with_lambda_max(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--epochs", "1", "--no-progress", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_max" in out and "SAM - SGD" in out
+    assert (tmp_path / "demo" / "test_accuracy.png").is_file() and (tmp_path / "demo" / "results.md").is_file()
