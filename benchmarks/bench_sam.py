@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import inspect
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import Report, command_line, load_average, local_timestamp, machine, med, sync
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -67,26 +66,6 @@ class Plan:
 QUICK = Plan(a=(1, 2, 1), b=(3, 2, 5), d=(1, 1, 1), v=(1, 1, 1), equal_steps=2)
 
 
-class Report:
-    """Prints markdown as it is produced and keeps it for ``--output``."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, caption: str, headers: list[str], rows: list[list[str]]) -> None:
-        self(caption)
-        self()
-        self("| " + " | ".join(headers) + " |")
-        self("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
-        for row in rows:
-            self("| " + " | ".join(row) + " |")
-        self()
-
-
 _SECTION_START: list[tuple[float, str]] = []
 
 
@@ -106,11 +85,6 @@ def section_note() -> str:
 
 def progress(message: str) -> None:
     print(f"[bench_sam] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> Measure:
@@ -159,10 +133,6 @@ def paired_ratio(samples: dict[str, list[float]], name: str, base: str, per_bloc
     for start in range(0, len(samples[name]), per_block):
         ratios.append(med(samples[name][start : start + per_block]) / med(samples[base][start : start + per_block]))
     return med(ratios)
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def iqr(values: list[float]) -> tuple[float, float]:
@@ -929,24 +899,6 @@ def section_d(plan: Plan, device: torch.device, report: Report) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def source_revision() -> str:
     """The git commit of the checkout flatminima is imported from, marked if its src/ has local changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(flatminima.__file__)))
@@ -960,21 +912,6 @@ def source_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{rev}{' + local changes' if dirty else ''}"
-
-
-def machine(device: torch.device, report: Report) -> None:
-    rows = [
-        ["CPU", cpu_model()],
-        ["logical CPUs", str(os.cpu_count())],
-        ["platform", platform.platform()],
-        ["python", platform.python_version()],
-        ["torch", torch.__version__],
-        ["torch threads", str(torch.get_num_threads())],
-        ["flatminima", f"{flatminima.__version__} (git {source_revision()})"],
-        ["device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"],
-        ["load average (1, 5, 15 min) at start", load_average()],
-    ]
-    report.table("**Machine**", ["item", "value"], rows)
 
 
 @dataclass
@@ -1022,11 +959,9 @@ def main(argv: list[str] | None = None) -> None:
     plan = QUICK if args.quick else Plan()
     report = Report()
     clock = Clock(time.perf_counter())
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    report(f"# SAM benchmark: `{command}` ({when})")
+    report(f"# SAM benchmark: `{command_line()}` ({local_timestamp()})")
     report()
-    machine(device, report)
+    machine(report, device, f"{flatminima.__version__} (git {source_revision()})")
     for section in sections(args):
         section(plan, device, report)
     report(f"Total wall time {clock.elapsed()}; load average (1, 5, 15 min) at the end: {load_average()}.")

@@ -1,7 +1,9 @@
 """Benchmark ``flatminima.train.train``: its training throughput against a bare PyTorch loop, SGD and SAM.
 
-Run ``python benchmarks/bench_train.py`` (about 3 minutes on 2 CPU cores) or ``--quick`` (a smoke run, under a
-minute); ``--output FILE`` also writes the markdown report to ``FILE``.
+Run ``python benchmarks/bench_train.py`` (about 100 s on 2 idle CPU cores) or ``--quick`` (a smoke run, about
+20 s); ``--output FILE`` also writes the markdown report to ``FILE``, ``--threads N`` sets torch's CPU threads. When
+other processes compete for the cores, multi-threaded ops slow down many-fold and the run takes several times
+longer; ``--threads 1`` is steadier there, and the tables' best-epoch columns are the ones to read.
 
 Two workloads: the digits (1347 8x8 training images, 21 steps of 64 per epoch) with small_cnn, and a synthetic
 CIFAR-sized set (random uint8 3x32x32 images, a few batches of 128 per epoch) with resnet20. Four cases each:
@@ -25,11 +27,7 @@ warm-up round.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from _common import Report, command_line, load_average, local_timestamp, machine, med, sync
 from torch import Tensor
 
 import flatminima
@@ -115,11 +114,6 @@ def prepare(work: Workload, device: torch.device) -> None:
     order = torch.randperm(data.train_images.shape[0], generator=torch.Generator().manual_seed(0))
     work.inputs = normalize(to_float(data.train_images[order]), data.mean, data.std).to(device)
     work.targets = data.train_labels[order].to(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def new_model(work: Workload, device: torch.device) -> torch.nn.Module:
@@ -351,68 +345,12 @@ def components_table(work: Workload, device: torch.device, bare_sgd_ms: float, r
 # ---------------------------------------------------------------------------------------------- report
 
 
-class Report:
-    """Prints markdown as it is produced and keeps it for ``--output``."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, caption: str, headers: list[str], rows: list[list[str]]) -> None:
-        self(caption)
-        self()
-        self("| " + " | ".join(headers) + " |")
-        self("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
-        for row in rows:
-            self("| " + " | ".join(row) + " |")
-        self()
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def fmt_list(values: list[float]) -> str:
     return " ".join(f"{v:.3f}" for v in values)
 
 
 def progress(message: str) -> None:
     print(f"[bench_train] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def machine(device: torch.device, report: Report) -> None:
-    rows = [
-        ["CPU", cpu_model()],
-        ["logical CPUs", str(os.cpu_count())],
-        ["platform", platform.platform()],
-        ["python", platform.python_version()],
-        ["torch", torch.__version__],
-        ["torch threads", str(torch.get_num_threads())],
-        ["flatminima", flatminima.__version__],
-        ["device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"],
-        ["load average (1, 5, 15 min) at start", load_average()],
-    ]
-    report.table("**Machine**", ["item", "value"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,11 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         workloads = [digits(rounds=6, epochs=4), synthetic_cifar(steps=6, rounds=4, epochs=2)]
     report = Report()
     start = time.perf_counter()
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    report(f"# Training-loop benchmark: `{command}` ({when})")
+    report(f"# Training-loop benchmark: `{command_line()}` ({local_timestamp()})")
     report()
-    machine(device, report)
+    machine(report, device, flatminima.__version__)
     report(METHOD)
     report()
     for work in workloads:

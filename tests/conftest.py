@@ -16,6 +16,14 @@ def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, batch_norm: bool
     return nn.Sequential(*layers).to(dtype)
 
 
+def make_tiny_cnn(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Conv(1->4, 3x3) + BatchNorm + ReLU + Linear, for 1x5x5 inputs: small enough for dense Hessians."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    ).to(dtype)
+
+
 def make_batch(seed: int = 0, n: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)

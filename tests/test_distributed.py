@@ -14,23 +14,18 @@ global batch (rank r holds rows [8r, 8r + 8) of the 16):
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import SAM, SharpnessAwareStep
+from tests._gloo import WORLD_SIZE, run_on_gloo
 
-WORLD_SIZE = 2
 PER_RANK = 8
 GLOBAL_BATCH = WORLD_SIZE * PER_RANK
 STEPS = 3
@@ -38,7 +33,6 @@ RHO = 0.1
 LR = 0.1
 MOMENTUM = 0.9
 TOL = dict(rtol=1e-10, atol=1e-12)
-SPAWN_TIMEOUT_S = 120.0
 SCENARIOS = ("step", "sync", "manual", "msam4")
 
 pytestmark = pytest.mark.skipif(
@@ -98,47 +92,19 @@ def _run_ddp(scenario: str, rank: int, inputs: Tensor, targets: Tensor) -> dict[
     return _weights(ddp.module)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        inputs, targets = _data()
-        for scenario in SCENARIOS:
-            weights = _run_ddp(scenario, rank, inputs, targets)
-            torch.save(weights, Path(out_dir) / f"{scenario}_rank{rank}.pt")
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(out_dir: Path) -> None:
-    """Run the workers; a worker's exception is re-raised here with its traceback, a hang fails the test."""
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {SPAWN_TIMEOUT_S:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+def _train_scenarios(rank: int, out_dir: Path) -> None:
+    inputs, targets = _data()
+    for scenario in SCENARIOS:
+        weights = _run_ddp(scenario, rank, inputs, targets)
+        torch.save(weights, out_dir / f"{scenario}_rank{rank}.pt")
+        dist.barrier()
 
 
 @pytest.fixture(scope="module")
 def ddp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Tensor]]]:
     """scenario -> [weights of rank 0, weights of rank 1] after STEPS steps."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    _spawn(out_dir)
+    run_on_gloo(_train_scenarios, out_dir)
     return {
         scenario: [torch.load(out_dir / f"{scenario}_rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
         for scenario in SCENARIOS

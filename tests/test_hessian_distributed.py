@@ -11,22 +11,17 @@ the dense Hessian's eigenvalues, and between the ranks.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatminima.sharpness import HessianOperator, hutchinson_trace_op, lanczos_eigs
+from tests._gloo import WORLD_SIZE, run_on_gloo
 
-WORLD_SIZE = 2
 N_GLOBAL = 20
 SHARDS = {0: ((0, 8), (8, 12)), 1: ((12, 20),)}  # rank -> batches as row ranges of the global data
 METHODS = ("double_backward", "forward_over_reverse", "auto")
@@ -36,7 +31,6 @@ SEED = 7
 NUM_PROBES = 8
 TOL = dict(rtol=1e-10, atol=1e-12)
 EIG_RTOL = 1e-8
-SPAWN_TIMEOUT_S = 120.0
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -87,53 +81,24 @@ def _measure(op: HessianOperator) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------- the distributed worker
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        inputs, targets = _data()
-        shard = [(inputs[a:b], targets[a:b]) for a, b in SHARDS[rank]]
-        model = _model()
-        results: dict[str, Tensor] = {}
-        for method in METHODS:
-            op = HessianOperator(model, _loss_fn, shard, method=method)
-            for key, value in _measure(op).items():
-                results[f"{method}/{key}"] = value
-        results["dense_hessian"] = HessianOperator(model, _loss_fn, shard).dense_hessian()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(out_dir: Path) -> None:
-    """Run the workers; a worker's exception is re-raised here with its traceback, a hang fails the test."""
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {SPAWN_TIMEOUT_S:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+def _measure_shard(rank: int, out_dir: Path) -> None:
+    inputs, targets = _data()
+    shard = [(inputs[a:b], targets[a:b]) for a, b in SHARDS[rank]]
+    model = _model()
+    results: dict[str, Tensor] = {}
+    for method in METHODS:
+        op = HessianOperator(model, _loss_fn, shard, method=method)
+        for key, value in _measure(op).items():
+            results[f"{method}/{key}"] = value
+    results["dense_hessian"] = HessianOperator(model, _loss_fn, shard).dense_hessian()
+    torch.save(results, out_dir / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Tensor]]:
     """[results of rank 0, results of rank 1]."""
     out_dir = tmp_path_factory.mktemp("hessian_dist")
-    _spawn(out_dir)
+    run_on_gloo(_measure_shard, out_dir)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 

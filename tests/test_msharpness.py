@@ -11,37 +11,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from flatminima.sharpness.msharpness import MSharpnessResult, m_sharpness
+from tests.conftest import make_mlp, make_tiny_cnn
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny float64 ops (BatchNorm above all) are much slower with 2 intra-op threads on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed: int = 0, batch_norm: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(6, 16)]
-    if batch_norm:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.Tanh(), nn.Linear(16, 3)]
-    return nn.Sequential(*layers).to(DT)
+    return make_mlp(seed, DT, batch_norm)
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 3),
-    ).to(DT)
+    return make_tiny_cnn(seed, DT)
 
 
 def batch(n: int = 24, seed: int = 1, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmark scripts: the markdown report, the machine description, timing plumbing.
+
+The scripts are run as ``python benchmarks/bench_X.py``, which puts this folder on ``sys.path`` (whatever the
+working directory), so they import this module as ``from _common import ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import flatminima
+
+
+class Report:
+    """Prints markdown as it is produced and keeps it for ``--output``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, caption: str, headers: list[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> None:
+        """``caption``, a blank line, the table (first column left-aligned, the rest right-aligned unless ``align``
+        gives the separator line), a blank line."""
+        self(caption)
+        self()
+        self("| " + " | ".join(headers) + " |")
+        self(align or "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+        for row in rows:
+            self("| " + " | ".join(str(c) for c in row) + " |")
+        self()
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def flatminima_version() -> str:
+    return flatminima.__version__ if hasattr(flatminima, "__version__") else package_version("flatminima")
+
+
+def machine(
+    report: Report,
+    device: torch.device | None = None,
+    flatminima_info: str | None = None,
+    extra: Sequence[list[str]] = (),
+) -> None:
+    """The **Machine** table: CPU, platform, versions, threads (``flatminima_info`` replaces flatminima's version),
+    the ``device`` if given, ``extra`` rows, the load average."""
+    rows = [
+        ["CPU", cpu_model()],
+        ["logical CPUs", str(os.cpu_count())],
+        ["platform", platform.platform()],
+        ["python", platform.python_version()],
+        ["torch", torch.__version__],
+        ["torch threads", str(torch.get_num_threads())],
+        ["flatminima", flatminima_info if flatminima_info is not None else flatminima_version()],
+    ]
+    if device is not None:
+        rows.append(["device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"])
+    rows.extend(extra)
+    rows.append(["load average (1, 5, 15 min) at start", load_average()])
+    report.table("**Machine**", ["item", "value"], rows)
+
+
+def command_line() -> str:
+    """The command that started this run, with the script's path relative to the working directory."""
+    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def local_timestamp() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,55 @@
+"""Run a function on several gloo processes on this machine: the harness of the distributed tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, body: Callable[[int, Path], None], port: int, out_dir: str, world_size: int) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        body(rank, Path(out_dir))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(
+    body: Callable[[int, Path], None], out_dir: Path, world_size: int = WORLD_SIZE, timeout_s: float = 120
+) -> None:
+    """Run ``body(rank, out_dir)`` on ``world_size`` processes (a module-level function, so it can be pickled).
+
+    A worker's exception is re-raised here with its traceback; a hang fails the test after ``timeout_s``.
+    """
+    context = mp.spawn(_worker, args=(body, _free_port(), str(out_dir), world_size), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {timeout_s:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
