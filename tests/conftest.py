@@ -37,3 +37,24 @@ def _deterministic_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_batch(n: int, seed: int = 1, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 inputs (n, 6), or (n, 1, 5, 5) images for the tiny CNN, and 3-class targets."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, 1, 5, 5) if image else (n, 6)
+    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def per_example_ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer, to check later that a measurement left the model untouched."""
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+def assert_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    for a, b in zip([*model.parameters(), *model.buffers()], saved, strict=True):
+        assert torch.equal(a.detach(), b)

@@ -15,7 +15,7 @@ from flatminima.sharpness.landscape import (
     loss_landscape_1d,
     loss_landscape_2d,
 )
-from tests.conftest import make_mlp, make_tiny_cnn
+from tests.conftest import assert_identical, make_mlp, make_tiny_cnn, per_example_ce, small_batch, snapshot
 
 DT = torch.float64
 
@@ -29,22 +29,10 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
 
 
 def batch(n: int = 20, seed: int = 1, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, 5, 5) if image else (n, 6)
-    return torch.randn(shape, generator=gen, dtype=DT), torch.randint(0, 3, (n,), generator=gen)
+    return small_batch(n, seed, image)
 
 
-def ce_none(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def snapshot(model: nn.Module) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
-
-
-def assert_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
-    for a, b in zip([*model.parameters(), *model.buffers()], saved, strict=True):
-        assert torch.equal(a.detach(), b)
+ce_none = per_example_ce
 
 
 class Quadratic(nn.Module):

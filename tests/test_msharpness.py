@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flatminima.sharpness.msharpness import MSharpnessResult, m_sharpness
-from tests.conftest import make_mlp, make_tiny_cnn
+from tests.conftest import assert_identical, make_mlp, make_tiny_cnn, per_example_ce, small_batch, snapshot
 
 DT = torch.float64
 
@@ -25,24 +25,10 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
 
 
 def batch(n: int = 24, seed: int = 1, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, 5, 5) if image else (n, 6)
-    return torch.randn(shape, generator=gen, dtype=DT), torch.randint(0, 3, (n,), generator=gen)
+    return small_batch(n, seed, image)
 
 
-def ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def snapshot(model: nn.Module) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
-
-
-def assert_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
-    current = [*model.parameters(), *model.buffers()]
-    assert len(current) == len(saved)
-    for a, b in zip(current, saved):
-        assert torch.equal(a.detach(), b)
+ce = per_example_ce
 
 
 # a loss linear in the weights: outputs = W x + b, loss = <c, outputs>, so L(w + e) = L(w) + g.e exactly
