@@ -54,11 +54,11 @@ def test_flat_layout_is_used_and_gradients_stay_views() -> None:
     opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, flatten=True)
     with torch.no_grad():
         assert torch.equal(model(x), before)  # flattening changes storage, not values
-    flat = opt._flat
+    flat = opt.flat_layout
     assert all(p.data_ptr() == v.data_ptr() for p, v in zip(model.parameters(), flat.weight_views))
     cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
-    assert opt._flat_perturbed  # the flat path ran
+    assert opt.is_perturbed and flat.weights_in_place()  # the flat path ran: w moved inside the buffer
     assert flat.gradients_are_views() and torch.count_nonzero(flat.grads) == 0
     cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)

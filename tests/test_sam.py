@@ -139,7 +139,7 @@ def test_parameters_without_gradient_are_not_perturbed() -> None:
     cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
     assert not torch.equal(frozen, before)
-    assert not opt._perturbed
+    assert not opt.is_perturbed
 
 
 def test_excluded_group_and_per_group_rho() -> None:

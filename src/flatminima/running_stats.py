@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["AveragedRunningStats", "freeze_everywhere", "frozen", "norm_layers"]
+__all__ = ["AveragedRunningStats", "RunningStatsFreezer", "freeze_everywhere", "frozen", "norm_layers"]
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -38,6 +38,42 @@ def frozen(layers: list[nn.Module]) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, previous):
             layer.track_running_stats = flag
+
+
+class RunningStatsFreezer:
+    """The one owner of "BatchNorm frozen during the perturbed pass" for a SAM optimiser.
+
+    ``freeze()`` switches the watched layers' ``track_running_stats`` off (idempotent: a second call keeps the
+    flags saved by the first), ``thaw()`` puts the saved flags back. Models are watched from ``SAM(model=)``
+    or ``SAM.watch_running_stats(model)`` (what the batch-aware step does); watching one twice changes nothing.
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._layers: list[nn.Module] = []
+        self._saved: list[bool] | None = None
+        if model is not None:
+            self.watch(model)
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._layers)
+
+    def watch(self, model: nn.Module) -> None:
+        known = {id(layer) for layer in self._layers}
+        self._layers.extend(layer for layer in norm_layers(model) if id(layer) not in known)
+
+    def freeze(self) -> None:
+        if self._saved is not None or not self._layers:
+            return
+        self._saved = [layer.track_running_stats for layer in self._layers]
+        for layer in self._layers:
+            layer.track_running_stats = False
+
+    def thaw(self) -> None:
+        if self._saved is not None:
+            for layer, flag in zip(self._layers, self._saved):
+                layer.track_running_stats = flag
+            self._saved = None
 
 
 @contextmanager

@@ -27,10 +27,87 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import running_stats
 from flatminima.optim.sam import SAM
+from flatminima.optim.scaler import already_unscaled
 
-__all__ = ["SharpnessAwareStep"]
+__all__ = ["PlainStep", "Precision", "SharpnessAwareStep"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Precision:
+    """Autocast, loss scaling and the loss reduction, shared by every step class.
+
+    ``loss(model, loss_fn, inputs, targets)`` runs the forward pass under ``torch.autocast`` (when a dtype is
+    given) and reduces per-example losses to their mean in float32; ``backward(loss)`` scales it first when a
+    GradScaler is enabled.
+    """
+
+    def __init__(self, grad_scaler: torch.amp.GradScaler | None, autocast_dtype: torch.dtype | None) -> None:
+        self.grad_scaler = grad_scaler
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler if it is enabled, else None."""
+        return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+
+    def loss(self, model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
+        with self.autocast(inputs.device.type):
+            losses = loss_fn(model(inputs), targets)
+        if losses.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 under autocast
+            losses = losses.float()
+        return losses.mean()
+
+    def backward(self, loss: Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def autocast(self, device_type: str) -> AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+
+class PlainStep:
+    """One forward-backward and a step of any optimiser: ``loss = step(inputs, targets)``.
+
+    The counterpart of :class:`SharpnessAwareStep` for SGD, AdamW and the like, with the same autocast,
+    GradScaler and clipping handling, so a training loop drives both alike. Returns the mean loss, detached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.precision = Precision(grad_scaler, autocast_dtype)
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        opt, scaler = self.optimizer, self.precision.scaler
+        opt.zero_grad()
+        loss = self.precision.loss(self.model, self.loss_fn, inputs, targets)
+        self.precision.backward(loss)
+        if self.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        return loss.detach()
 
 
 class SharpnessAwareStep:
@@ -39,16 +116,19 @@ class SharpnessAwareStep:
     Args:
         model: the model, plain or wrapped in DistributedDataParallel.
         loss_fn: ``loss_fn(outputs, targets)``, per-example losses (``reduction="none"``) or their mean.
-        optimizer: a :class:`SAM` over the model's parameters.
+        optimizer: a :class:`SAM` over the model's parameters (any rules, any cadence).
         group_size: m of m-SAM; ``None`` (or >= the batch) is plain SAM.
         accumulation_steps: split each pass of plain SAM into this many micro-batches (same result as the whole
             batch at once, less memory).
         grad_scaler: a ``torch.amp.GradScaler``; the step calls ``update()`` on it.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
-        max_grad_norm: clip the gradient used for the descent to this L2 norm.
+        max_grad_norm: clip the descent direction to this L2 norm.
         sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks).
 
-    Returns from a call the mean loss at ``w`` over the batch, detached (no host sync).
+    The optimiser's seams decide the passes: a step the cadence exempts from the ascent is one pass at ``w``;
+    an ascent that needs no gradient at ``w`` skips the first pass (then the loss returned is the one at
+    ``w + e``, and BatchNorm keeps that pass's statistics). Returns from a call the mean loss at ``w`` over the
+    batch, detached (no host sync).
     """
 
     def __init__(
@@ -76,8 +156,13 @@ class SharpnessAwareStep:
             )
         if group_size is not None and sync_perturbation:
             raise ValueError("sync_perturbation (one perturbation for all ranks) cannot be combined with m-SAM.")
-        if group_size is not None and optimizer._flat is not None:
+        if group_size is not None and optimizer.flat_layout is not None:
             raise ValueError("m-SAM keeps earlier groups' gradients aside, which flatten=True does not allow.")
+        if group_size is not None and optimizer.descent.needs_first_gradient:
+            raise ValueError(
+                f"the descent rule {optimizer.descent!r} combines g(w) with g(w + e), which m-SAM's per-group "
+                "passes do not provide; use group_size=None."
+            )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
         if isinstance(model, DistributedDataParallel) and model.gradient_as_bucket_view and group_size is not None:
@@ -87,12 +172,16 @@ class SharpnessAwareStep:
         self.optimizer = optimizer
         self.group_size = group_size
         self.accumulation_steps = accumulation_steps
-        self.grad_scaler = grad_scaler
-        self.autocast_dtype = autocast_dtype
+        self.precision = Precision(grad_scaler, autocast_dtype)
         self.max_grad_norm = max_grad_norm
         self.sync_perturbation = sync_perturbation
         self._norm_layers = running_stats.norm_layers(model)
         self._ddp = isinstance(model, DistributedDataParallel)
+        optimizer.watch_running_stats(model)  # SAM owns the freezing of BatchNorm during perturbed passes
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self.precision.grad_scaler
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
         try:
@@ -105,10 +194,16 @@ class SharpnessAwareStep:
         batch = inputs.shape[0]
         if batch == 0 or targets.shape[0] != batch:
             raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
-        groups = self._groups(batch)
         opt = self.optimizer
-        scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
         opt.zero_grad()
+        if not opt.ascent_due:  # the cadence exempts this step: one pass at w, then the descent
+            loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
+            return self._descend(loss)
+        if not opt.needs_first_pass:  # the ascent reads no gradient: move, then the only pass
+            opt.first_step(zero_grad=True, grad_scaler=self.precision.scaler, first_pass=False)
+            loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
+            return self._descend(loss)
+        groups = self._groups(batch)
         stats = running_stats.AveragedRunningStats(self._norm_layers)
         loss_at_w: Tensor | float = 0.0
         accumulated: list[Tensor | None] | None = None
@@ -122,10 +217,10 @@ class SharpnessAwareStep:
                 stats.before_pass()
                 with self._sync(sync):
                     loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / group_count)
-                    self._backward(loss)
+                    self.precision.backward(loss)
                 stats.after_pass()
                 loss_at_w = loss_at_w + loss.detach() * (group_count / batch)
-            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            opt.first_step(zero_grad=True, grad_scaler=self.precision.scaler)
             if opt.step_skipped:  # non-finite gradient under nonfinite="skip": no step at all
                 stats.rollback()
                 opt.second_step()
@@ -133,48 +228,53 @@ class SharpnessAwareStep:
             if accumulated is not None:  # put back the perturbed gradients of the earlier groups
                 for p, grad in zip(params, accumulated):
                     p.grad = grad
-            # descent pass at w + e: accumulates this group's share of the batch gradient
-            with running_stats.frozen(self._norm_layers):
-                for j, (start, stop) in enumerate(chunks):
-                    sync = last_group and j == len(chunks) - 1
-                    with self._sync(sync):
-                        self._backward(self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / batch))
+            # descent pass at w + e (BatchNorm frozen by first_step): accumulates this group's share
+            self._pass(inputs, targets, chunks, batch, sync_last=last_group)
             if not last_group:
                 opt.restore()
                 accumulated = [p.grad for p in params]
                 for p in params:
                     p.grad = None
         stats.finish()
+        return self._descend(torch.as_tensor(loss_at_w))
+
+    def _pass(
+        self, inputs: Tensor, targets: Tensor, chunks: list[tuple[int, int]], batch: int, sync_last: bool
+    ) -> Tensor:
+        """Forward-backward over ``chunks``, each weighted by its share of ``batch``; returns their loss."""
+        total: Tensor | float = 0.0
+        for j, (start, stop) in enumerate(chunks):
+            with self._sync(sync_last and j == len(chunks) - 1):
+                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / batch)
+                self.precision.backward(loss)
+            total = total + loss.detach()
+        return torch.as_tensor(total)
+
+    def _descend(self, loss: Tensor) -> Tensor:
+        opt, scaler = self.optimizer, self.precision.scaler
         if self.max_grad_norm is not None:
-            if scaler is not None:
+            opt.apply_descent_rule(scaler)  # clip the final direction
+            if scaler is not None and not already_unscaled(scaler, opt):
                 scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         opt.second_step(zero_grad=False, grad_scaler=scaler)
         if scaler is not None:
             scaler.update()
-        return torch.as_tensor(loss_at_w)
+        return loss
+
+    def _chunks(self, batch: int) -> list[tuple[int, int]]:
+        bounds = torch.linspace(0, batch, min(self.accumulation_steps, batch) + 1).round().long().tolist()
+        return [(a, b) for a, b in pairwise(bounds) if b > a]
 
     def _groups(self, batch: int) -> list[list[tuple[int, int]]]:
         """Each group is a list of (start, stop) chunks: one group of k chunks for SAM, one chunk per m-SAM group."""
         if self.group_size is None or self.group_size >= batch:
-            bounds = torch.linspace(0, batch, min(self.accumulation_steps, batch) + 1).round().long().tolist()
-            return [[(a, b) for a, b in pairwise(bounds) if b > a]]
+            return [self._chunks(batch)]
         return [[(start, min(start + self.group_size, batch))] for start in range(0, batch, self.group_size)]
 
     def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        with self._autocast(inputs.device.type):
-            losses = self.loss_fn(self.model(inputs), targets)
-        if losses.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 under autocast
-            losses = losses.float()
-        return losses.mean()
-
-    def _backward(self, loss: Tensor) -> None:
-        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
-
-    def _autocast(self, device_type: str) -> AbstractContextManager[None]:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+        return self.precision.loss(self.model, self.loss_fn, inputs, targets)
 
     def _sync(self, sync: bool) -> AbstractContextManager[None]:
         if self._ddp and not sync:

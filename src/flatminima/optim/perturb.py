@@ -4,7 +4,9 @@ A rule maps the parameters ``w`` and the gradients ``g`` at ``w`` to the perturb
 (in the rule's own geometry). Rules are pure tensor maths on lists of tensors, written with ``torch._foreach_*``
 so that one call covers every parameter; they know nothing of modules, data or optimisers.
 
-For speed and memory a rule works *in place*: ``perturb_`` overwrites the gradient tensors with ``e``. SAM hands
+Each rule is an :class:`~flatminima.optim.rules.AscentRule` and declares what the optimiser may rely on (whether it
+needs ``g``, whether ``e`` scales with rho, whether ``e`` is a multiple of ``g``). For speed and memory a rule
+works *in place*: ``perturb_`` overwrites the gradient tensors with ``e``. SAM hands
 it the gradients of the first pass, which are discarded afterwards anyway, so ``e`` costs no extra copy of the
 parameters. Rules compose: :class:`Adaptive` wraps any other rule and applies it in the ``|w|``-scaled space.
 """
@@ -12,15 +14,18 @@ parameters. Rules compose: :class:`Adaptive` wraps any other rule and applies it
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from flatminima.optim.norms import flat_norm, global_max, global_norm, tensor_norms
+from flatminima.optim.rules import AscentRule, PerturbationRule
 
 __all__ = [
     "Adaptive",
     "DualNorm",
     "PerturbationRule",
+    "RandomDirection",
     "Unnormalized",
     "flat_norm",
     "global_norm",
@@ -28,49 +33,7 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class PerturbationRule(Protocol):
-    """The interface every rule implements."""
-
-    def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
-    ) -> None:
-        """Overwrite ``grads`` with the perturbation ``e`` at radius ``rho``.
-
-        ``grad_norms``, when given, holds the L2 norm of each gradient tensor (SAM computes them once for its
-        finiteness check); a rule that needs them reuses them instead of reading the gradients again.
-        """
-        ...
-
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Per-tensor L2 norms, accumulated in float32 for half-precision tensors (their norm overflows fp16)."""
-    low = any(t.dtype in _LOW_PRECISION for t in tensors)
-    return torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
-
-
-def flat_norm(tensor: Tensor) -> Tensor:
-    """L2 norm of one tensor, in float32 at least."""
-    return torch.linalg.vector_norm(tensor, dtype=torch.float32 if tensor.dtype in _LOW_PRECISION else None)
-
-
-def global_norm(norms: list[Tensor]) -> Tensor:
-    """L2 norm of a list of tensors, from their per-tensor L2 norms, without a host sync."""
-    device = norms[0].device
-    if any(n.device != device for n in norms):
-        norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def _global_max(tensors: list[Tensor]) -> Tensor:
-    device = tensors[0].device
-    return torch.stack([t.amax().to(device) for t in tensors]).amax()
-
-
-class DualNorm:
+class DualNorm(AscentRule):
     """Ascent in the L_p ball: the first-order solution of max_{||e||_p <= rho} g.e (SAM paper, eq. 2).
 
     ``e = rho * sign(g) * |g|^(q-1) / (||g||_q^q)^(1/p)`` elementwise, with ``1/p + 1/q = 1``:
@@ -117,7 +80,7 @@ class DualNorm:
     @staticmethod
     def _largest_coordinate_(grads: list[Tensor], rho: float) -> None:
         magnitudes = torch._foreach_abs(grads)
-        top = _global_max(magnitudes)
+        top = global_max(magnitudes)
         hits = [(m == top) & (top > 0) for m in magnitudes]
         count = torch.stack([h.sum().to(top.device) for h in hits]).sum().clamp_min(1)
         torch._foreach_sign_(grads)
@@ -128,7 +91,7 @@ class DualNorm:
         # The formula is invariant to scaling g, so divide by max|g| first: no overflow in |g|^q for any q.
         q = self.p / (self.p - 1.0)
         ratios = torch._foreach_abs(grads)
-        top = _global_max(ratios)
+        top = global_max(ratios)
         torch._foreach_div_(ratios, torch.where(top > 0, top, torch.ones_like(top)))
         weights = torch._foreach_pow(ratios, q - 1.0)  # |g|^(q-1), scaled
         torch._foreach_mul_(ratios, weights)  # now |g|^q, scaled
@@ -140,7 +103,7 @@ class DualNorm:
         torch._foreach_mul_(grads, scale)
 
 
-class Unnormalized:
+class Unnormalized(AscentRule):
     """USAM: ``e = rho g``, the unnormalised step the theory papers analyse (no division by ||g||)."""
 
     def __repr__(self) -> str:
@@ -156,7 +119,7 @@ class Unnormalized:
             torch._foreach_mul_(grads, rho)
 
 
-class Adaptive:
+class Adaptive(AscentRule):
     """ASAM: apply ``inner`` in the space scaled by ``T_w = |w| + eta`` and map the result back.
 
     With ``g' = T_w g`` the inner rule gives ``e'``, and ``e = T_w e'``; for ``inner = DualNorm(2)`` this is
@@ -168,6 +131,8 @@ class Adaptive:
             raise ValueError(f"Adaptive needs eta >= 0 (T_w = |w| + eta); got eta={eta}.")
         self.inner = inner if inner is not None else DualNorm(2.0)
         self.eta = float(eta)
+        self.needs_gradient = getattr(self.inner, "needs_gradient", True)
+        self.scales_with_rho = getattr(self.inner, "scales_with_rho", True)
 
     def __repr__(self) -> str:
         return f"Adaptive({self.inner!r}, eta={self.eta})"
@@ -183,3 +148,30 @@ class Adaptive:
         torch._foreach_mul_(grads, scaling)
         self.inner.perturb_(params, grads, rho, None)  # norms of g no longer apply to T_w g
         torch._foreach_mul_(grads, scaling)
+
+
+class RandomDirection(AscentRule):
+    """``e = rho z / ||z||`` with ``z ~ N(0, I)``: uniform on the sphere of radius rho, ``g`` not needed.
+
+    The perturbation of randomly smoothed SAM variants (e.g. Ahn et al. 2024, Algorithm 1). It needs no gradient
+    at ``w``, so a step with it costs one forward-backward, at ``w + e``. The norm is global over all tensors
+    perturbed together. ``generator`` fixes the draws (it must live on the parameters' device).
+    """
+
+    needs_gradient = False
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __repr__(self) -> str:
+        return "RandomDirection()"
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        if not grads:
+            return
+        for buffer in grads:
+            buffer.normal_(generator=self.generator)
+        norm = global_norm(tensor_norms(grads))
+        torch._foreach_mul_(grads, rho / norm)

@@ -1,9 +1,13 @@
 """SAM: the two-pass protocol around any ``torch.optim`` optimiser.
 
-One step: gradient ``g`` at ``w`` -> move to ``w + e`` (``e`` from a perturbation rule) -> gradient there ->
-restore ``w`` exactly from a saved copy -> base optimiser step with the second gradient (Foret et al. 2021,
-Algorithm 1). The class is itself a :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are*
-the base optimiser's, so LR schedulers, per-group options and checkpoints work as with the base optimiser.
+One step: gradient ``g`` at ``w`` -> move to ``w + e`` (``e`` from an ascent rule) -> gradient there -> restore
+``w`` exactly -> base optimiser step along the descent rule's direction (Foret et al. 2021, Algorithm 1). The
+class is the protocol only: which rules run is declared by three seams (:mod:`flatminima.optim.rules`), the
+tensor maths is in :mod:`flatminima.optim.functional`, GradScaler glue in :mod:`flatminima.optim.scaler`, the
+inf/NaN policy in :mod:`flatminima.optim.guard` and BatchNorm handling in :mod:`flatminima.running_stats`.
+
+The class is itself a :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are* the base
+optimiser's, so LR schedulers, per-group options and checkpoints work as with the base optimiser.
 
 Per-group options (plain values, so a ``state_dict`` loads with ``torch.load(weights_only=True)``):
 
@@ -12,8 +16,8 @@ Per-group options (plain values, so a ``state_dict`` loads with ``torch.load(wei
 - ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`);
 - ``normalize``: ``False`` gives USAM, ``e = rho g`` (:class:`~flatminima.optim.perturb.Unnormalized`).
 
-Groups whose rules coincide are normalised together (one global norm, as in the paper); a custom rule passed
-as ``perturbation=`` replaces these for every group.
+Groups whose rules coincide are normalised together (one global norm, as in the paper); a rule passed as
+``perturbation=`` replaces these for every group.
 """
 
 from __future__ import annotations
@@ -21,28 +25,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatminima import running_stats
+from flatminima.optim import functional as F
+from flatminima.optim import scaler as amp
 from flatminima.optim.flat import FlatLayout
-from flatminima.optim.perturb import (
-    Adaptive,
-    DualNorm,
-    PerturbationRule,
-    Unnormalized,
-    flat_norm,
-    global_norm,
-    tensor_norms,
-)
+from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
+from flatminima.optim.norms import flat_norm, tensor_norms
+from flatminima.optim.perturb import Adaptive, DualNorm, Unnormalized
+from flatminima.optim.rules import AscentRule, Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient
 
 __all__ = ["SAM"]
 
-NonFinitePolicy = Literal["raise", "skip", "ignore"]
 _RULE_KEYS = ("p", "adaptive", "adaptive_eta", "normalize")
+_GROUP_KEYS = ("rho", *_RULE_KEYS, "perturb")
+_STEP_KEY = "sam_steps"  # the step counter the cadence reads, saved beside the base optimiser's state
 
 
 class SAM(Optimizer):
@@ -56,8 +58,10 @@ class SAM(Optimizer):
         p: the ascent's L_p ball, ``1 <= p <= inf``.
         adaptive: ASAM, the ball taken in the space scaled by ``|w| + adaptive_eta``.
         normalize: ``False`` for USAM (``e = rho g``).
-        perturbation: a custom :class:`PerturbationRule` for all groups (overrides ``p``, ``adaptive``,
-            ``normalize``); used by the variants.
+        perturbation: an ascent rule for all groups (:class:`~flatminima.optim.rules.AscentRule`, or any object
+            with ``perturb_``); overrides ``p``, ``adaptive``, ``normalize``.
+        descent: the descent rule (default :class:`~flatminima.optim.rules.PerturbedGradient`: SAM's).
+        cadence: which steps ascend (default :class:`~flatminima.optim.rules.EveryStep`).
         model: the model being trained. Given once here, its BatchNorm running statistics are kept from the
             first pass with no extra call in the training loop.
         nonfinite: what to do when a gradient holds inf or NaN: ``"raise"`` (default) a ``FloatingPointError``,
@@ -68,7 +72,7 @@ class SAM(Optimizer):
             maths is a few single operations instead of a few per tensor: much faster for models of many small
             tensors, on a CPU especially. Gradients are then zeroed in place, as ``set_to_none=False`` does,
             and parameters must share one device and dtype. Steps that do not fit (a parameter without
-            gradient, per-group rho, a rule other than p = 2 or USAM, a GradScaler) take the general path.
+            gradient, per-group rho, a rule not linear in ``g``, a GradScaler) take the general path.
         **base_kwargs: options of the base optimiser (``lr``, ``momentum``, ``weight_decay``...).
     """
 
@@ -83,6 +87,8 @@ class SAM(Optimizer):
         adaptive_eta: float = 0.01,
         normalize: bool = True,
         perturbation: PerturbationRule | None = None,
+        descent: DescentRule | None = None,
+        cadence: Cadence | None = None,
         model: nn.Module | None = None,
         nonfinite: NonFinitePolicy = "raise",
         flatten: bool = False,
@@ -91,185 +97,179 @@ class SAM(Optimizer):
         base = _build_base(params, base_optimizer, base_kwargs)
         if perturbation is not None and not isinstance(perturbation, PerturbationRule):
             raise TypeError(f"perturbation must have a perturb_(params, grads, rho) method; got {perturbation!r}.")
-        if nonfinite not in ("raise", "skip", "ignore"):
-            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}.")
+        if descent is not None and not callable(getattr(descent, "direction_", None)):
+            raise TypeError(f"descent must be a DescentRule (a direction_ method); got {descent!r}.")
+        if cadence is not None and not callable(getattr(cadence, "takes_ascent", None)):
+            raise TypeError(f"cadence must be a Cadence (a takes_ascent(step) method); got {cadence!r}.")
+        self.guard = NonFiniteGuard(nonfinite)
         defaults = dict(rho=rho, p=p, adaptive=adaptive, adaptive_eta=adaptive_eta, normalize=normalize, perturb=True)
         for group in base.param_groups:
             for key, value in defaults.items():
                 group.setdefault(key, value)
             _check_group(group)
         self.perturbation = perturbation
-        self.nonfinite = nonfinite
-        self._norm_layers = running_stats.norm_layers(model) if model is not None else []
-        self._rules: dict[tuple, PerturbationRule] = {}
-        self._perturbed: list[Tensor] = []
-        self._restore_from: list[Tensor] = []
-        self._frozen_flags: list[bool] | None = None
-        self._flat: FlatLayout | None = None
-        self._flat_saved: Tensor | None = None
+        self.descent = descent if descent is not None else PerturbedGradient()
+        self.cadence = cadence if cadence is not None else EveryStep()
+        self.steps = 0  # completed steps, as the cadence counts them
+        self._running_stats = running_stats.RunningStatsFreezer(model)
+        self._rules: dict[tuple, AscentRule] = {}
+        self._perturbed: list[Tensor] = []  # parameters now holding w + e (general path)
+        self._restore_from: list[Tensor] = []  # their own tensors w
         self._flat_perturbed = False
+        self._ascended = False  # this step moved the weights (so the last gradient is g(w + e))
+        self._first_grads: tuple[list[Tensor], list[Tensor]] | None = None  # (params, g(w)) for the descent
         self._skip_descent = False
-        self._base_step_pending = False
+        self._direction_ready = False
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
         # Share, not copy: schedulers, add_param_group and state_dict all act on the base optimiser.
         self.param_groups = base.param_groups
         self.state = base.state
         self.defaults.update(base.defaults)
+        self._flat: FlatLayout | None = None
+        self._flat_saved: Tensor | None = None
         if flatten:
             self._flat = FlatLayout([p for g in self.param_groups for p in g["params"]])
             self._flat_saved = torch.empty_like(self._flat.weights)
 
-    # ------------------------------------------------------------------ the two passes
+    # ------------------------------------------------------------------ what a driver asks
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
-        """Move from ``w`` to ``w + e``, using the gradients now in ``.grad`` (the gradient at ``w``).
+    @property
+    def nonfinite(self) -> NonFinitePolicy:
+        return self.guard.policy
 
-        ``zero_grad=True`` clears the gradients for the second pass (and lets ``e`` reuse their memory).
-        With ``grad_scaler`` the gradients are unscaled first and an inf/NaN step is left unperturbed; the
-        scaler then skips that step in :meth:`second_step`.
+    @property
+    def is_perturbed(self) -> bool:
+        """True between a ``first_step`` that moved the weights and ``second_step`` / ``restore``."""
+        return bool(self._perturbed) or self._flat_perturbed
+
+    @property
+    def ascent_due(self) -> bool:
+        """Whether the cadence has this step take the ascent (else: one pass at ``w`` and ``second_step``)."""
+        return self.cadence.takes_ascent(self.steps)
+
+    @property
+    def needs_first_pass(self) -> bool:
+        """Whether this step needs the gradient at ``w`` before ``first_step``.
+
+        False when the ascent is due and neither rule reads ``g(w)`` (a random direction under SAM's descent):
+        then ``first_step`` can be called without a backward pass, saving one forward-backward.
         """
-        if self._perturbed or self._flat_perturbed:
-            raise RuntimeError(
-                "first_step() was called twice without second_step(): the weights are still perturbed. "
-                "Call second_step() (or restore()) after the second backward pass."
-            )
-        self._skip_descent = False
-        if grad_scaler is not None and _already_unscaled(grad_scaler, self):
-            raise RuntimeError(
-                "grad_scaler.unscale_(optimizer) was called before first_step: SAM unscales the first gradient "
-                "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
-            )
-        flat_plan = self._flat_plan(grad_scaler)
-        if flat_plan is not None:
-            self._perturb_flat(*flat_plan)
-        else:
-            self._perturb(zero_grad, grad_scaler)
-        if self._norm_layers and not self._skip_descent:
-            self._freeze_running_stats()
-        if zero_grad:
-            self.zero_grad()
-
-    def _flat_plan(self, grad_scaler: torch.amp.GradScaler | None) -> tuple[PerturbationRule, float] | None:
-        """(rule, rho) when this step can run on the flat buffers, else None."""
-        flat = self._flat
-        if flat is None or (grad_scaler is not None and grad_scaler.is_enabled()):
-            return None
-        groups = self.param_groups
-        rho = groups[0]["rho"]
-        if not rho > 0 or any(not g["perturb"] or g["rho"] != rho for g in groups):
-            return None
-        rule = self._rule_for(groups[0])
-        if any(self._rule_for(g) is not rule for g in groups[1:]):
-            return None
-        if getattr(rule, "linear_coefficient", lambda *_: None)(rho, 1.0) is None:
-            return None
-        if not flat.weights_in_place() or not flat.adopt_gradients():
-            return None
-        return rule, rho
-
-    def _perturb_flat(self, rule: PerturbationRule, rho: float) -> None:
-        """``w += c g`` on the flat buffers after saving ``w``: one operation each."""
-        flat = self._flat
-        norm = flat_norm(flat.grads)
-        if self.nonfinite != "ignore" or _host_sync_is_free([norm]):
-            norm = norm.item()
-            if self.nonfinite != "ignore" and not math.isfinite(norm):
-                self._nonfinite_first_gradient()
-                return
-        coefficient = rule.linear_coefficient(rho, norm)
-        self._flat_saved.copy_(flat.weights)
-        if isinstance(coefficient, Tensor):
-            flat.weights.addcmul_(flat.grads, coefficient)
-        else:
-            flat.weights.add_(flat.grads, alpha=coefficient)
-        self._flat_perturbed = True
-
-    def _nonfinite_first_gradient(self) -> None:
-        if self.nonfinite == "raise":
-            raise FloatingPointError(
-                "SAM.first_step: the gradient at w holds inf or NaN, so no perturbation was applied "
-                "and the weights are unchanged. Check the loss and learning rate, pass a GradScaler "
-                "for mixed precision, or build SAM with nonfinite='skip' to skip such steps."
-            )
-        self._skip_descent = True
-
-    def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
-        """Swap each parameter's tensor for ``w + e``, keeping ``w`` itself; no change if the gradient is not finite.
-
-        Restoring is then a pointer swap: exact, and free. For rules that scale the gradient (SAM's p = 2, USAM)
-        ``w + e`` is one fused ``_foreach_add``; other rules write ``e`` into the gradients (or copies of them).
-        """
-        buckets = self._buckets()
-        all_params = [p for params, _, _ in buckets.values() for p in params]
-        all_grads = [g for _, grads, _ in buckets.values() for g in grads]
-        if not all_grads:
-            return
-        scaled = grad_scaler is not None and grad_scaler.is_enabled()
-        if scaled and not self._unscale_first_gradient(grad_scaler, all_grads):
-            return  # inf/NaN: no perturbation; the scaler skips this step in second_step
-        norms = tensor_norms(all_grads)
-        totals: list[Tensor] | list[float] = []
-        offset = 0
-        for params, _, _ in buckets.values():
-            totals.append(global_norm(norms[offset : offset + len(params)]))
-            offset += len(params)
-        if self.nonfinite != "ignore" or _host_sync_is_free(all_grads):
-            totals = torch.stack([t.to(totals[0].device) for t in totals]).tolist()  # one sync, free on a CPU
-            if not scaled and self.nonfinite != "ignore" and not all(map(math.isfinite, totals)):
-                self._nonfinite_first_gradient()
-                return
-        moved: list[Tensor] = []
-        offset = 0
-        in_place = zero_grad and self._flat is None  # flat gradients are views: never hold weights in them
-        for (rule, (params, grads, rhos)), total in zip(buckets.items(), totals):
-            bucket_norms = norms[offset : offset + len(params)]
-            offset += len(params)
-            moved.extend(_moved_weights(rule, params, grads, rhos, total, bucket_norms, in_place=in_place))
-        self._perturbed = all_params
-        self._restore_from = [p.data for p in all_params]
-        for param, weights in zip(all_params, moved):
-            param.data = weights
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
-        """Restore ``w`` exactly and take the base optimiser's step with the gradient from ``w + e``.
-
-        With ``grad_scaler`` the step goes through ``grad_scaler.step``, so its skip logic applies (call
-        ``grad_scaler.update()`` afterwards, as usual). Clip gradients before calling this, after
-        ``grad_scaler.unscale_(optimizer)`` when scaling.
-        """
-        self.restore()
-        self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
-        if self._skip_descent:
-            self._skip_descent = False
-            self.zero_grad()
-            return
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            self._base_step_pending = True
-            try:
-                grad_scaler.step(self)
-            finally:
-                self._base_step_pending = False
-        else:
-            if self.nonfinite != "ignore" and not self._second_gradient_finite():
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        "SAM.second_step: the gradient at w + e holds inf or NaN; the weights were restored to "
-                        "w and no step was taken. Lower rho or the learning rate, or build SAM with "
-                        "nonfinite='skip' to skip such steps."
-                    )
-                self.zero_grad()
-                return
-            self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
+        if not self.ascent_due or self.descent.needs_first_gradient:
+            return True
+        rules = {self._rule_for(g) for g in self.param_groups if g["perturb"] and g["rho"] != 0}
+        return any(getattr(rule, "needs_gradient", True) for rule in rules)
 
     @property
     def step_skipped(self) -> bool:
         """True between a ``first_step`` that met a non-finite gradient (``nonfinite="skip"``) and ``second_step``."""
         return self._skip_descent
+
+    @property
+    def flat_layout(self) -> FlatLayout | None:
+        """The buffers parameters and gradients are views of (``flatten=True``), else None."""
+        return self._flat
+
+    def watch_running_stats(self, model: nn.Module) -> None:
+        """Keep ``model``'s BatchNorm statistics from the first pass (what ``model=`` does at construction)."""
+        self._running_stats.watch(model)
+
+    # ------------------------------------------------------------------ the two passes
+
+    @torch.no_grad()
+    def first_step(
+        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None, *, first_pass: bool = True
+    ) -> bool:
+        """Move from ``w`` to ``w + e``, using the gradients now in ``.grad`` (the gradient at ``w``).
+
+        ``zero_grad=True`` clears the gradients for the second pass (and lets ``e`` reuse their memory).
+        With ``grad_scaler`` the gradients are unscaled first and an inf/NaN step is left unperturbed; the
+        scaler then skips that step in :meth:`second_step`. When the cadence skips the ascent this step, the
+        weights stay at ``w``. ``first_pass=False`` says no forward-backward at ``w`` preceded the call (see
+        :attr:`needs_first_pass`): BatchNorm then keeps the statistics of the only pass, at ``w + e``.
+        Returns whether the weights were moved.
+        """
+        if self.is_perturbed:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are still perturbed. "
+                "Call second_step() (or restore()) after the second backward pass."
+            )
+        self._skip_descent = False
+        self._first_grads = None
+        if grad_scaler is not None and amp.already_unscaled(grad_scaler, self):
+            raise RuntimeError(
+                "grad_scaler.unscale_(optimizer) was called before first_step: SAM unscales the first gradient "
+                "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
+            )
+        due = self.ascent_due
+        if due:
+            self._keep_first_gradient(zero_grad)
+            plan = self._flat_plan(grad_scaler)
+            if plan is not None:
+                self._perturb_flat(*plan)
+            else:
+                self._perturb(zero_grad, grad_scaler)
+        self._ascended = self.is_perturbed
+        if due and not self._skip_descent and first_pass:
+            self._running_stats.freeze()  # the unperturbed first pass set the statistics; the second keeps them
+        if zero_grad:
+            self.zero_grad()
+        return self._ascended
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore ``w`` exactly and take the base optimiser's step along the descent rule's direction.
+
+        With ``grad_scaler`` the step goes through ``grad_scaler.step``, so its skip logic applies (call
+        ``grad_scaler.update()`` afterwards, as usual). Clip gradients before calling this (after
+        :meth:`apply_descent_rule` if the descent rule is not SAM's, and after ``grad_scaler.unscale_(optimizer)``
+        when scaling). Called without ``first_step`` (or after one the cadence declined), it is a step without
+        ascent along the gradient in ``.grad``.
+        """
+        self.restore()
+        self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
+        try:
+            if self._skip_descent:
+                self.zero_grad()
+            elif amp.is_active(grad_scaler):
+                self.apply_descent_rule(grad_scaler)
+                amp.step_through(grad_scaler, self)
+            else:
+                self.apply_descent_rule()
+                grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+                if self._descent_gradient_ok(grads):
+                    self.base_optimizer.step()
+                else:
+                    zero_grad = True
+            if zero_grad:
+                self.zero_grad()
+            self.steps += 1
+        finally:
+            self._skip_descent = False
+            self._ascended = False
+            self._first_grads = None
+            self._direction_ready = False
+
+    def apply_descent_rule(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Turn ``.grad`` into the descent direction (once per step; ``second_step`` calls it if you did not).
+
+        Call it yourself only to clip the final direction rather than ``g(w + e)``. With a GradScaler the
+        gradients are unscaled first (through ``grad_scaler.unscale_``), since the rule may mix them with
+        ``g(w)``, which is unscaled.
+        """
+        if self._direction_ready or self.descent.is_identity:
+            return
+        self.restore()
+        if amp.is_active(grad_scaler) and not amp.already_unscaled(grad_scaler, self):
+            grad_scaler.unscale_(self)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        first = None
+        if self._first_grads is not None:
+            by_param = dict(zip(map(id, self._first_grads[0]), self._first_grads[1]))
+            first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
+        states = [self.state[p] for p in params]
+        self.descent.direction_(params, [p.grad for p in params], first, states, self._ascended)
+        self._direction_ready = True
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -281,7 +281,7 @@ class SAM(Optimizer):
         if self._flat_perturbed:
             self._flat.weights.copy_(self._flat_saved)
             self._flat_perturbed = False
-        self._thaw_running_stats()
+        self._running_stats.thaw()
 
     def step(  # type: ignore[override]
         self,
@@ -290,39 +290,52 @@ class SAM(Optimizer):
     ) -> Tensor | None:
         """A full SAM step: ``closure`` runs forward and backward and returns the loss.
 
-        SAM clears the gradients before each of its two calls of ``closure`` (at ``w``, then at ``w + e``),
-        so closures written for torch.optim work whether or not they zero the gradients themselves. Returns
-        the loss at ``w``. With ``grad_scaler``, the closure must backpropagate ``grad_scaler.scale(loss)``.
+        SAM clears the gradients before each call of ``closure`` (at ``w``, then at ``w + e``), so closures
+        written for torch.optim work whether or not they zero the gradients themselves. Returns the loss at
+        ``w`` (at ``w + e`` when the rules need no gradient at ``w`` and that pass is skipped). With
+        ``grad_scaler``, the closure must backpropagate ``grad_scaler.scale(loss)``.
         """
+        if closure is amp.BASE_STEP:  # GradScaler.step calling back from second_step
+            return self.base_optimizer.step()
         if closure is None:
-            if self._base_step_pending:  # called back by GradScaler.step from second_step
-                return self.base_optimizer.step()
             raise RuntimeError(
                 "SAM.step() needs a closure that runs forward and backward and returns the loss, e.g. "
                 "opt.step(lambda: (loss_fn(model(x), y).backward(), ...)[-1]); or call first_step() after the "
                 "first backward and second_step() after the second."
             )
         self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()
-        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
-        if not self._skip_descent:
-            try:
-                with torch.enable_grad(), self._second_pass_running_stats():
-                    closure()
-            except BaseException:
-                self.restore()
-                raise
+        loss = None
+        first_pass = self.needs_first_pass
+        if first_pass:
+            with torch.enable_grad():
+                loss = closure()
+        if self.ascent_due:
+            self.first_step(zero_grad=True, grad_scaler=grad_scaler, first_pass=first_pass)
+            if not self._skip_descent:
+                try:
+                    with torch.enable_grad(), self._second_pass_running_stats(first_pass):
+                        second = closure()
+                except BaseException:
+                    self.restore()
+                    raise
+                loss = second if loss is None else loss
         self.second_step(grad_scaler=grad_scaler)
         return loss
 
     # ------------------------------------------------------------------ checkpoints and groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimiser's state dict, plus the step counter the cadence reads."""
+        state = self.base_optimizer.state_dict()
+        state[_STEP_KEY] = self.steps
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the base optimiser's state and the per-group SAM options; stays shared with the base."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        self.steps = int(state_dict.get(_STEP_KEY, 0))
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -341,14 +354,14 @@ class SAM(Optimizer):
             return
         if self._flat is not None:
             raise ValueError("add_param_group is not supported with flatten=True; build SAM with all groups.")
-        for key in ("rho", "p", "adaptive", "adaptive_eta", "normalize", "perturb"):
+        for key in _GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         _check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ internals: the ascent
 
-    def _rule_for(self, group: dict[str, Any]) -> PerturbationRule:
+    def _rule_for(self, group: dict[str, Any]) -> AscentRule:
         if self.perturbation is not None:
             return self.perturbation
         key = tuple(group[k] for k in _RULE_KEYS)
@@ -360,66 +373,120 @@ class SAM(Optimizer):
             self._rules[key] = rule
         return rule
 
-    def _buckets(self) -> dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]]:
-        """Params and grads to perturb, grouped by rule; ``rhos`` holds (count, rho) per param group."""
-        buckets: dict[PerturbationRule, tuple[list[Tensor], list[Tensor], list[tuple[int, float]]]] = {}
+    def _buckets(self) -> list[F.Bucket]:
+        """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule.
+
+        Rules that scale with rho share one normalisation across groups; others get one bucket per rho.
+        """
+        buckets: dict[Any, F.Bucket] = {}
         for group in self.param_groups:
             rho = group["rho"]
             if not group["perturb"] or rho == 0:
                 continue
             if rho < 0:
                 raise ValueError(f"rho must be >= 0; a param group has rho={rho}. Fix the group or scheduler.")
-            params = [p for p in group["params"] if p.grad is not None]
+            rule = self._rule_for(group)
+            if getattr(rule, "needs_gradient", True):
+                params = [p for p in group["params"] if p.grad is not None]
+                if any(p.grad.is_sparse for p in params):
+                    raise RuntimeError("SAM does not support sparse gradients; use dense embeddings.")
+                grads = [p.grad for p in params]
+            else:
+                params = [p for p in group["params"] if p.requires_grad]
+                grads = [torch.zeros_like(p) for p in params]
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("SAM does not support sparse gradients; use dense embeddings.")
-            entry = buckets.setdefault(self._rule_for(group), ([], [], []))
-            entry[0].extend(params)
-            entry[1].extend(p.grad for p in params)
-            entry[2].append((len(params), rho))
-        return buckets
+            key = rule if getattr(rule, "scales_with_rho", True) else (rule, rho)
+            buckets.setdefault(key, F.Bucket(rule)).add(params, grads, rho)
+        return list(buckets.values())
 
-    def _unscale_first_gradient(self, grad_scaler: torch.amp.GradScaler, grads: list[Tensor]) -> bool:
-        """Unscale in place and report whether the first gradient is finite (one sync, as GradScaler does)."""
-        scale = grad_scaler._get_scale_async()
-        if scale is None:  # scaler not yet used: its first scale() call creates it
-            return True
-        found_inf = torch.zeros(1, device=scale.device)
-        inv_scale = scale.double().reciprocal().float()
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for device, device_grads in by_device.items():
-            device_inf = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(device_grads, device_inf, inv_scale.to(device))
-            found_inf += device_inf.to(found_inf.device)
-        return not bool(found_inf.item())
+    def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
+        """Swap each parameter's tensor for ``w + e``, keeping ``w`` itself; no change if the gradient is not finite.
 
-    def _second_gradient_finite(self) -> bool:
-        if self._flat is not None and self._flat.gradients_are_views():
-            return bool(torch.isfinite(flat_norm(self._flat.grads)).item())
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return not grads or _finite(tensor_norms(grads))
-
-    def _freeze_running_stats(self) -> None:
-        if self._frozen_flags is not None:  # already frozen (first_step again without second_step)
+        Restoring is then a pointer swap: exact, and free. A GradScaler that finds inf/NaN leaves the weights
+        at ``w`` and skips the step itself.
+        """
+        buckets = self._buckets()
+        grads = [g for b in buckets for g, p in zip(b.grads, b.params) if p.grad is g]  # real gradients only
+        if not buckets:
             return
-        self._frozen_flags = [layer.track_running_stats for layer in self._norm_layers]
-        for layer in self._norm_layers:
-            layer.track_running_stats = False
+        scaled = amp.is_active(grad_scaler)
+        if scaled and grads and not amp.unscale_first_gradient(grad_scaler, grads):
+            return  # inf/NaN: no perturbation; the scaler skips this step in second_step
+        norms = tensor_norms([g for b in buckets for g in b.grads])
+        totals: list[Tensor] | list[float] = F.bucket_norms(buckets, norms)
+        if self.guard.checks or _host_sync_is_free(norms):
+            totals = torch.stack([t.to(totals[0].device) for t in totals]).tolist()  # one sync, free on a CPU
+            if grads and not scaled and not self.guard.first_gradient_ok(totals):
+                self._skip_descent = True
+                return
+        # a general rule may write e into the gradients if they are released afterwards and not needed again
+        in_place = zero_grad and self._flat is None and self._first_grads is None
+        moved: list[Tensor] = []
+        offset = 0
+        for bucket, total in zip(buckets, totals):
+            bucket_norms = norms[offset : offset + len(bucket.params)]
+            offset += len(bucket.params)
+            moved.extend(F.perturbed_weights(bucket, total, bucket_norms, in_place=in_place))
+        self._perturbed = [p for b in buckets for p in b.params]
+        self._restore_from = [p.data for p in self._perturbed]
+        for param, weights in zip(self._perturbed, moved):
+            param.data = weights
 
-    def _thaw_running_stats(self) -> None:
-        if self._frozen_flags is not None:
-            for layer, flag in zip(self._norm_layers, self._frozen_flags):
-                layer.track_running_stats = flag
-            self._frozen_flags = None
+    def _flat_plan(self, grad_scaler: torch.amp.GradScaler | None) -> tuple[AscentRule, float] | None:
+        """(rule, rho) when this step can run on the flat buffers, else None."""
+        flat = self._flat
+        if flat is None or amp.is_active(grad_scaler):
+            return None
+        groups = self.param_groups
+        rho = groups[0]["rho"]
+        if not rho > 0 or any(not g["perturb"] or g["rho"] != rho for g in groups):
+            return None
+        rule = self._rule_for(groups[0])
+        if any(self._rule_for(g) is not rule for g in groups[1:]):
+            return None
+        if not getattr(rule, "needs_gradient", True) or _linear_coefficient(rule, rho, 1.0) is None:
+            return None
+        if not flat.weights_in_place() or not flat.adopt_gradients():
+            return None
+        return rule, rho
 
-    def _second_pass_running_stats(self) -> AbstractContextManager[None]:
+    def _perturb_flat(self, rule: AscentRule, rho: float) -> None:
+        flat = self._flat
+        norm = flat_norm(flat.grads)
+        if self.guard.checks or _host_sync_is_free([norm]):
+            norm = norm.item()
+            if not self.guard.first_gradient_ok([norm]):
+                self._skip_descent = True
+                return
+        F.perturb_flat_(flat.weights, flat.grads, self._flat_saved, _linear_coefficient(rule, rho, norm))
+        self._flat_perturbed = True
+
+    def _keep_first_gradient(self, zero_grad: bool) -> None:
+        """Hold ``g(w)`` for a descent rule that asks for it: the tensors themselves when they are released."""
+        if not self.descent.needs_first_gradient:
+            return
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        own = zero_grad and self._flat is None
+        self._first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
+
+    # ------------------------------------------------------------------ internals: the descent
+
+    def _descent_gradient_ok(self, grads: list[Tensor]) -> bool:
+        if self._flat is not None and self._flat.gradients_are_views():
+            return self.guard.descent_gradient_ok([self._flat.grads])
+        return self.guard.descent_gradient_ok(grads)
+
+    def _second_pass_running_stats(self, first_pass: bool) -> AbstractContextManager[None]:
         """Closure pattern: freeze via the model if known (already done by first_step), else globally."""
-        if self._norm_layers:
+        if self._running_stats.watching or not first_pass:
             return nullcontext()
         return running_stats.freeze_everywhere()
+
+
+def _linear_coefficient(rule: Any, rho: float, norm: Tensor | float) -> Tensor | float | None:
+    method = getattr(rule, "linear_coefficient", None)
+    return method(rho, norm) if method is not None else None
 
 
 def _build_base(
@@ -475,70 +542,6 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError("rho is NaN.")
 
 
-def _already_unscaled(grad_scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
-    """Whether the scaler has unscaled this optimiser's gradients in the current iteration."""
-    states = getattr(grad_scaler, "_per_optimizer_states", {})
-    stage = states.get(id(optimizer), {}).get("stage") if isinstance(states, dict) else None
-    return getattr(stage, "name", None) == "UNSCALED"
-
-
 def _host_sync_is_free(tensors: list[Tensor]) -> bool:
     """On a CPU reading a value back costs nothing, so the fused float-scaled path is always taken there."""
     return all(t.device.type == "cpu" for t in tensors)
-
-
-def _finite(norms: list[Tensor]) -> bool:
-    return bool(torch.isfinite(global_norm(norms)).item()) if norms else True
-
-
-def _apply_rule(
-    rule: PerturbationRule,
-    params: list[Tensor],
-    grads: list[Tensor],
-    rhos: list[tuple[int, float]],
-    norms: list[Tensor] | None,
-) -> None:
-    """Run ``rule`` over a bucket, with one rho per param group inside it."""
-    distinct = {rho for _, rho in rhos}
-    if len(distinct) == 1:
-        rule.perturb_(params, grads, distinct.pop(), norms)
-        return
-    rule.perturb_(params, grads, 1.0, norms)
-    start = 0
-    for count, rho in rhos:
-        torch._foreach_mul_(grads[start : start + count], rho)
-        start += count
-
-
-def _moved_weights(
-    rule: PerturbationRule,
-    params: list[Tensor],
-    grads: list[Tensor],
-    rhos: list[tuple[int, float]],
-    total_norm: Tensor | float,
-    norms: list[Tensor],
-    in_place: bool,
-) -> list[Tensor]:
-    """New tensors holding ``w + e`` for one bucket; ``params`` are left untouched.
-
-    ``in_place`` allows a general rule to write into the gradients (they are cleared afterwards anyway).
-    """
-    coefficient = getattr(rule, "linear_coefficient", None)
-    coefficients = [coefficient(rho, total_norm) for _, rho in rhos] if coefficient is not None else [None]
-    if any(c is None for c in coefficients):
-        work = grads if in_place else [g.clone() for g in grads]
-        _apply_rule(rule, params, work, rhos, norms)
-        torch._foreach_add_(work, params)
-        return work
-    moved: list[Tensor] = []
-    start = 0
-    for (count, _), c in zip(rhos, coefficients):
-        group_params, group_grads = params[start : start + count], grads[start : start + count]
-        start += count
-        if isinstance(c, Tensor):  # no host sync: two passes
-            shifted = torch._foreach_mul(group_grads, c)
-            torch._foreach_add_(shifted, group_params)
-            moved.extend(shifted)
-        else:
-            moved.extend(torch._foreach_add(group_params, group_grads, alpha=c))
-    return moved

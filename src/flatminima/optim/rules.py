@@ -1,0 +1,156 @@
+"""The three seams every sharpness-aware algorithm plugs into: ascent, descent and cadence.
+
+A SAM-family step is: (maybe) a gradient ``g(w)`` at ``w``, a move to ``w + e``, a gradient ``g(w + e)`` there,
+``w`` restored, and a base-optimiser step along some direction. The algorithms differ only in three choices,
+each a small object that :class:`~flatminima.optim.sam.SAM` consults and never looks inside:
+
+- an **ascent rule** (:class:`AscentRule`): the perturbation ``e`` from ``w`` and, if it wants one, ``g(w)``;
+  the dual-norm rules of the SAM paper, ASAM and USAM live in :mod:`flatminima.optim.perturb`;
+- a **descent rule** (:class:`DescentRule`): the update direction from ``g(w + e)`` and, when it asks, ``g(w)``;
+  SAM's own is :class:`PerturbedGradient`, "use g(w + e) as it is";
+- a **cadence** (:class:`Cadence`): does this step take the ascent at all? SAM's own is :class:`EveryStep`.
+
+SAM is ``(DualNorm(2), PerturbedGradient(), EveryStep())``. This mirrors ``optax.contrib.sam``, which builds SAM
+from an ascent transformation passed in, and keeps the maths out of the optimiser class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = [
+    "AscentRule",
+    "Cadence",
+    "DescentRule",
+    "EveryKSteps",
+    "EveryStep",
+    "PerturbationRule",
+    "PerturbedGradient",
+]
+
+
+@runtime_checkable
+class PerturbationRule(Protocol):
+    """What SAM needs of an ascent rule: write ``e`` into the buffers it is given.
+
+    The structural interface; :class:`AscentRule` implements it with the optional declarations defaulted.
+    """
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None: ...
+
+
+class AscentRule:
+    """Base class of ascent rules: maps ``(w, g(w))`` to the perturbation ``e`` at radius ``rho``.
+
+    Subclasses implement :meth:`perturb_`; the class attributes and :meth:`linear_coefficient` declare what the
+    optimiser may rely on, with safe defaults:
+
+    - ``needs_gradient``: ``False`` for rules that draw ``e`` from ``w`` alone (a random direction). Then the
+      buffers handed to ``perturb_`` hold zeros, not a gradient, and a step skips the first forward-backward
+      unless the descent rule wants ``g(w)``.
+    - ``scales_with_rho``: ``e(rho) = rho * e(1)``. Lets groups with different ``rho`` share one normalisation
+      (one global norm, as in the paper); a rule that says ``False`` gets one call per distinct ``rho``.
+    - :meth:`linear_coefficient`: for rules where ``e = c * g`` with a scalar ``c``, that ``c``; the optimiser
+      then forms ``w + e`` in one fused operation (and on a flat buffer) without writing ``e`` anywhere.
+    """
+
+    needs_gradient: bool = True
+    scales_with_rho: bool = True
+
+    def perturb_(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+    ) -> None:
+        """Overwrite ``grads`` with ``e`` at radius ``rho``.
+
+        ``grads`` holds ``g(w)`` (or zeros when ``needs_gradient`` is False) and may be overwritten freely: the
+        optimiser hands over tensors it owns. ``grad_norms``, when given, holds the L2 norm of each gradient
+        tensor (computed once for the finiteness check); a rule that needs them reuses them.
+        """
+        raise NotImplementedError
+
+    def linear_coefficient(self, rho: float, grad_norm: Tensor | float) -> Tensor | float | None:
+        """``c`` with ``e = c g`` given the global L2 norm of ``g``, or ``None`` if ``e`` is not a multiple of ``g``."""
+        return None
+
+
+class DescentRule:
+    """Base class of descent rules: the update direction handed to the base optimiser.
+
+    ``needs_first_gradient``: keep ``g(w)`` aside during the step and pass it to :meth:`direction_`. SAM then
+    holds one extra copy of the gradients (or, when the first gradients are released with ``zero_grad``, just
+    the tensors themselves).
+    """
+
+    needs_first_gradient: bool = False
+
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        first_grads: list[Tensor] | None,
+        states: list[dict[str, Any]],
+        ascended: bool,
+    ) -> None:
+        """Overwrite ``grads`` (each parameter's ``.grad``) with the update direction.
+
+        ``grads`` holds the gradient of the last pass: ``g(w + e)`` when ``ascended``, else ``g(w)`` (the
+        cadence skipped the ascent). ``first_grads`` is ``g(w)`` when asked for and the step ascended.
+        ``states`` are the parameters' optimiser-state dicts, so whatever the rule keeps there is checkpointed
+        with the base optimiser's state.
+        """
+
+    @property
+    def is_identity(self) -> bool:
+        """True if :meth:`direction_` never changes anything (SAM's rule): the optimiser then skips the call."""
+        return False
+
+
+class PerturbedGradient(DescentRule):
+    """SAM's descent: step along ``g(w + e)`` as it is (Foret et al. 2021, eq. 3, Hessian term dropped)."""
+
+    @property
+    def is_identity(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "PerturbedGradient()"
+
+
+class Cadence:
+    """Whether step number ``step`` (0-based count of completed steps) takes the ascent at all.
+
+    A step without the ascent is one forward-backward and a base step along ``g(w)`` (as the descent rule
+    shapes it): what LookSAM and periodic SAM do on most steps.
+    """
+
+    def takes_ascent(self, step: int) -> bool:
+        raise NotImplementedError
+
+
+class EveryStep(Cadence):
+    """SAM's cadence: every step ascends."""
+
+    def takes_ascent(self, step: int) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "EveryStep()"
+
+
+class EveryKSteps(Cadence):
+    """Ascend on steps ``0, k, 2k, ...`` only (periodic SAM; LookSAM's schedule)."""
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"EveryKSteps needs an integer k >= 1 (1 ascends every step); got k={k!r}.")
+        self.k = k
+
+    def takes_ascent(self, step: int) -> bool:
+        return step % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"EveryKSteps({self.k})"

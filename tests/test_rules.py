@@ -1,0 +1,272 @@
+"""The seams: ascent rules, descent rules and cadences plug into SAM and the batch-aware step unchanged.
+
+Each rule here is written in the test (or is a library rule added without touching ``sam.py`` / ``step.py``),
+and the result is checked against a float64 reference written out by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.functional import cross_entropy
+
+import flatminima
+from flatminima.optim import AscentRule, DescentRule, EveryKSteps, RandomDirection
+from tests.conftest import make_batch, make_mlp, per_example_ce
+
+LR = 0.5
+
+
+class Counting:
+    """A per-example loss that counts its calls (one per forward pass of the step)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        self.calls += 1
+        return per_example_ce(outputs, targets)
+
+
+def _gradient(model: nn.Module, weights: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    params = {k: v.detach().clone().requires_grad_() for k, v in weights.items()}
+    loss = cross_entropy(functional_call(model, params, (x,)), y)
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def _weights(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _random_e(weights: dict[str, Tensor], rho: float, seed: int) -> dict[str, Tensor]:
+    """The random-direction rule's e, written out: rho z / ||z||, z ~ N(0, I) drawn tensor by tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    z = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}
+    norm = torch.sqrt(sum((t**2).sum() for t in z.values()))
+    return {k: rho * t / norm for k, t in z.items()}
+
+
+# ---------------------------------------------------------------------------------------------- ascent
+
+
+@pytest.mark.parametrize("pattern", ["closure", "step"])
+def test_gradient_free_ascent_takes_one_pass_and_moves_by_e_exactly(pattern: str) -> None:
+    """A random-direction ascent needs no g(w): one forward-backward per step, at exactly w + e."""
+    model = make_mlp(seed=1, dtype=torch.float64)
+    x, y = make_batch(dtype=torch.float64)
+    rule = RandomDirection(torch.Generator().manual_seed(7))
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=LR, perturbation=rule)
+    assert not opt.needs_first_pass
+    w = _weights(model)
+    e = _random_e(w, 0.3, seed=7)
+    seen: dict[str, Tensor] = {}
+    loss_fn = Counting()
+    if pattern == "closure":
+
+        def closure() -> Tensor:
+            seen.update(_weights(model))
+            loss = loss_fn(model(x), y).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        flatminima.SharpnessAwareStep(model, loss_fn, opt)(x, y)
+    assert loss_fn.calls == 1  # one forward-backward: the step costs an SGD step plus one pass
+    if pattern == "closure":
+        for k in w:  # the only pass ran at w + e, exactly as the rule drew it
+            torch.testing.assert_close(seen[k], w[k] + e[k], rtol=0, atol=1e-15)
+    g = _gradient(model, {k: w[k] + e[k] for k in w}, x, y)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), w[k] - LR * g[k], rtol=1e-12, atol=1e-14)
+
+
+def test_gradient_free_ascent_lets_batchnorm_learn_from_its_only_pass() -> None:
+    model = make_mlp(seed=2, batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, perturbation=RandomDirection())
+    x, y = make_batch()
+    flatminima.SharpnessAwareStep(model, per_example_ce, opt)(x, y)
+    assert model[1].num_batches_tracked.item() == 1
+    assert model[1].track_running_stats
+
+
+class ScaledSign(AscentRule):
+    """rho * sign(g), but declared *not* to scale with rho: SAM must call it once per distinct rho."""
+
+    scales_with_rho = False
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def perturb_(self, params, grads, rho, grad_norms=None) -> None:
+        self.calls.append(rho)
+        torch._foreach_sign_(grads)
+        torch._foreach_mul_(grads, rho)
+
+
+def test_rule_not_scaling_with_rho_gets_one_call_per_rho() -> None:
+    model = make_mlp(seed=3, dtype=torch.float64)
+    rule = ScaledSign()
+    groups = [{"params": [model[0].weight], "rho": 0.1}, {"params": [model[2].weight], "rho": 0.3}]
+    opt = flatminima.SAM(groups, torch.optim.SGD, lr=0.0, perturbation=rule)
+    x, y = make_batch(dtype=torch.float64)
+    g = _gradient(model, _weights(model), x, y)
+    before = {k: v.clone() for k, v in _weights(model).items()}
+    cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert sorted(rule.calls) == [0.1, 0.3]
+    torch.testing.assert_close(model[0].weight, before["0.weight"] + 0.1 * g["0.weight"].sign())
+    torch.testing.assert_close(model[2].weight, before["2.weight"] + 0.3 * g["2.weight"].sign())
+    opt.restore()
+
+
+# ---------------------------------------------------------------------------------------------- descent
+
+
+class MixWithFirstGradient(DescentRule):
+    """direction = (1 - a) g(w + e) + a g(w), and a step counter kept in the optimiser state."""
+
+    needs_first_gradient = True
+
+    def __init__(self, a: float) -> None:
+        self.a = a
+        self.seen: list[bool] = []
+
+    def direction_(self, params, grads, first_grads, states: list[dict[str, Any]], ascended: bool) -> None:
+        self.seen.append(ascended)
+        for state in states:
+            state["mix_calls"] = state.get("mix_calls", 0) + 1
+        if ascended:
+            torch._foreach_mul_(grads, 1 - self.a)
+            torch._foreach_add_(grads, first_grads, alpha=self.a)
+
+
+def _mix_reference(model: nn.Module, batches, a: float, rho: float) -> dict[str, Tensor]:
+    w = _weights(model)
+    for x, y in batches:
+        g = _gradient(model, w, x, y)
+        norm = torch.sqrt(sum((t**2).sum() for t in g.values()))
+        g_e = _gradient(model, {k: w[k] + rho * g[k] / norm for k in w}, x, y)
+        w = {k: w[k] - LR * ((1 - a) * g_e[k] + a * g[k]) for k in w}
+    return w
+
+
+@pytest.mark.parametrize("pattern", ["two-step", "closure", "step", "step-scaler"])
+def test_descent_rule_gets_the_first_gradient(pattern: str) -> None:
+    model = make_mlp(seed=4, dtype=torch.float64)
+    batches = [make_batch(i, dtype=torch.float64) for i in range(3)]
+    expected = _mix_reference(copy.deepcopy(model), batches, a=0.3, rho=0.2)
+    rule = MixWithFirstGradient(0.3)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=LR, descent=rule)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if pattern == "step-scaler" else None
+    step = flatminima.SharpnessAwareStep(model, per_example_ce, opt, grad_scaler=scaler)
+    for x, y in batches:
+        if pattern == "two-step":
+            cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        elif pattern == "closure":
+            opt.step(lambda x=x, y=y: cross_entropy(model(x), y).backward())
+        else:
+            step(x, y)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-12, atol=1e-14)
+    assert rule.seen == [True, True, True]
+    assert all(opt.state[p]["mix_calls"] == 3 for p in model.parameters())  # rule state lives in opt.state
+
+
+def test_descent_rule_state_is_checkpointed() -> None:
+    model = make_mlp(seed=5)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, descent=MixWithFirstGradient(0.5))
+    x, y = make_batch()
+    opt.step(lambda: cross_entropy(model(x), y).backward())
+    state = opt.state_dict()
+    assert state["sam_steps"] == 1
+    assert all(s["mix_calls"] == 1 for s in state["state"].values())
+
+
+def test_msam_refuses_a_descent_rule_that_needs_g_w() -> None:
+    model = make_mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, descent=MixWithFirstGradient(0.5))
+    with pytest.raises(ValueError, match="group_size"):
+        flatminima.SharpnessAwareStep(model, per_example_ce, opt, group_size=4)
+
+
+# ---------------------------------------------------------------------------------------------- cadence
+
+
+@pytest.mark.parametrize("pattern", ["closure", "step"])
+def test_cadence_skips_the_ascent_on_off_steps(pattern: str) -> None:
+    """EveryKSteps(2): steps 0, 2 are SAM steps (2 passes), steps 1, 3 plain SGD steps (1 pass), bit for bit."""
+    sam_model, ref_model = make_mlp(seed=6), make_mlp(seed=6)
+    opt = flatminima.SAM(sam_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, cadence=EveryKSteps(2))
+    ref = flatminima.SAM(ref_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    loss_fn = Counting()
+    step = flatminima.SharpnessAwareStep(sam_model, loss_fn, opt)
+    counts = []
+    for i in range(4):
+        x, y = make_batch(i)
+        assert opt.ascent_due == (i % 2 == 0)
+        before = loss_fn.calls
+        if pattern == "closure":
+            opt.step(lambda x=x, y=y: loss_fn(sam_model(x), y).mean().backward())
+        else:
+            step(x, y)
+        counts.append(loss_fn.calls - before)
+        if i % 2 == 0:
+            ref.step(lambda x=x, y=y: cross_entropy(ref_model(x), y).backward())
+        else:
+            ref_sgd.zero_grad()
+            cross_entropy(ref_model(x), y).backward()
+            ref_sgd.step()
+        for p, q in zip(sam_model.parameters(), ref_model.parameters()):
+            assert torch.equal(p, q)
+    assert counts == [2, 1, 2, 1]
+    assert opt.steps == 4
+
+
+def test_cadence_resumes_where_it_left_off() -> None:
+    model = make_mlp(seed=7)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, cadence=EveryKSteps(3))
+    x, y = make_batch()
+    for _ in range(4):
+        opt.step(lambda: cross_entropy(model(x), y).backward())
+    resumed = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, cadence=EveryKSteps(3))
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.steps == 4 and resumed.ascent_due == opt.ascent_due is False
+
+
+def test_two_step_pattern_when_the_cadence_declines_is_a_plain_step() -> None:
+    a, b = make_mlp(seed=8), make_mlp(seed=8)
+    opt = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, cadence=EveryKSteps(2))
+    opt.steps = 1  # an off step
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1)
+    x, y = make_batch()
+    cross_entropy(a(x), y).backward()
+    assert opt.first_step(zero_grad=True) is False and not opt.is_perturbed
+    cross_entropy(a(x), y).backward()
+    opt.second_step(zero_grad=True)
+    cross_entropy(b(x), y).backward()
+    sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize(("k", "error"), [(0, ValueError), (1.5, ValueError), (True, ValueError)])
+def test_cadence_rejects_nonsense(k, error) -> None:
+    with pytest.raises(error, match="k >= 1"):
+        EveryKSteps(k)
+
+
+def test_seams_reject_objects_that_are_not_rules() -> None:
+    model = make_mlp()
+    with pytest.raises(TypeError, match="descent"):
+        flatminima.SAM(model.parameters(), torch.optim.SGD, lr=0.1, descent=object())
+    with pytest.raises(TypeError, match="cadence"):
+        flatminima.SAM(model.parameters(), torch.optim.SGD, lr=0.1, cadence=3)
