@@ -361,6 +361,19 @@ def sam_training_step(model: nn.Module, opt: Any, x: Tensor, y: Tensor) -> Calla
 
 
 CONTROL = "control: 2 x (zero_grad + forward + backward) + SGD step"
+RANDOM_ASCENT = "flatminima.SAM, RandomDirection ascent (needs no g(w): one pass), step(closure)"
+
+
+def random_ascent_step(x: Tensor, y: Tensor, device: torch.device) -> Callable[[], None]:
+    """A rule added on the seams: e drawn at random, so SAM skips the first forward-backward."""
+    model = seeded(resnet20, device)
+    rule = flatminima.RandomDirection(torch.Generator(device).manual_seed(0))
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation=rule, model=model, **BASE)
+
+    def step() -> None:
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+
+    return step
 
 
 def sgd_case(x: Tensor, y: Tensor, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -404,6 +417,7 @@ def section_a(plan: Plan, device: torch.device, report: Report) -> None:
     for label, make in makers:
         model = seeded(resnet20, device)
         cases[label] = timed(sam_training_step(model, make(model), x, y), device)
+    cases[RANDOM_ASCENT] = timed(random_ascent_step(x, y, device), device)
     warmup, blocks, per_block = plan.a
     samples = {name: totals(s) for name, s in interleaved(cases, warmup, blocks, per_block).items()}
     sgd_med, sgd_min = med(samples["SGD"]), min(samples["SGD"])

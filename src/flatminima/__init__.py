@@ -1,8 +1,37 @@
 """flatminima: sharpness-aware training (SAM and its variants) and sharpness measurement for PyTorch."""
 
-from flatminima.optim import SAM, Adaptive, DualNorm, PerturbationRule, Unnormalized
-from flatminima.step import SharpnessAwareStep
+from flatminima.optim import (
+    SAM,
+    Adaptive,
+    AscentRule,
+    Cadence,
+    DescentRule,
+    DualNorm,
+    EveryKSteps,
+    EveryStep,
+    PerturbationRule,
+    PerturbedGradient,
+    RandomDirection,
+    Unnormalized,
+)
+from flatminima.step import PlainStep, SharpnessAwareStep
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "Adaptive", "DualNorm", "PerturbationRule", "SharpnessAwareStep", "Unnormalized", "__version__"]
+__all__ = [
+    "SAM",
+    "Adaptive",
+    "AscentRule",
+    "Cadence",
+    "DescentRule",
+    "DualNorm",
+    "EveryKSteps",
+    "EveryStep",
+    "PerturbationRule",
+    "PerturbedGradient",
+    "PlainStep",
+    "RandomDirection",
+    "SharpnessAwareStep",
+    "Unnormalized",
+    "__version__",
+]

@@ -1,19 +1,38 @@
-"""Sharpness measurement: Hessian eigenvalues, trace and spectral density of the training loss."""
+"""Sharpness measurement: Hessian eigenvalues, trace and spectral density of the training loss, m-sharpness and
+loss landscapes.
 
-# ---- Hessian measures (hvp, lanczos, power, trace, density, results) ----
+The layout, one concept per module:
+
+* ``operator``: the :class:`LinearOperator` protocol (dim, dtype, device, matvec, matmat) every estimator takes,
+  with adapters for a dense tensor and a bare matvec function;
+* ``hvp``: :class:`HessianOperator`, the Hessian of the full-data loss as such an operator;
+* ``lanczos``, ``power``, ``trace``, ``density``: the estimators, typed to the protocol (``*_op``), each with a
+  ``(model, loss_fn, data)`` front end;
+* ``data``: batches, size weighting, casting, tuple inputs and model modes, shared by every measure;
+* ``probes``: the random probe and start vectors; ``results``: result dataclasses and :func:`mean_stderr`;
+* ``msharpness``, ``landscape``: m-sharpness (its ascent from :mod:`flatminima.optim.perturb`) and loss landscapes;
+* ``losses``, ``checks``: batch losses and errors, argument checks; ``report``: everything as one table.
+"""
+
+# ---- Hessian measures (operator, hvp, lanczos, power, trace, density, results) ----
 from flatminima.sharpness.density import spectral_density, spectral_density_op
 from flatminima.sharpness.hvp import HessianOperator
 from flatminima.sharpness.lanczos import LanczosDecomposition, hessian_eigenvalues, lanczos, lanczos_eigs
+from flatminima.sharpness.operator import DenseOperator, LinearOperator, MatvecOperator, as_operator
 from flatminima.sharpness.power import power_iteration, power_iteration_op
-from flatminima.sharpness.results import EigenResult, SpectralDensity, TraceResult
+from flatminima.sharpness.results import EigenResult, SpectralDensity, TraceResult, mean_stderr
 from flatminima.sharpness.trace import hutchinson_trace, hutchinson_trace_op, hutchpp_trace, hutchpp_trace_op
 
 __all__ = [
+    "DenseOperator",
     "EigenResult",
     "HessianOperator",
     "LanczosDecomposition",
+    "LinearOperator",
+    "MatvecOperator",
     "SpectralDensity",
     "TraceResult",
+    "as_operator",
     "hessian_eigenvalues",
     "hutchinson_trace",
     "hutchinson_trace_op",
@@ -21,6 +40,7 @@ __all__ = [
     "hutchpp_trace_op",
     "lanczos",
     "lanczos_eigs",
+    "mean_stderr",
     "power_iteration",
     "power_iteration_op",
     "spectral_density",

@@ -10,63 +10,46 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
+
+from flatminima.sharpness.data import Batches, WeightedBatch, forward, measuring, trainable_parameters
+from flatminima.sharpness.losses import LossFn
 
 __all__ = ["METHODS", "HessianOperator"]
 
 METHODS = ("double_backward", "forward_over_reverse", "auto")
 
-LossFn = Callable[[Any, Any], Tensor]
-
-
-def _is_batch(data: Any) -> bool:
-    """A single ``(inputs, targets)`` batch (a 2-sequence whose inputs are a tensor) rather than batches."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)
-
-
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0]) if inputs.dim() > 0 else 1
-    if isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], Tensor):
-        return int(inputs[0].shape[0])
-    raise TypeError(f"inputs must be a tensor (or a sequence of tensors), got {type(inputs).__name__}")
-
-
-def _cast(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    if isinstance(x, Tensor):
-        x = x.to(device)
-        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_cast(item, device, dtype) for item in x)
-    return x
-
 
 class HessianOperator:
-    """The Hessian of the full-data loss w.r.t. the trainable parameters, as a linear operator on flat vectors.
+    """The Hessian of the full-data loss w.r.t. the trainable parameters, a :class:`~flatminima.sharpness.operator.
+    LinearOperator` on flat vectors.
 
     Args:
         model: any module; its parameters with ``requires_grad`` are the variables (error if there are none).
         loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss of a batch.
-        data: one batch ``(inputs, targets)`` or an iterable of batches (a DataLoader, a list). It is iterated once
-            at construction to count examples and once per product, so it should yield the same data each time
-            (no random augmentation); a one-shot iterator is materialised into a list.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (a DataLoader, a list); inputs may be a
+            tuple of tensors (see :mod:`flatminima.sharpness.data`). It is iterated once at construction to count
+            examples and once per product (or per ``matmat``), so it should yield the same data each time (no random
+            augmentation); a one-shot iterator is materialised into a list.
         dtype: run products in this dtype; ``torch.float64`` uses a float64 *copy* of the model (a snapshot:
             later changes to the model are not seen) and casts floating inputs and targets.
         train_mode: by default the model is put in eval mode during products (and its modes restored afterwards):
             BatchNorm then uses its running statistics, so the loss is a sum over examples whose Hessian does not
             depend on how the data is batched, and Dropout is off, so the operator is deterministic and symmetric.
-            With ``train_mode=True`` batch statistics are used and buffers (running statistics) are restored after
+            With ``train_mode=True`` batch statistics are used; buffers (running statistics) are restored after
             each product so that measuring does not change the model.
         method: ``"double_backward"`` (autograd.grad twice), ``"forward_over_reverse"`` (torch.func jvp of grad),
             or ``"auto"``: time one product of each on the first batch and keep the faster (see ``benchmark``).
         distributed: all-reduce counts, products, gradient and loss across ranks; default: True when
             torch.distributed is initialised with more than one process.
+
+    ``num_hvp`` counts products: one per ``matvec``, ``k`` per ``matmat`` of ``k`` columns.
     """
 
     def __init__(
@@ -84,16 +67,15 @@ class HessianOperator:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("the model has no parameters that require grad: there is no Hessian to measure")
-        if dtype is not None and any(p.dtype != dtype for p in trainable):
+        trainable = trainable_parameters(model)
+        if dtype is not None and any(p.dtype != dtype for p in trainable.values()):
             model = copy.deepcopy(model).to(dtype)
+            trainable = trainable_parameters(model)
         self.model = model
         self.loss_fn = loss_fn
         self.train_mode = train_mode
         self.cast_dtype = dtype
-        self._named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._named = list(trainable.items())
         self._params = [p for _, p in self._named]
         self._numels = [p.numel() for p in self._params]
         self.dim = sum(self._numels)
@@ -105,14 +87,9 @@ class HessianOperator:
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.distributed = bool(distributed)
 
-        if _is_batch(data):
-            data = [tuple(data)]
-        elif isinstance(data, Iterator):
-            data = list(data)
-        elif not isinstance(data, Iterable):
-            raise TypeError(f"data must be an (inputs, targets) batch or an iterable of batches, got {type(data)}")
-        self.data = data
-        self.local_count = sum(_batch_size(batch[0]) for batch in self.data)
+        self.batches = Batches(data)
+        self.data = self.batches.source
+        self.local_count = self.batches.count()
         count = torch.tensor(self.local_count, dtype=torch.int64, device=self.device)
         if self.distributed:
             dist.all_reduce(count)
@@ -125,36 +102,13 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ helpers
 
-    def _batches(self) -> Iterator[tuple[Any, Any, float]]:
+    def _batches(self) -> Iterator[WeightedBatch]:
         """(inputs, targets, weight) on the operator's device and dtype, weight = batch size / global count."""
-        for inputs, targets in self.data:
-            size = _batch_size(inputs)
-            if size == 0:
-                continue
-            yield (
-                _cast(inputs, self.device, self.cast_dtype),
-                _cast(targets, self.device, self.cast_dtype),
-                size / self.total_count,
-            )
+        return self.batches.weighted(self.total_count, self.device, self.cast_dtype)
 
-    def _forward_loss(self, inputs: Any, targets: Any) -> Tensor:
-        outputs = self.model(*inputs) if isinstance(inputs, (tuple, list)) else self.model(inputs)
-        return self.loss_fn(outputs, targets)
-
-    @contextlib.contextmanager
-    def _mode(self) -> Iterator[None]:
-        """Set train/eval mode for a product and restore every module's mode (and, in train mode, the buffers)."""
-        modes = [(module, module.training) for module in self.model.modules()]
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if self.train_mode else []
-        self.model.train(self.train_mode)
-        try:
-            yield
-        finally:
-            for module, training in modes:
-                module.training = training
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
+    def _mode(self) -> contextlib.AbstractContextManager[None]:
+        """Train/eval mode for a product; every module's mode and buffer restored afterwards."""
+        return measuring(self.model, self.train_mode)
 
     def _reduce(self, tensor: Tensor) -> Tensor:
         if self.distributed:
@@ -171,61 +125,70 @@ class HessianOperator:
         """Split a flat vector into tensors shaped like the trainable parameters."""
         return [chunk.view_as(p) for chunk, p in zip(vector.split(self._numels), self._params, strict=True)]
 
-    def _check_vector(self, v: Tensor) -> Tensor:
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a flat vector of shape ({self.dim},), got {tuple(v.shape)}")
-        return v.to(device=self.device, dtype=self.dtype)
-
     # ------------------------------------------------------------------ products
 
-    def _batch_hvp(self, inputs: Any, targets: Any, weight: float, v: Tensor, method: str) -> Tensor:
-        tangents = self.unflatten(v)
+    def _batch_products(self, inputs: Any, targets: Any, weight: float, matrix: Tensor, method: str) -> Tensor:
+        """``weight * H_b V`` for one batch and the ``(dim, k)`` matrix ``V``: the forward pass (and, by double
+        backward, the first backward) is shared by the ``k`` columns."""
+        columns = []
+        rows = matrix.T.contiguous()  # the k vectors, each contiguous
         if method == "double_backward":
-            loss = self._forward_loss(inputs, targets)
+            loss = self.loss_fn(forward(self.model, inputs), targets)
             grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
             zero = torch.zeros((), dtype=self.dtype, device=self.device)
-            dot = sum(((g * t).sum() for g, t in zip(grads, tangents, strict=True) if g is not None), zero)
-            if not dot.requires_grad:  # the gradient does not depend on the parameters: zero curvature
-                return torch.zeros_like(v)
-            hv = torch.autograd.grad(dot, self._params, allow_unused=True)
-            return self.flatten(hv) * weight
+            last = matrix.shape[1] - 1
+            for j, v in enumerate(rows):
+                tangents = self.unflatten(v)
+                dot = sum(((g * t).sum() for g, t in zip(grads, tangents, strict=True) if g is not None), zero)
+                if not dot.requires_grad:  # the gradient does not depend on the parameters: zero curvature
+                    columns.append(torch.zeros_like(v))
+                    continue
+                hv = torch.autograd.grad(dot, self._params, retain_graph=j < last, allow_unused=True)
+                columns.append(self.flatten(hv) * weight)
+            return torch.stack(columns, dim=1)
         names = [name for name, _ in self._named]
         primals = {name: p.detach() for name, p in self._named}
 
         def loss_of(params: dict[str, Tensor]) -> Tensor:
-            outputs = (
-                functional_call(self.model, params, tuple(inputs))
-                if isinstance(inputs, (tuple, list))
-                else functional_call(self.model, params, (inputs,))
-            )
-            return self.loss_fn(outputs, targets)
+            return self.loss_fn(forward(self.model, inputs, params), targets)
 
-        _, hv = jvp(grad(loss_of), (primals,), (dict(zip(names, tangents, strict=True)),))
-        return self.flatten([hv[name] for name in names]) * weight
+        for v in rows:
+            tangents = dict(zip(names, self.unflatten(v), strict=True))
+            _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+            columns.append(self.flatten([hv[name] for name in names]) * weight)
+        return torch.stack(columns, dim=1)
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        """``H V`` for a ``(dim, k)`` matrix: one pass over the data, ``k`` products per batch (counted as ``k``)."""
+        if matrix.dim() != 2 or matrix.shape[0] != self.dim:
+            raise ValueError(f"expected a matrix of shape ({self.dim}, k), got {tuple(matrix.shape)}")
+        matrix = matrix.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(matrix)
+        if matrix.shape[1] == 0:
+            return out
+        with self._mode():
+            for inputs, targets, weight in self._batches():
+                out += self._batch_products(inputs, targets, weight, matrix, self.method).detach()
+        self.num_hvp += int(matrix.shape[1])
+        return self._reduce(out)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` (one pass over the data; counted in ``num_hvp``)."""
-        v = self._check_vector(v)
-        out = torch.zeros_like(v)
-        with self._mode():
-            for inputs, targets, weight in self._batches():
-                out += self._batch_hvp(inputs, targets, weight, v, self.method).detach()
-        self.num_hvp += 1
-        return self._reduce(out)
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a flat vector of shape ({self.dim},), got {tuple(v.shape)}")
+        return self.matmat(v[:, None])[:, 0]
 
     def __matmul__(self, v: Tensor) -> Tensor:
-        """``H @ v`` for a vector, or column by column for a ``(dim, n)`` matrix."""
-        if v.dim() == 2:
-            return torch.stack([self.matvec(column) for column in v.T], dim=1)
-        return self.matvec(v)
+        """``H @ v`` for a vector, or ``H @ V`` for a ``(dim, k)`` matrix (one pass over the data)."""
+        return self.matmat(v) if v.dim() == 2 else self.matvec(v)
 
     def gradient(self) -> Tensor:
         """The flat gradient of the full-data loss."""
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with self._mode():
             for inputs, targets, weight in self._batches():
-                grads = torch.autograd.grad(self._forward_loss(inputs, targets), self._params, allow_unused=True)
-                out += self.flatten(grads) * weight
+                loss = self.loss_fn(forward(self.model, inputs), targets)
+                out += self.flatten(torch.autograd.grad(loss, self._params, allow_unused=True)) * weight
         return self._reduce(out)
 
     def loss(self) -> float:
@@ -233,7 +196,7 @@ class HessianOperator:
         out = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad(), self._mode():
             for inputs, targets, weight in self._batches():
-                out += self._forward_loss(inputs, targets).to(self.dtype) * weight
+                out += self.loss_fn(forward(self.model, inputs), targets).to(self.dtype) * weight
         return float(self._reduce(out))
 
     def _choose_method(self) -> str:
@@ -243,12 +206,12 @@ class HessianOperator:
             self.benchmark = {}
             choice = 0
         else:
-            v = torch.randn(self.dim, dtype=self.dtype, device=self.device)
+            v = torch.randn(self.dim, 1, dtype=self.dtype, device=self.device)
             for method in METHODS[:2]:
                 with self._mode():
-                    self._batch_hvp(*batch, v, method)  # warm-up
+                    self._batch_products(*batch, v, method)  # warm-up
                     start = time.perf_counter()
-                    self._batch_hvp(*batch, v, method)
+                    self._batch_products(*batch, v, method)
                     self.benchmark[method] = time.perf_counter() - start
             choice = int(self.benchmark["forward_over_reverse"] < self.benchmark["double_backward"])
         if self.distributed:  # every rank must use the same method: take rank 0's choice
@@ -267,8 +230,7 @@ class HessianOperator:
 
                 def loss_of(flat: Tensor, inputs: Any = inputs, targets: Any = targets) -> Tensor:
                     params = dict(zip(names, self.unflatten(flat), strict=True))
-                    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-                    return self.loss_fn(functional_call(self.model, params, args), targets)
+                    return self.loss_fn(forward(self.model, inputs, params), targets)
 
                 out += torch.autograd.functional.hessian(loss_of, flat0) * weight
         return self._reduce(out)

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flatminima.sharpness.hvp import HessianOperator, LossFn
+from flatminima.sharpness.hvp import HessianOperator
+from flatminima.sharpness.losses import LossFn
+from flatminima.sharpness.operator import CountingOperator, LinearOperator, OperatorLike, as_operator
+from flatminima.sharpness.probes import random_vectors
 from flatminima.sharpness.results import EigenResult
 
 __all__ = ["LanczosDecomposition", "hessian_eigenvalues", "lanczos", "lanczos_eigs"]
@@ -38,8 +41,14 @@ class LanczosDecomposition:
         return torch.diag(alpha) + torch.diag(off, 1) + torch.diag(off, -1)
 
 
-def _as_matvec(op: HessianOperator | Matvec) -> Matvec:
-    return op.matvec if isinstance(op, HessianOperator) else op
+def _as_matvec(op_or_matvec: OperatorLike | Matvec, dim: int) -> Matvec:
+    """The product of an operator (a tensor included), or the function itself."""
+    if not isinstance(op_or_matvec, (Tensor, LinearOperator)) and callable(op_or_matvec):
+        return op_or_matvec
+    op = as_operator(op_or_matvec)
+    if op.dim != dim:
+        raise ValueError(f"dim={dim} but the operator has dimension {op.dim}")
+    return op.matvec
 
 
 class _Lanczos:
@@ -97,7 +106,7 @@ class _Lanczos:
         self.scale = max(self.scale, abs(a), b)
         self.alpha.append(a)
         if j + 1 < self.dim and b <= self.breakdown * max(self.scale, torch.finfo(w.dtype).tiny):
-            r = torch.randn(self.dim, generator=self.generator, dtype=torch.float64).to(w)
+            r = random_vectors(1, self.dim, self.generator, "gaussian", w.dtype, w.device)[0]
             r = self._orthogonalize(r, self._basis[: j + 1])
             self.beta.append(0.0)
             self.next_q = r / torch.linalg.vector_norm(r)
@@ -114,17 +123,21 @@ class _Lanczos:
 
 
 def lanczos(
-    op_or_matvec: HessianOperator | Matvec,
+    op_or_matvec: OperatorLike | Matvec,
     dim: int,
     num_steps: int,
     v0: Tensor,
     reorthogonalize: bool = True,
     seed: int = 0,
 ) -> LanczosDecomposition:
-    """Run ``num_steps`` (at most ``dim``) Lanczos steps from ``v0``: the tridiagonal ``(alpha, beta)`` and basis."""
+    """Run ``num_steps`` (at most ``dim``) Lanczos steps from ``v0``: the tridiagonal ``(alpha, beta)`` and basis.
+
+    ``op_or_matvec`` is a :class:`~flatminima.sharpness.operator.LinearOperator`, a dense square tensor, or a bare
+    function ``v -> A v``.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    state = _Lanczos(_as_matvec(op_or_matvec), dim, v0, reorthogonalize, seed)
+    state = _Lanczos(_as_matvec(op_or_matvec, dim), dim, v0, reorthogonalize, seed)
     for _ in range(min(num_steps, dim)):
         state.step()
     return state.decomposition()
@@ -137,13 +150,8 @@ def _check_k(k: int, dim: int) -> None:
         raise ValueError(f"k={k} exceeds the number of trainable parameters ({dim})")
 
 
-def _start_vector(dim: int, seed: int, like: HessianOperator) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
-
-
 def lanczos_eigs(
-    op: HessianOperator,
+    op: OperatorLike,
     k: int = 5,
     which: str = "largest",
     tol: float = 1e-6,
@@ -159,17 +167,20 @@ def lanczos_eigs(
     At ``dim`` steps the space is the whole space and the Ritz pairs are exact up to rounding.
     ``tol`` bounds the relative *residual*; for a symmetric matrix the eigenvalue error is about its square (tol 3e-2
     gave 1e-3 relative accuracy in the benchmark), so choose it from the accuracy you need.
+    ``op`` is any :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor; the ``k``
+    verification products go through one ``matmat``.
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
+    op = CountingOperator(as_operator(op))
     _check_k(k, op.dim)
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
     max_steps = op.dim if max_steps is None else min(int(max_steps), op.dim)
     if max_steps < k:
         raise ValueError(f"max_steps={max_steps} must be at least k={k}")
-    start_hvp = op.num_hvp
-    state = _Lanczos(op.matvec, op.dim, _start_vector(op.dim, seed, op), True, seed)
+    v0 = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
+    state = _Lanczos(op.matvec, op.dim, v0, True, seed)
     floor_factor = 10 * math.sqrt(op.dim) * torch.finfo(op.dtype).eps
     next_verify = k
     while True:
@@ -186,12 +197,9 @@ def lanczos_eigs(
         if bool((estimates <= threshold).all()) or m >= max_steps:
             vectors = s_k.T.to(state.basis) @ state.basis  # (k, dim)
             vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-            residuals = torch.stack(
-                [
-                    torch.linalg.vector_norm(op.matvec(y) - theta_k[i].to(y) * y).to(torch.float64)
-                    for i, y in enumerate(vectors)
-                ]
-            ).cpu()
+            products = op.matmat(vectors.T.contiguous()).T  # (k, dim), one pass over the data
+            residuals = torch.linalg.vector_norm(products - theta_k.to(vectors)[:, None] * vectors, dim=1)
+            residuals = residuals.to(torch.float64).cpu()
             converged = bool((residuals <= threshold).all())
             if converged or m >= max_steps:
                 return EigenResult(
@@ -199,7 +207,7 @@ def lanczos_eigs(
                     eigenvectors=vectors if return_vectors else None,
                     residuals=residuals,
                     converged=converged,
-                    num_hvp=op.num_hvp - start_hvp,
+                    num_hvp=op.num_products,
                     which=which,
                 )
             next_verify = m + k  # the estimates were optimistic: grow further before verifying again

@@ -6,36 +6,30 @@ directions you give. A direction is a list of tensors shaped like the trainable 
 ``model.parameters()`` order), or one flat vector of their concatenation, as the Hessian module returns them.
 
 ``loss_fn(outputs, targets)`` may return per-example losses (``reduction="none"``) or the batch mean: each point's
-loss is the mean over all examples of ``data`` (batch means are weighted by batch size). The model's weights and
-modes are restored exactly afterwards; the measurement runs in eval mode unless ``train_mode=True``.
+loss is the mean over all examples of ``data`` (batch means are weighted by batch size). ``data`` takes the forms
+of :mod:`flatminima.sharpness.data` (one batch or an iterable of batches; inputs may be a tuple of tensors). The
+model's weights and modes are restored exactly afterwards; the measurement runs in eval mode unless
+``train_mode=True``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from flatminima.sharpness.msharpness import (
-    Data,
-    LossFn,
-    _check_positive_int,
-    _device,
-    _error_rate,
-    _forward,
-    _iter_batches,
-    _preserved,
-    _reiterable,
-    _trainable,
-)
+from flatminima.sharpness.checks import positive_int
+from flatminima.sharpness.data import Batch, Batches, batch_size, forward, measuring, trainable_parameters
+from flatminima.sharpness.losses import LossFn, batch_mean_loss, error_rate
 
 __all__ = ["Landscape", "filter_normalized_direction", "loss_landscape_1d", "loss_landscape_2d"]
 
 DirectionLike = Tensor | Sequence[Tensor]
+Data = Batch | Iterable[Batch]
 
 
 @dataclass
@@ -96,7 +90,7 @@ def filter_normalized_direction(model: nn.Module, seed: int = 0, ignore_bn_and_b
     """
     generator = torch.Generator().manual_seed(seed)
     directions = []
-    for p in _trainable(model).values():
+    for p in trainable_parameters(model).values():
         w = p.detach()
         d = torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device)
         if w.dim() <= 1:
@@ -174,7 +168,7 @@ def _grid(span: tuple[float, float], num_points: int, name: str) -> Tensor:
     low, high = float(span[0]), float(span[1])
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"{name} must be finite with low < high, got {span!r}")
-    num_points = _check_positive_int("num_points", num_points, minimum=2)
+    num_points = positive_int("num_points", num_points, minimum=2)
     grid = torch.linspace(low, high, num_points, dtype=torch.float64)
     # put the centre exactly on the unperturbed weights when the span contains it
     nearest = grid.abs().argmin()
@@ -184,36 +178,14 @@ def _grid(span: tuple[float, float], num_points: int, name: str) -> Tensor:
 
 
 def _evaluate(
-    model: nn.Module, loss_fn: LossFn, data: Data, params: dict[str, Tensor], device: torch.device
+    model: nn.Module, loss_fn: LossFn, batches: Batches, total: int, params: dict[str, Tensor], device: torch.device
 ) -> tuple[float, float]:
-    """Mean loss and accuracy over all examples of ``data`` at ``params``."""
-    means: list[tuple[float, int]] = []
-    correct_rates: list[float] = []
-    for inputs, targets in _iter_batches(data):
-        inputs, targets = inputs.to(device), targets.to(device)
-        n = targets.shape[0]
-        outputs = _forward(model, params, inputs)
-        losses = loss_fn(outputs, targets)
-        if not isinstance(losses, Tensor):
-            raise TypeError(f"loss_fn must return a tensor, got {type(losses).__name__}")
-        if losses.dim() == 0:
-            mean = losses
-        elif losses.shape[0] == n:
-            mean = losses.mean()
-        else:
-            raise ValueError(
-                f"loss_fn must return the batch mean or per-example losses of leading size {n}, got shape "
-                f"{tuple(losses.shape)}"
-            )
-        means.append((mean.item(), n))
-        correct_rates.append(1.0 - _error_rate(outputs, targets))
-    if not means:
-        raise ValueError("data holds no examples")
-    if len(means) == 1:
-        return means[0][0], correct_rates[0]
-    count = sum(n for _, n in means)
-    loss = sum(mean * n for mean, n in means) / count
-    accuracy = sum(rate * n for rate, (_, n) in zip(correct_rates, means)) / count
+    """Mean loss and accuracy over all ``total`` examples of ``batches`` at ``params`` (batches weighted by size)."""
+    loss, accuracy = 0.0, 0.0
+    for inputs, targets, weight in batches.weighted(total, device):
+        outputs = forward(model, inputs, params)
+        loss += batch_mean_loss(loss_fn, outputs, targets, batch_size(inputs)).item() * weight
+        accuracy += (1.0 - error_rate(outputs, targets)) * weight
     return loss, accuracy
 
 
@@ -226,13 +198,16 @@ def _landscape(
     label: str,
     train_mode: bool,
 ) -> Landscape:
-    trainable = _trainable(model)
-    device = _device(trainable)
-    data = _reiterable(data)
+    trainable = trainable_parameters(model)
+    device = next(iter(trainable.values())).device
+    batches = Batches(data)
+    total = batches.count()
+    if total == 0:
+        raise ValueError("data holds no examples")
     shape = tuple(len(g) for g in grids)
     losses = torch.empty(shape, dtype=torch.float64)
     accuracies = torch.empty(shape, dtype=torch.float64)
-    with _preserved(model, train_mode), torch.no_grad():
+    with measuring(model, train_mode, restore_parameters=True), torch.no_grad():
         weights = {name: p.detach() for name, p in trainable.items()}
         for index in torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist():
             coefficients = [grid[i].item() for grid, i in zip(grids, index)]
@@ -242,7 +217,7 @@ def _landscape(
                 for c, d in zip(coefficients, dirs):
                     value = value + c * d[k]
                 params[name] = value
-            loss, accuracy = _evaluate(model, loss_fn, data, params, device)
+            loss, accuracy = _evaluate(model, loss_fn, batches, total, params, device)
             losses[tuple(index)] = loss
             accuracies[tuple(index)] = accuracy
     return Landscape(
@@ -276,7 +251,7 @@ def loss_landscape_1d(
     eigenvector has unit norm). ``data`` as in :func:`m_sharpness`, iterated once per point (use a loader that
     does not shuffle; a one-shot iterator is read into memory once).
     """
-    weights = list(_trainable(model).values())
+    weights = list(trainable_parameters(model).values())
     if direction is None or (isinstance(direction, str) and direction == "random"):
         dirs, label = [filter_normalized_direction(model, seed, ignore_bn_and_bias)], "random"
     elif isinstance(direction, str) and direction == "eigen":
@@ -307,7 +282,7 @@ def loss_landscape_2d(
     ``seed + 1``); ``"eigen"`` for the first two of ``eigenvectors``; or a pair of directions. ``losses[i, j]`` is
     at ``(alphas[i], betas[j])``.
     """
-    weights = list(_trainable(model).values())
+    weights = list(trainable_parameters(model).values())
     if directions is None or (isinstance(directions, str) and directions == "random"):
         dirs = [filter_normalized_direction(model, s, ignore_bn_and_bias) for s in (seed, seed + 1)]
         label = "random"

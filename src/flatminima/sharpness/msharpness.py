@@ -3,42 +3,58 @@
 The examples are split into consecutive groups of ``m``; for each group ``k`` the sharpness is the increase of the
 group's mean loss ``L_k`` when the weights ``w`` are perturbed by ``e``:
 
-* worst case: ``max_{||e|| <= rho} L_k(w + e) - L_k(w)``, estimated by projected gradient ascent in the L2 or
-  L-inf ball. With ``adaptive=True`` the ball lives in the ``|w|``-scaled space (ASAM): ``e = T e'`` with
-  ``||e'|| <= rho`` and ``T = |w| + eta`` elementwise.
+* worst case: ``max_{||e||_p <= rho} L_k(w + e) - L_k(w)``, estimated by projected gradient ascent in the L_p ball
+  for any ``p`` in ``[1, inf]``. With ``adaptive=True`` the ball lives in the ``|w|``-scaled space (ASAM):
+  ``||e / T||_p <= rho`` with ``T = |w| + eta`` elementwise.
 * average case: ``E_e L_k(w + e) - L_k(w)`` with Gaussian ``e ~ N(0, sigma^2 I)``, ``sigma = rho / sqrt(dim)`` so
   that ``E||e||^2 = rho^2`` (``dim`` = number of trainable weights); adaptive: ``e = T e'`` with ``e'`` as above.
 
 Both are reported for the loss and for the 0-1 error, averaged over groups with their standard error.
 
+The ascent steps are the training rules of :mod:`flatminima.optim.perturb`: ``DualNorm(p)``, wrapped in
+``Adaptive(., eta)`` when adaptive, so that every geometry SAM can be trained in can be measured in, and measured
+with the same maths. Each step of the worst case is the rule's perturbation at the step size, added to the
+current ``e`` and brought back into the ball: for ``p = 2`` by rescaling and for ``p = inf`` by clipping (both the
+Euclidean projection, in the scaled space when adaptive), and for other ``p`` by rescaling onto the sphere (a
+retraction, not the Euclidean projection, which has no closed form). Every iterate is feasible and the reported
+loss is the maximum over the iterates, so the estimate is a lower bound of the worst case, as any finite ascent is.
+
 The model's own parameters are never written: perturbed weights are passed with
 :func:`torch.func.functional_call`. Parameters, buffers (BatchNorm running statistics, which update in train
 mode) and the train/eval mode of every submodule are still saved and restored exactly, also on exceptions.
-
-The helpers in this module (data handling, model preservation, evaluation) are shared with
-:mod:`flatminima.sharpness.landscape`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from flatminima.optim.perturb import Adaptive, DualNorm
+from flatminima.sharpness.checks import nonnegative_float, positive_int
+from flatminima.sharpness.data import (
+    Batch,
+    Batches,
+    batch_size,
+    cast,
+    forward,
+    groups_of,
+    measuring,
+    trainable_parameters,
+)
+from flatminima.sharpness.losses import LossFn, error_rate, per_example_losses
+from flatminima.sharpness.results import mean_stderr
 
 __all__ = ["MSharpnessResult", "m_sharpness"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Batch = tuple[Tensor, Tensor]
 Data = Batch | Iterable[Batch]
 
 _KINDS = ("worst", "average")
-_NORMS = ("l2", "linf")
+_NORMS = {"l2": 2.0, "linf": math.inf}
 
 
 @dataclass
@@ -47,7 +63,8 @@ class MSharpnessResult:
 
     ``per_group`` has shape ``(num_groups, 2)``: the loss increase and the error increase of each group. The
     standard errors are ``std / sqrt(num_groups)`` (NaN for a single group). Error values are NaN when the task
-    is not classification (targets not integer class indices matching ``outputs.argmax(1)``).
+    is not classification (targets not integer class indices matching ``outputs.argmax(1)``). ``p`` is the norm
+    of the ball (2 for the average case).
     """
 
     m: int
@@ -61,189 +78,63 @@ class MSharpnessResult:
     base_error: float
     num_groups: int
     per_group: Tensor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# shared helpers (also used by landscape.py)
-
-
-def _check_batch(batch: object) -> Batch:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"each batch must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
-    inputs, targets = batch
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError(
-            f"each batch must be a pair (inputs, targets) of tensors, got ({type(inputs).__name__}, "
-            f"{type(targets).__name__})"
-        )
-    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs and targets need the same leading (batch) dimension, got shapes {tuple(inputs.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-    return inputs, targets
-
-
-def _is_single_batch(data: object) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
-
-
-def _iter_batches(data: Data) -> Iterator[Batch]:
-    """Yield the (inputs, targets) batches of ``data``: one pair of tensors, or an iterable of such pairs."""
-    if _is_single_batch(data):
-        yield _check_batch(data)
-        return
-    if isinstance(data, Tensor) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a pair (inputs, targets) of tensors or an iterable of such pairs, got {type(data).__name__}"
-        )
-    for batch in data:
-        inputs, targets = _check_batch(batch)
-        if inputs.shape[0] > 0:
-            yield inputs, targets
-
-
-def _reiterable(data: Data) -> Data:
-    """``data`` in a form that can be iterated more than once (a one-shot iterator is read into a list)."""
-    if _is_single_batch(data):
-        return data
-    if isinstance(data, Iterator):
-        return list(data)
-    return data
-
-
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable parameters by name, in ``model.parameters()`` order (shared parameters once)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad=True) to perturb")
-    return params
-
-
-@contextmanager
-def _preserved(model: nn.Module, train_mode: bool) -> Iterator[None]:
-    """Put ``model`` in train or eval mode; afterwards restore every module's mode, parameter and buffer exactly."""
-    modes = [(module, module.training) for module in model.modules()]
-    saved = [(t, t.detach().clone()) for t in chain(model.parameters(), model.buffers())]
-    try:
-        model.train(train_mode)
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, copy in saved:
-                tensor.copy_(copy)
-        for module, mode in modes:
-            module.training = mode
-
-
-def _forward(model: nn.Module, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-    return functional_call(model, params, (inputs,))
-
-
-def _per_example_loss(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``loss_fn``'s per-example losses as a 1-D tensor (extra dimensions are averaged)."""
-    losses = loss_fn(outputs, targets)
-    n = targets.shape[0]
-    if not isinstance(losses, Tensor):
-        raise TypeError(f"loss_fn must return a tensor, got {type(losses).__name__}")
-    if losses.dim() == 0 or losses.shape[0] != n:
-        raise ValueError(
-            f"loss_fn must return per-example losses (reduction='none') of leading size {n}, got shape "
-            f"{tuple(losses.shape)}"
-        )
-    return losses.reshape(n, -1).mean(dim=1) if losses.dim() > 1 else losses
-
-
-def _error_rate(outputs: Tensor, targets: Tensor) -> float:
-    """0-1 error of ``outputs.argmax(1)`` against integer ``targets``; NaN when that is not defined."""
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        return math.nan
-    if outputs.dim() != targets.dim() + 1 or outputs.shape[0] != targets.shape[0]:
-        return math.nan
-    if outputs.shape[2:] != targets.shape[1:]:
-        return math.nan
-    return (outputs.argmax(dim=1) != targets).double().mean().item()
-
-
-def _device(params: dict[str, Tensor]) -> torch.device:
-    return next(iter(params.values())).device
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# m-sharpness
-
-
-def _groups(data: Data, m: int, device: torch.device) -> Iterator[Batch]:
-    """Consecutive groups of exactly ``m`` examples across batch boundaries; a last short group is dropped."""
-    buf_x: list[Tensor] = []
-    buf_y: list[Tensor] = []
-    count = 0
-    for inputs, targets in _iter_batches(data):
-        buf_x.append(inputs)
-        buf_y.append(targets)
-        count += inputs.shape[0]
-        if count < m:
-            continue
-        x, y = torch.cat(buf_x), torch.cat(buf_y)
-        full = (count // m) * m
-        for start in range(0, full, m):
-            yield x[start : start + m].to(device), y[start : start + m].to(device)
-        buf_x, buf_y = [x[full:]], [y[full:]]
-        count -= full
-
-
-def _normalized(grads: list[Tensor], norm: str) -> list[Tensor]:
-    """The steepest-ascent unit step for ``grads``: ``g / ||g||_2`` (zero for zero g) or ``sign(g)``."""
-    if norm == "linf":
-        return [g.sign() for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    if total == 0:
-        return [torch.zeros_like(g) for g in grads]
-    return [g / total for g in grads]
-
-
-def _project(e: list[Tensor], rho: float, norm: str) -> list[Tensor]:
-    """Euclidean projection onto the ``norm`` ball of radius ``rho``."""
-    if norm == "linf":
-        return [t.clamp(-rho, rho) for t in e]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in e])).item()
-    if total <= rho:
-        return e
-    return [t * (rho / total) for t in e]
+    p: float = 2.0
 
 
 class _Group:
-    """Evaluates one group's mean loss and error at perturbed weights ``w + T e``."""
+    """Evaluates one group's mean loss and error at perturbed weights ``w + e``."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        weights: dict[str, Tensor],
-        scale: list[Tensor] | None,
-        inputs: Tensor,
-        targets: Tensor,
+        self, model: nn.Module, loss_fn: LossFn, weights: dict[str, Tensor], inputs: Any, targets: Any
     ) -> None:
-        self.model, self.loss_fn, self.weights, self.scale = model, loss_fn, weights, scale
+        self.model, self.loss_fn, self.weights = model, loss_fn, weights
         self.inputs, self.targets = inputs, targets
+        self.size = batch_size(inputs)
 
     def __call__(self, e: list[Tensor] | None) -> tuple[Tensor, float]:
-        if e is None:
-            params = self.weights
-        else:
-            steps = e if self.scale is None else [s * t for s, t in zip(self.scale, e)]
-            params = {name: w + t for (name, w), t in zip(self.weights.items(), steps)}
-        outputs = _forward(self.model, params, self.inputs)
-        loss = _per_example_loss(self.loss_fn, outputs, self.targets).mean()
-        return loss, _error_rate(outputs.detach(), self.targets)
+        params = self.weights if e is None else {name: w + t for (name, w), t in zip(self.weights.items(), e)}
+        outputs = forward(self.model, self.inputs, params)
+        loss = per_example_losses(self.loss_fn, outputs, self.targets, self.size).mean()
+        return loss, error_rate(outputs.detach() if isinstance(outputs, Tensor) else outputs, self.targets)
+
+
+class _Ball:
+    """The ascent geometry: steps from the training rule, and the L_p ball of radius rho they are kept in.
+
+    ``scale`` is ``T = |w| + eta`` when adaptive (the ball is ``||e / T||_p <= rho``), else None.
+    """
+
+    def __init__(self, weights: list[Tensor], p: float, rho: float, adaptive: bool, eta: float) -> None:
+        self.weights, self.p, self.rho = weights, p, rho
+        self.rule = Adaptive(DualNorm(p), eta) if adaptive else DualNorm(p)
+        self.scale = [w.abs() + eta for w in weights] if adaptive else None
+
+    def step(self, grads: list[Tensor], size: float) -> list[Tensor]:
+        """The rule's perturbation of norm ``size`` for the gradients ``grads`` (which it overwrites)."""
+        self.rule.perturb_(self.weights, grads, size)
+        return grads
+
+    def project(self, e: list[Tensor]) -> list[Tensor]:
+        """``e`` brought back into the ball: clipped for p = inf, else rescaled when outside."""
+        rho = self.rho
+        if math.isinf(self.p):
+            if self.scale is None:
+                return [t.clamp(-rho, rho) for t in e]
+            return [t.clamp(-rho * s, rho * s) for t, s in zip(e, self.scale)]
+        scaled = (
+            e if self.scale is None else [torch.where(s > 0, t / s, torch.zeros_like(t)) for t, s in zip(e, self.scale)]
+        )
+        norms = torch.stack([torch.linalg.vector_norm(t, ord=self.p) for t in scaled])
+        total = torch.linalg.vector_norm(norms, ord=self.p).item()
+        if total <= rho:
+            return e
+        return [t * (rho / total) for t in e]
 
 
 def _worst_case(
-    group: _Group, rho: float, norm: str, steps: int, step_size: float, base: tuple[float, float]
+    group: _Group, ball: _Ball, steps: int, step_size: float, base: tuple[float, float]
 ) -> tuple[float, float]:
-    """Projected gradient ascent from ``e = 0`` (the first step is the SAM step onto the sphere)."""
+    """Projected gradient ascent from ``e = 0`` (the first step is the SAM step of the rule at radius rho)."""
     best_loss, best_err = base
     e = [torch.zeros_like(w) for w in group.weights.values()]
     for step in range(steps):
@@ -254,12 +145,12 @@ def _worst_case(
         if not loss.requires_grad:
             raise ValueError("the worst case needs a loss_fn that is differentiable in the model's outputs")
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        direction = _normalized([torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)], norm)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
         with torch.no_grad():
             if step == 0:
-                e = [rho * d for d in direction]
+                e = ball.step(grads, ball.rho)
             else:
-                e = _project([t + step_size * d for t, d in zip(e, direction)], rho, norm)
+                e = ball.project([t + d for t, d in zip(e, ball.step(grads, step_size))])
     with torch.no_grad():
         loss, err = group(e)
     if loss.item() > best_loss:
@@ -273,6 +164,7 @@ def _average_case(
     num_samples: int,
     generator: torch.Generator,
     sigma_scale: float,
+    scale: list[Tensor] | None,
     base: tuple[float, float],
 ) -> tuple[float, float]:
     """Mean loss and error increase over Gaussian draws (increases are averaged, so rho = 0 gives exactly 0)."""
@@ -283,32 +175,27 @@ def _average_case(
                 torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) * (rho * sigma_scale)
                 for w in group.weights.values()
             ]
+            if scale is not None:
+                e = [s * t for s, t in zip(scale, e)]
             loss, err = group(e)
             total_loss += loss.item() - base[0]
             total_err += err - base[1]
     return total_loss / num_samples, total_err / num_samples
 
 
-def _mean_stderr(values: Tensor) -> tuple[float, float]:
-    mean = values.mean().item()
-    if values.numel() < 2:
-        return mean, math.nan
-    return mean, (values.std(unbiased=True) / math.sqrt(values.numel())).item()
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_nonneg_float(name: str, value: object, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
-    return value
+def _resolve_p(norm: str | None, p: float | None) -> float:
+    """The ball's ``p`` from ``norm`` ("l2", "linf") or ``p`` (any number in [1, inf]); 2 when neither is given."""
+    if norm is not None and norm not in _NORMS:
+        raise ValueError(f"norm must be one of {tuple(_NORMS)}, got {norm!r} (use p= for other L_p balls)")
+    if p is None:
+        return _NORMS[norm] if norm is not None else 2.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a number in [1, inf], got {type(p).__name__}")
+    if not float(p) >= 1.0:  # also rejects NaN
+        raise ValueError(f"p must be a number in [1, inf] (p = inf for the L-inf ball), got {p}")
+    if norm is not None and _NORMS[norm] != float(p):
+        raise ValueError(f"norm={norm!r} and p={p} disagree; give one of them")
+    return float(p)
 
 
 def m_sharpness(
@@ -319,7 +206,8 @@ def m_sharpness(
     rho: float,
     *,
     kind: str = "worst",
-    norm: str = "l2",
+    norm: str | None = None,
+    p: float | None = None,
     adaptive: bool = False,
     adaptive_eta: float = 0.01,
     steps: int = 5,
@@ -333,65 +221,73 @@ def m_sharpness(
     Args:
         model: the network; its weights and modes are left exactly as they were.
         loss_fn: ``loss_fn(outputs, targets)`` returning per-example losses (``reduction="none"``).
-        data: ``(inputs, targets)`` or an iterable of such batches (read once). Examples are taken in order and
-            split into consecutive groups of ``m``; a last incomplete group is dropped.
+        data: ``(inputs, targets)`` or an iterable of such batches (read once); inputs may be a tuple of tensors
+            (see :mod:`flatminima.sharpness.data`). Examples are taken in order and split into consecutive groups
+            of ``m``; a last incomplete group is dropped.
         m: group size (>= 1 and at most the number of examples).
         rho: radius of the perturbation (>= 0).
         kind: ``"worst"`` (projected gradient ascent) or ``"average"`` (Gaussian perturbations).
-        norm: ball of the worst case, ``"l2"`` or ``"linf"``; the average case is Gaussian and needs ``"l2"``.
-        adaptive: perturb in the ``|w|``-scaled space, ``e = (|w| + adaptive_eta) * e'`` with ``||e'|| <= rho``.
+        norm: ball of the worst case by name, ``"l2"`` (p = 2) or ``"linf"`` (p = inf).
+        p: ball of the worst case, any ``p`` in ``[1, inf]`` (the general form of ``norm``; default 2). The
+            average case is Gaussian and needs ``p = 2``.
+        adaptive: perturb in the ``|w|``-scaled space, ``e = (|w| + adaptive_eta) * e'`` with ``||e'||_p <= rho``.
         adaptive_eta: the ``eta`` of the adaptive scaling.
-        steps: gradient steps of the worst case (the first is the SAM step ``rho g/||g||`` or ``rho sign g``;
-            ``steps=1`` is plain SAM). The loss is the maximum over all iterates, ``e = 0`` included.
-        step_size: size of the later normalised steps before projection (default ``2 * rho / steps``).
+        steps: gradient steps of the worst case (the first is the SAM step of ``DualNorm(p)``: ``rho g/||g||`` for
+            p = 2, ``rho sign g`` for p = inf; ``steps=1`` is plain SAM). The loss is the maximum over all
+            iterates, ``e = 0`` included.
+        step_size: norm of the later ascent steps before projection (default ``2 * rho / steps``).
         num_samples: Gaussian draws per group for the average case.
         seed: seed of the Gaussian draws.
         train_mode: measure in train mode (BatchNorm batch statistics over each group) instead of eval mode.
     """
-    m = _check_positive_int("m", m)
-    rho = _check_nonneg_float("rho", rho)
+    m = positive_int("m", m)
+    rho = nonnegative_float("rho", rho)
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    if norm not in _NORMS:
-        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    if kind == "average" and norm != "l2":
-        raise ValueError("the average case uses Gaussian perturbations; norm='linf' applies to kind='worst' only")
-    adaptive_eta = _check_nonneg_float("adaptive_eta", adaptive_eta)
-    steps = _check_positive_int("steps", steps)
-    num_samples = _check_positive_int("num_samples", num_samples)
-    step_size = 2.0 * rho / steps if step_size is None else _check_nonneg_float("step_size", step_size, positive=True)
+    p = _resolve_p(norm, p)
+    if kind == "average" and p != 2.0:
+        raise ValueError(
+            f"the average case uses Gaussian perturbations (p = 2); p={p} (norm='linf' is p = inf) applies to "
+            "kind='worst' only"
+        )
+    adaptive_eta = nonnegative_float("adaptive_eta", adaptive_eta)
+    steps = positive_int("steps", steps)
+    num_samples = positive_int("num_samples", num_samples)
+    step_size = 2.0 * rho / steps if step_size is None else nonnegative_float("step_size", step_size, positive=True)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
 
-    trainable = _trainable(model)
-    device = _device(trainable)
-    dim = sum(p.numel() for p in trainable.values())
+    trainable = trainable_parameters(model)
+    device = next(iter(trainable.values())).device
+    dim = sum(t.numel() for t in trainable.values())
     generator = torch.Generator().manual_seed(seed)
+    batches = Batches(data, once=True)
 
     rows: list[tuple[float, float, float, float]] = []
-    with _preserved(model, train_mode):
-        weights = {name: p.detach() for name, p in trainable.items()}
-        scale = [w.abs() + adaptive_eta for w in weights.values()] if adaptive else None
-        for inputs, targets in _groups(data, m, device):
-            group = _Group(model, loss_fn, weights, scale, inputs, targets)
+    with measuring(model, train_mode, restore_parameters=True):
+        weights = {name: t.detach() for name, t in trainable.items()}
+        ball = _Ball(list(weights.values()), p, rho, adaptive, adaptive_eta)
+        for inputs, targets in groups_of(batches, m):
+            group = _Group(model, loss_fn, weights, cast(inputs, device), cast(targets, device))
             with torch.no_grad():
                 base_loss_t, base_err = group(None)
             base_loss = base_loss_t.item()
             if not math.isfinite(base_loss):
                 raise ValueError(f"the loss of group {len(rows)} at the unperturbed weights is {base_loss}")
+            base = (base_loss, base_err)
             if kind == "worst":
-                loss, err = _worst_case(group, rho, norm, steps, step_size, (base_loss, base_err))
+                loss, err = _worst_case(group, ball, steps, step_size, base)
                 loss_inc, err_inc = loss - base_loss, err - base_err
             else:
-                base = (base_loss, base_err)
-                loss_inc, err_inc = _average_case(group, rho, num_samples, generator, 1.0 / math.sqrt(dim), base)
+                sigma_scale = 1.0 / math.sqrt(dim)
+                loss_inc, err_inc = _average_case(group, rho, num_samples, generator, sigma_scale, ball.scale, base)
             rows.append((loss_inc, err_inc, base_loss, base_err))
 
     if not rows:
         raise ValueError(f"m={m} exceeds the number of examples in data: no complete group of m examples")
     table = torch.tensor(rows, dtype=torch.float64)
-    loss_inc, loss_se = _mean_stderr(table[:, 0])
-    err_inc, err_se = _mean_stderr(table[:, 1])
+    loss_inc, loss_se = mean_stderr(table[:, 0])
+    err_inc, err_se = mean_stderr(table[:, 1])
     return MSharpnessResult(
         m=m,
         rho=rho,
@@ -404,4 +300,5 @@ def m_sharpness(
         base_error=table[:, 3].mean().item(),
         num_groups=len(rows),
         per_group=table[:, :2].clone(),
+        p=p,
     )

@@ -7,25 +7,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatminima.sharpness.hvp import HessianOperator, LossFn
+from flatminima.sharpness.hvp import HessianOperator
+from flatminima.sharpness.losses import LossFn
+from flatminima.sharpness.operator import CountingOperator, OperatorLike, as_operator
+from flatminima.sharpness.probes import random_vectors
 from flatminima.sharpness.results import EigenResult
 
 __all__ = ["power_iteration", "power_iteration_op"]
 
 
 def power_iteration_op(
-    op: HessianOperator, tol: float = 1e-3, max_iter: int = 1000, seed: int = 0, return_vectors: bool = True
+    op: OperatorLike, tol: float = 1e-3, max_iter: int = 1000, seed: int = 0, return_vectors: bool = True
 ) -> EigenResult:
     """Power iteration on ``op``: stops when the Rayleigh quotient changes by less than ``tol`` relatively.
 
     Converges to the eigenvalue of largest *magnitude* (which may be negative), at a rate set by the ratio of the two
-    largest magnitudes; the residual ``||H v - rq v||`` comes free from the last product.
+    largest magnitudes; the residual ``||H v - rq v||`` comes free from the last product. ``op`` is any
+    :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor.
     """
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    start_hvp = op.num_hvp
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
+    op = CountingOperator(as_operator(op))
+    v = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
     v = v / torch.linalg.vector_norm(v)
     previous: float | None = None
     converged = False
@@ -47,7 +50,7 @@ def power_iteration_op(
         eigenvectors=v[None].clone() if return_vectors else None,
         residuals=torch.tensor([residual], dtype=torch.float64),
         converged=converged,
-        num_hvp=op.num_hvp - start_hvp,
+        num_hvp=op.num_products,
         which="magnitude",
     )
 

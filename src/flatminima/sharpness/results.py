@@ -9,7 +9,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["EigenResult", "SpectralDensity", "TraceResult"]
+__all__ = ["EigenResult", "SpectralDensity", "TraceResult", "mean_stderr"]
+
+
+def mean_stderr(samples: Tensor) -> tuple[float, float]:
+    """The mean of ``samples`` and its standard error ``std / sqrt(n)`` (unbiased std).
+
+    One sample has no spread to estimate an error from: its stderr is NaN (unknown, not infinite and not zero), so
+    a table shows it as missing rather than as a bound. No samples give a NaN mean too.
+    """
+    samples = samples.reshape(-1).to(torch.float64)
+    n = samples.numel()
+    mean = float(samples.mean()) if n else math.nan
+    if n < 2:
+        return mean, math.nan
+    return mean, float(samples.std(unbiased=True) / math.sqrt(n))
 
 
 @dataclass
@@ -74,11 +88,9 @@ class SpectralDensity:
         return int(self.nodes.shape[0])
 
     def moment(self, k: int) -> tuple[float, float]:
-        """Estimate of ``tr(H^k) / dim`` and its standard error over the runs (exact per run for k < 2 * steps)."""
-        per_run = (self.weights * self.nodes.pow(k)).sum(dim=1)
-        mean = float(per_run.mean())
-        stderr = float(per_run.std(unbiased=True) / math.sqrt(self.num_runs)) if self.num_runs > 1 else math.inf
-        return mean, stderr
+        """Estimate of ``tr(H^k) / dim`` and its standard error over the runs (exact per run for k < 2 * steps;
+        the stderr is NaN for one run, see :func:`mean_stderr`)."""
+        return mean_stderr((self.weights * self.nodes.pow(k)).sum(dim=1))
 
     def default_sigma(self) -> float:
         """A smoothing width of 1% of the spectral range (used when none is given)."""
