@@ -15,8 +15,8 @@ CIFAR-sized set (random uint8 3x32x32 images, a few batches of 128 per epoch) wi
 * ``train()`` with optimizer sgd, then sam (same model, seed, batch, lr 0.1, momentum 0.9, wd 5e-4, rho 0.05), with
   ``augment=True`` (random crop + flip), the usual setting.
 
-The time of a ``train()`` epoch is its history's ``seconds`` field minus the time of the ``_evaluate`` calls made
-in that epoch (measured by wrapping the loop's ``_evaluate``): ``seconds`` runs from the epoch's start to after
+The time of a ``train()`` epoch is its history's ``seconds`` field minus its ``eval_seconds`` (the time of the
+test-set evaluation, which the loop records): ``seconds`` runs from the epoch's start to after
 the test-set evaluation, so it includes evaluation but not the checkpoint and metrics written after it. What is
 left is the loop's per-batch work (index the uint8 images, convert, normalise, augment, the step, the scheduler,
 the loss sum) and the end-of-epoch loss sync. The bare loops are timed per epoch of the same number of steps, on a
@@ -32,11 +32,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +42,10 @@ from _common import Report, command_line, load_average, local_timestamp, machine
 from torch import Tensor
 
 import flatminima
-import flatminima.train.loop as loop
 from flatminima.data import ImageDataset, channel_mean_std, load_digits, normalize, to_float
 from flatminima.models import build_model
 from flatminima.running_stats import AveragedRunningStats, norm_layers
-from flatminima.train import TrainConfig, train
+from flatminima.train import BatchPipeline, TrainConfig, train
 from flatminima.train.builders import build_scheduler
 
 BASE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # TrainConfig's defaults
@@ -61,8 +58,8 @@ METHOD = (
     "second_step(zero_grad=True). *train()*: `flatminima.train.train(TrainConfig(...))`, optimizer sgd or sam, "
     "augment=True (random crop + flip), progress=False; SGD lr 0.1, momentum 0.9, wd 5e-4, rho 0.05, seed 0 "
     "everywhere. The time of a train() epoch is its history's `seconds` (from the epoch's start to after the "
-    "test-set evaluation; the checkpoint and metrics written afterwards are not in it) minus the time of that "
-    "epoch's `_evaluate` call, measured by wrapping the loop's `_evaluate`. What is left is the per-batch work "
+    "test-set evaluation; the checkpoint and metrics written afterwards are not in it) minus its `eval_seconds` "
+    "(the test-set evaluation, recorded by the loop). What is left is the per-batch work "
     "(index the uint8 images, convert, normalise, augment, the step, the scheduler, the loss sum) and the "
     "end-of-epoch loss sync. Every run builds a fresh model; one sample per epoch."
 )
@@ -155,7 +152,7 @@ class CallTimes:
     optimizer: str
     call: float  # the whole train() call
     epochs: float  # sum of the history's seconds
-    evaluation: float  # of which _evaluate
+    evaluation: float  # of which evaluation (eval_seconds)
 
 
 def config_for(work: Workload, optimizer: str, device: torch.device, epochs: int, output: str, threads: int):
@@ -180,24 +177,12 @@ def train_run(
     work: Workload, optimizer: str, device: torch.device, epochs: int, threads: int, calls: list[CallTimes]
 ) -> list[float]:
     """Seconds per epoch of train(), evaluation excluded; appends the call's breakdown to ``calls``."""
-    evaluations: list[float] = []
-    original = loop._evaluate
-
-    def timed_evaluate(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        evaluations.append(time.perf_counter() - start)
-        return out
-
-    with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
-        stack.enter_context(mock.patch.object(loop, "_evaluate", timed_evaluate))
-        if work.synthetic:  # train() reads datasets by name: hand it ours
-            stack.enter_context(mock.patch.object(loop, "load_dataset", lambda *args, **kwargs: work.dataset))
+    with tempfile.TemporaryDirectory() as folder:
         config = config_for(work, optimizer, device, epochs, folder + "/run", threads)
         start = time.perf_counter()
-        result = train(config)
+        result = train(config, dataset=work.dataset if work.synthetic else None)
         call = time.perf_counter() - start
-    assert len(evaluations) == len(result.history)  # one test evaluation per epoch, no validation split
+    evaluations = [r["eval_seconds"] for r in result.history]
     seconds = [r["seconds"] for r in result.history]
     calls.append(CallTimes(optimizer, call, sum(seconds), sum(evaluations)))
     return [s - e for s, e in zip(seconds, evaluations)]
@@ -287,7 +272,7 @@ def components_table(work: Workload, device: torch.device, bare_sgd_ms: float, r
     """The loop's per-batch work besides the step, timed alone (median of many calls, microseconds)."""
     data = work.dataset
     config = config_for(work, "sam", device, 10, "unused", 0)
-    batches = loop._Batches(data, config, device)
+    batches = BatchPipeline(data, config, device)
     index = torch.randperm(data.train_images.shape[0])[: work.batch]
     raw = data.train_images[index]
     normed = normalize(to_float(raw), data.mean, data.std)
@@ -313,7 +298,7 @@ def components_table(work: Workload, device: torch.device, bare_sgd_ms: float, r
         ("to_float", lambda: to_float(raw)),
         ("normalize", lambda: normalize(to_float(raw), data.mean, data.std)),
         (f"augmentation {batches.augmentation} alone", lambda: batches.augmentation(normed, gen)),
-        ("whole `_Batches` call (to_float + normalize + augmentation + .to)", lambda: batches(raw, gen)),
+        ("whole `BatchPipeline` call (to_float + normalize + augmentation + .to)", lambda: batches(raw, gen)),
         ("scheduler.step()", lambda: (optimizer.step(), scheduler.step())),  # SGD step without grads: a no-op
         ("`loss_sum += loss.double() * n`", accumulate),
         (f"SAM only: AveragedRunningStats per step ({len(layers)} BatchNorm layers)", stats_cycle),

@@ -72,7 +72,7 @@ def _sharpness(args: argparse.Namespace) -> int:
     from flatminima.sharpness.report import sharpness_report
     from flatminima.train.checkpoint import load_checkpoint
     from flatminima.train.config import TrainConfig
-    from flatminima.train.loop import model_for, prepare_data
+    from flatminima.train.prepare import model_for, prepare_data
 
     try:
         state = load_checkpoint(args.checkpoint)

@@ -18,7 +18,7 @@ from flatminima.data.dataset import to_float
 from flatminima.data.transforms import normalize
 from flatminima.sharpness import hessian_eigenvalues
 from flatminima.train import TrainConfig, train
-from flatminima.train.loop import prepare_data
+from flatminima.train.prepare import prepare_data
 from flatminima.train.summary import plot_curves
 
 __all__ = ["DEMO_CONFIG", "format_table", "run_label_noise_demo"]

@@ -1,6 +1,15 @@
 """Sharpness-aware optimisers: the SAM protocol, the rules it composes, and the maths behind them."""
 
+from flatminima.optim import catalog  # noqa: F401  (registers the built-in names)
 from flatminima.optim.perturb import Adaptive, DualNorm, RandomDirection, Unnormalized
+from flatminima.optim.registry import (
+    OptimizerRequest,
+    OptimizerSpec,
+    optimizer_names,
+    optimizer_spec,
+    register_optimizer,
+)
+from flatminima.optim.rho_scheduler import RhoScheduler
 from flatminima.optim.rules import (
     AscentRule,
     Cadence,
@@ -21,8 +30,14 @@ __all__ = [
     "DualNorm",
     "EveryKSteps",
     "EveryStep",
+    "OptimizerRequest",
+    "OptimizerSpec",
     "PerturbationRule",
     "PerturbedGradient",
     "RandomDirection",
+    "RhoScheduler",
     "Unnormalized",
+    "optimizer_names",
+    "optimizer_spec",
+    "register_optimizer",
 ]

@@ -1,43 +1,46 @@
-"""From a TrainConfig to the objects a run needs: optimiser, learning-rate and rho schedules, loss."""
+"""From a TrainConfig to the objects a run needs: optimiser (from the registry), learning-rate and rho schedules,
+loss."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flatminima.optim import SAM
+from flatminima.optim import OptimizerRequest, RhoScheduler, optimizer_spec
 from flatminima.train.config import TrainConfig
 
-__all__ = ["build_loss", "build_optimizer", "build_scheduler", "rho_at"]
+__all__ = [
+    "BASE_OPTIMIZERS",
+    "build_loss",
+    "build_optimizer",
+    "build_rho_scheduler",
+    "build_scheduler",
+    "rho_at",
+    "rho_factor",
+]
 
-SAM_FAMILY = ("sam", "asam", "usam")
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Plain SGD / AdamW, or the SAM family around one of them; weight decay moves to the loss if asked."""
-    weight_decay = 0.0 if config.weight_decay_in_loss else config.weight_decay
-    base_name = config.optimizer if config.optimizer in ("sgd", "adamw") else config.base_optimizer
-    if base_name == "sgd":
-        base_class, options = torch.optim.SGD, {"lr": config.lr, "momentum": config.momentum}
-    else:
-        base_class, options = torch.optim.AdamW, {"lr": config.lr}
-    options["weight_decay"] = weight_decay
-    if config.optimizer not in SAM_FAMILY:
-        return base_class(model.parameters(), **options)
-    return SAM(
-        model.parameters(),
-        base_class,
-        rho=rho_at(config, 0.0),
-        p=config.p,
-        adaptive=config.optimizer == "asam",
-        normalize=config.optimizer != "usam",
-        model=model,
-        **options,
-    )
+    """The registered optimiser ``config.optimizer``; weight decay moves to the loss if asked.
+
+    A sharpness-aware name wraps ``config.base_optimizer``; a base name (sgd, adamw) is its own base.
+    """
+    spec = optimizer_spec(config.optimizer)
+    own_base = not spec.sharpness_aware and config.optimizer in BASE_OPTIMIZERS
+    base_class = BASE_OPTIMIZERS[config.optimizer if own_base else config.base_optimizer]
+    options: dict[str, Any] = {"lr": config.lr}
+    if base_class is torch.optim.SGD:
+        options["momentum"] = config.momentum
+    options["weight_decay"] = 0.0 if config.weight_decay_in_loss else config.weight_decay
+    request = OptimizerRequest(model, base_class, options, rho=config.rho, p=config.p, config=config)
+    return spec.build(request)
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -58,11 +61,21 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rho_at(config: TrainConfig, epoch_progress: float) -> float:
-    """rho for a fractional epoch: constant, or growing linearly from 0 over the warm-up epochs."""
+def rho_factor(config: TrainConfig, epoch_progress: float) -> float:
+    """The multiplier of rho at a fractional epoch: 1, or growing linearly from 0 over the warm-up epochs."""
     if config.rho_schedule == "linear" and config.warmup_epochs > 0:
-        return config.rho * min(1.0, epoch_progress / config.warmup_epochs)
-    return config.rho
+        return min(1.0, epoch_progress / config.warmup_epochs)
+    return 1.0
+
+
+def rho_at(config: TrainConfig, epoch_progress: float) -> float:
+    """rho for a fractional epoch (what :func:`build_rho_scheduler` sets before each step)."""
+    return config.rho * rho_factor(config, epoch_progress)
+
+
+def build_rho_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> RhoScheduler:
+    """Per-iteration rho: step ``s`` uses ``rho_at(config, s / steps_per_epoch)``."""
+    return RhoScheduler(optimizer, lambda step: rho_factor(config, step / steps_per_epoch))
 
 
 def build_loss(config: TrainConfig, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:

@@ -10,18 +10,36 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "add_arguments", "config_from_args"]
+from flatminima.optim import optimizer_names
+from flatminima.optim.registry import optimizer_help
 
-OPTIMIZERS = ("sgd", "adamw", "sam", "asam", "usam")
+__all__ = ["TrainConfig", "add_arguments", "config_from_args"]
+
 SCHEDULES = ("cosine", "step", "constant")
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
+
+
+def _option(default: Any, help: str | Callable[[], str], choices: Choices | None = None) -> Any:
+    """A field with its help text and choices; either may be a function, read when asked (the optimiser registry
+    grows as variant modules register their names)."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _choices(field_: dataclasses.Field) -> tuple[str, ...] | None:
+    choices = field_.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _help(field_: dataclasses.Field) -> str:
+    text = field_.metadata["help"]
+    return text() if callable(text) else text
 
 
 @dataclass
@@ -31,14 +49,14 @@ class TrainConfig:
     dataset: str = _option("digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise")
     data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
     model: str = _option("small_cnn", "resnet20/32/56, wrn28_10, wrn16_8, small_cnn, mlp, two_layer_cnn")
-    optimizer: str = _option("sam", "sgd, adamw, sam, asam (adaptive SAM), usam (unnormalised SAM)", OPTIMIZERS)
+    optimizer: str = _option("sam", optimizer_help, optimizer_names)
     base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
     rho: float = _option(0.05, "SAM radius")
     rho_schedule: str = _option("constant", "constant, or linear: rho grows from 0 over warmup_epochs")
     p: float = _option(2.0, "the L_p ball of the SAM ascent (2 = SAM, inf = sign)")
     group_size: int | None = _option(None, "m of m-SAM: each group of m examples gets its own perturbation")
     lr: float = _option(0.1, "peak learning rate")
-    lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 %% of training) or constant", SCHEDULES)
+    lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 % of training) or constant", SCHEDULES)
     warmup_epochs: int = _option(0, "linear learning-rate warm-up, in epochs")
     momentum: float = _option(0.9, "SGD momentum")
     weight_decay: float = _option(5e-4, "weight decay")
@@ -77,7 +95,7 @@ class TrainConfig:
             (self.rho_schedule in ("constant", "linear"), "rho_schedule must be constant or linear"),
         ]
         for field_ in dataclasses.fields(self):
-            choices = field_.metadata.get("choices")
+            choices = _choices(field_)
             if choices and getattr(self, field_.name) not in choices:
                 checks.append((False, f"{field_.name} must be one of {', '.join(choices)}"))
         errors = [message for ok, message in checks if not ok]
@@ -139,11 +157,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field_ in dataclasses.fields(TrainConfig):
         flag = "--" + field_.name.replace("_", "-")
         kind = _base_type(field_)
-        help_text = f"{field_.metadata['help']} (default: {field_.default})"
+        help_text = f"{_help(field_)} (default: {field_.default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, choices=field_.metadata.get("choices"), help=help_text)
+            parser.add_argument(flag, type=kind, default=None, choices=_choices(field_), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

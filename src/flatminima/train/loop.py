@@ -15,25 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flatminima.data import load_dataset
-from flatminima.data.dataset import ImageDataset, to_float
-from flatminima.data.label_noise import asymmetric_label_noise, symmetric_label_noise
-from flatminima.data.splits import validation_split
-from flatminima.data.transforms import Augmentation, normalize
-from flatminima.models import build_model
-from flatminima.optim import SAM
-from flatminima.step import SharpnessAwareStep
-from flatminima.train.builders import build_loss, build_optimizer, build_scheduler, rho_at
+from flatminima.data.dataset import ImageDataset
+from flatminima.optim import optimizer_spec
+from flatminima.step import PlainStep, SharpnessAwareStep
+from flatminima.train.batches import BatchPipeline, evaluate
+from flatminima.train.builders import build_loss, build_optimizer, build_rho_scheduler, build_scheduler
 from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
 from flatminima.train.config import TrainConfig
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
+from flatminima.train.prepare import PreparedData, model_for, prepare_data
 from flatminima.train.summary import plot_curves, write_summary
 
-__all__ = ["TrainResult", "model_for", "prepare_data", "train"]
+__all__ = ["PreparedData", "TrainResult", "model_for", "prepare_data", "train"]
 
 # fields that may change between a run and its resumption (they do not change the maths)
 _RESUMABLE = {"resume", "progress", "threads", "device", "output"}
@@ -53,40 +50,6 @@ class TrainResult:
         return self.history[-1]
 
 
-@dataclass
-class _Data:
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-    val_images: Tensor | None
-    val_labels: Tensor | None
-    dataset: ImageDataset
-
-
-def prepare_data(config: TrainConfig) -> _Data:
-    """Load, hold out a validation split, corrupt the (remaining) training labels; the seed fixes all three."""
-    extra = {"seed": config.seed} if config.dataset in ("digits", "signal_noise") else {}
-    dataset = load_dataset(config.dataset, config.data_root, **extra)
-    images, labels = dataset.train_images, dataset.train_labels
-    val_images = val_labels = None
-    if config.validation_fraction > 0:
-        images, labels, val_images, val_labels = validation_split(
-            images, labels, config.validation_fraction, config.seed
-        )
-    if config.label_noise > 0:
-        corrupt = symmetric_label_noise if config.label_noise_kind == "symmetric" else asymmetric_label_noise
-        labels = corrupt(labels, config.label_noise, dataset.num_classes, seed=config.seed)
-    return _Data(images, labels, dataset.test_images, dataset.test_labels, val_images, val_labels, dataset)
-
-
-def model_for(config: TrainConfig, dataset: ImageDataset) -> nn.Module:
-    """The configured model, shaped for the dataset's images ([N, C, H, W]) or patches ([N, P, d])."""
-    sample = dataset.train_images
-    in_channels, size = (sample.shape[1], tuple(sample.shape[2:])) if sample.ndim == 4 else (1, tuple(sample.shape[1:]))
-    return build_model(config.model, dataset.num_classes, in_channels, size)
-
-
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -95,100 +58,47 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if config.device == "cuda" else config.device)
 
 
-class _Batches:
-    """Turns stored images into normalised, augmented float batches on the device."""
-
-    def __init__(self, dataset: ImageDataset, config: TrainConfig, device: torch.device) -> None:
-        self.mean, self.std, self.device = dataset.mean, dataset.std, device
-        image = dataset.train_images
-        is_image = image.ndim == 4
-        padding = (1 if image.shape[-1] <= 8 else 4) if config.augment and is_image else 0
-        self.augmentation = Augmentation(crop_padding=padding, flip=config.augment and is_image, cutout=config.cutout)
-
-    def __call__(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        batch = to_float(images)
-        if batch.ndim != 4:  # generated patch data: used as it is
-            return batch.to(self.device, non_blocking=True)
-        batch = normalize(batch, self.mean, self.std)
-        if generator is not None:
-            batch = self.augmentation(batch, generator)
-        return batch.to(self.device, non_blocking=True)
-
-
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
 
 
-@torch.no_grad()
-def _evaluate(
-    model: nn.Module, images: Tensor, labels: Tensor, batches: _Batches, ctx: Distributed, batch_size: int
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a split, sharded across ranks and summed."""
-    model.eval()
-    share = torch.arange(ctx.rank, images.shape[0], ctx.world_size)
-    totals = torch.zeros(3, dtype=torch.float64, device=batches.device)
-    for start in range(0, share.numel(), batch_size):
-        index = share[start : start + batch_size]
-        outputs = model(batches(images[index], None)).float()
-        targets = labels[index].to(batches.device)
-        totals[0] += torch.nn.functional.cross_entropy(outputs, targets, reduction="sum").double()
-        totals[1] += (outputs.argmax(dim=1) == targets).sum()
-        totals[2] += index.numel()
-    model.train()
-    loss_sum, correct, count = ctx.sum(totals).tolist()
-    return loss_sum / count, correct / count
+def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResult:
+    """Run training as configured; see :class:`TrainConfig`. Under torchrun, every rank calls this.
 
-
-def _plain_step(model, loss_fn, optimizer, scaler, autocast_dtype):
-    """SGD / AdamW: one forward-backward and a step, with the same autocast and scaler handling as SAM's."""
-
-    def step(inputs: Tensor, targets: Tensor) -> Tensor:
-        optimizer.zero_grad()
-        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = loss_fn(model(inputs), targets).float().mean()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return loss.detach()
-
-    return step
-
-
-def train(config: TrainConfig) -> TrainResult:
-    """Run training as configured; see :class:`TrainConfig`. Under torchrun, every rank calls this."""
+    ``dataset`` replaces the dataset ``config.dataset`` names (the config still records that name).
+    """
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     ctx = Distributed.from_environment("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        return _train(config, ctx)
+        return _train(config, ctx, dataset)
     finally:
         ctx.close()
 
 
-def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
+def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> TrainResult:
     device = _device(config, ctx.local_rank)
     output = Path(config.output)
-    data = prepare_data(config)
+    data = prepare_data(config, dataset)
     if ctx.enabled and config.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} ranks.")
     torch.manual_seed(config.seed)
     model = model_for(config, data.dataset).to(device)
     network: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
     loss_fn = build_loss(config, model)
+    spec = optimizer_spec(config.optimizer)
     optimizer = build_optimizer(config, model)
     count = data.train_images.shape[0]
     per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
     if per_epoch < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {count} training examples.")
     scheduler = build_scheduler(config, optimizer, per_epoch)
+    rho_scheduler = build_rho_scheduler(config, optimizer, per_epoch) if spec.sharpness_aware else None
     autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-    if isinstance(optimizer, SAM):
+    step: PlainStep | SharpnessAwareStep
+    if spec.sharpness_aware:
         step = SharpnessAwareStep(
             network,
             loss_fn,
@@ -198,8 +108,8 @@ def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
             autocast_dtype=autocast_dtype,
         )
     else:
-        step = _plain_step(network, loss_fn, optimizer, scaler, autocast_dtype)
-    batches = _Batches(data.dataset, config, device)
+        step = PlainStep(network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype)
+    batches = BatchPipeline(data.dataset, config, device)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -210,6 +120,8 @@ def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if rho_scheduler is not None:
+            rho_scheduler.load_state_dict(state.get("rho_scheduler", {"last_step": scheduler.last_epoch}))
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
@@ -236,27 +148,27 @@ def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
         for index in range(per_epoch):
             global_batch = order[index * config.batch_size : (index + 1) * config.batch_size]
             local = ctx.shard(global_batch)
-            if isinstance(optimizer, SAM):
-                rho = rho_at(config, epoch + index / per_epoch)
-                for group in optimizer.param_groups:
-                    group["rho"] = rho
             inputs = batches(data.train_images[local], augment)
             loss = step(inputs, data.train_labels[local].to(device))
             scheduler.step()
+            if rho_scheduler is not None:
+                rho_scheduler.step()
             loss_sum += loss.double() * local.numel()
             seen += local.numel()
             if progress is not None:
                 progress.update(1)
         totals = ctx.sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
         record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
-        record["test_loss"], record["test_accuracy"] = _evaluate(
+        evaluation_started = time.perf_counter()
+        record["test_loss"], record["test_accuracy"] = evaluate(
             network, data.test_images, data.test_labels, batches, ctx, 4 * config.batch_size
         )
         if data.val_images is not None:
-            record["val_loss"], record["val_accuracy"] = _evaluate(
+            record["val_loss"], record["val_accuracy"] = evaluate(
                 network, data.val_images, data.val_labels, batches, ctx, 4 * config.batch_size
             )
         record["seconds"] = time.perf_counter() - started
+        record["eval_seconds"] = time.perf_counter() - evaluation_started
         history.append(record)
         if progress is not None:
             progress.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{100 * record['test_accuracy']:.1f}%")
@@ -273,6 +185,8 @@ def _train(config: TrainConfig, ctx: Distributed) -> TrainResult:
             }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
+            if rho_scheduler is not None:
+                state["rho_scheduler"] = rho_scheduler.state_dict()
             save_checkpoint(state, checkpoint_path)
         ctx.barrier()
     if progress is not None:

@@ -1,0 +1,41 @@
+"""The built-in optimiser names: the base optimisers and SAM with its three ascent geometries.
+
+Each variant module registers its own name beside its rules; this module holds the ones that have no module of
+their own (torch's optimisers, and SAM configured by ``adaptive`` / ``normalize``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.sam import SAM
+
+__all__: list[str] = []
+
+
+def _base(request: OptimizerRequest) -> torch.optim.Optimizer:
+    return request.base_class(request.model.parameters(), **request.base_options)
+
+
+def _sam(adaptive: bool = False, normalize: bool = True):
+    def build(request: OptimizerRequest) -> torch.optim.Optimizer:
+        return SAM(
+            request.model.parameters(),
+            request.base_class,
+            rho=request.rho,
+            p=request.p,
+            adaptive=adaptive,
+            normalize=normalize,
+            model=request.model,
+            **request.base_options,
+        )
+
+    return build
+
+
+register_optimizer("sgd", "SGD with momentum", _base, sharpness_aware=False)
+register_optimizer("adamw", "AdamW", _base, sharpness_aware=False)
+register_optimizer("sam", "SAM, ascent rho g/||g|| in the L_p ball", _sam(), sharpness_aware=True)
+register_optimizer("asam", "adaptive SAM", _sam(adaptive=True), sharpness_aware=True)
+register_optimizer("usam", "unnormalised SAM", _sam(normalize=False), sharpness_aware=True)
