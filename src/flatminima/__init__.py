@@ -1,5 +1,6 @@
 """flatminima: sharpness-aware training (SAM and its variants) and sharpness measurement for PyTorch."""
 
+from flatminima.batch_rules import BatchRule
 from flatminima.optim import (
     SAM,
     Adaptive,
@@ -15,6 +16,7 @@ from flatminima.optim import (
     Unnormalized,
 )
 from flatminima.step import PlainStep, SharpnessAwareStep
+from flatminima.variants import AscentSample, GibbsReweighting, OrthogonalEscape, RandomSign, SingleExample
 
 __version__ = "0.1.0"
 
@@ -22,16 +24,22 @@ __all__ = [
     "SAM",
     "Adaptive",
     "AscentRule",
+    "AscentSample",
+    "BatchRule",
     "Cadence",
     "DescentRule",
     "DualNorm",
     "EveryKSteps",
     "EveryStep",
+    "GibbsReweighting",
+    "OrthogonalEscape",
     "PerturbationRule",
     "PerturbedGradient",
     "PlainStep",
     "RandomDirection",
+    "RandomSign",
     "SharpnessAwareStep",
+    "SingleExample",
     "Unnormalized",
     "__version__",
 ]

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import running_stats
+from flatminima.batch_rules import BatchRule, Probe
 from flatminima.optim.sam import SAM
-from flatminima.optim.scaler import already_unscaled
+from flatminima.optim.scaler import already_unscaled, back_off
 
 __all__ = ["PlainStep", "Precision", "SharpnessAwareStep"]
 
@@ -57,6 +58,17 @@ class Precision:
         if losses.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 under autocast
             losses = losses.float()
         return losses.mean()
+
+    def losses(self, model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-example losses (float32 or wider), for steps that weight the examples."""
+        with self.autocast(inputs.device.type):
+            losses = loss_fn(model(inputs), targets)
+        if losses.dim() != 1 or losses.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"this step weights the examples, so loss_fn must return one loss per example (reduction='none'); "
+                f"got shape {tuple(losses.shape)} for a batch of {inputs.shape[0]}"
+            )
+        return losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
 
     def backward(self, loss: Tensor) -> None:
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
@@ -123,7 +135,10 @@ class SharpnessAwareStep:
         grad_scaler: a ``torch.amp.GradScaler``; the step calls ``update()`` on it.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         max_grad_norm: clip the descent direction to this L2 norm.
-        sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks).
+        sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks). A
+            descent rule that needs ``g(w)`` always gets it all-reduced, so every rank takes the same step.
+        batch_rule: which examples each pass sees (:class:`~flatminima.batch_rules.BatchRule`: n-SAM's ascent
+            sample, RW-SAM's weights, a single example); default: the batch for both passes.
 
     The optimiser's seams decide the passes: a step the cadence exempts from the ascent is one pass at ``w``;
     an ascent that needs no gradient at ``w`` skips the first pass (then the loss returned is the one at
@@ -143,7 +158,16 @@ class SharpnessAwareStep:
         autocast_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
         sync_perturbation: bool = False,
+        batch_rule: BatchRule | None = None,
     ) -> None:
+        if batch_rule is not None and not isinstance(batch_rule, BatchRule):
+            raise TypeError(f"batch_rule must be a flatminima.batch_rules.BatchRule; got {type(batch_rule).__name__}.")
+        special = batch_rule is not None and not batch_rule.is_default
+        if special and (group_size is not None or accumulation_steps > 1):
+            raise ValueError(
+                f"the batch rule {batch_rule!r} chooses each pass's examples itself; it does not combine with "
+                "m-SAM groups (group_size) or accumulation_steps."
+            )
         if not isinstance(optimizer, SAM):
             raise TypeError(f"optimizer must be a flatminima.SAM; got {type(optimizer).__name__}.")
         if group_size is not None and group_size < 1:
@@ -175,6 +199,7 @@ class SharpnessAwareStep:
         self.precision = Precision(grad_scaler, autocast_dtype)
         self.max_grad_norm = max_grad_norm
         self.sync_perturbation = sync_perturbation
+        self.batch_rule = batch_rule if special else None
         self._norm_layers = running_stats.norm_layers(model)
         self._ddp = isinstance(model, DistributedDataParallel)
         optimizer.watch_running_stats(model)  # SAM owns the freezing of BatchNorm during perturbed passes
@@ -196,6 +221,8 @@ class SharpnessAwareStep:
             raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
         opt = self.optimizer
         opt.zero_grad()
+        if self.batch_rule is not None and opt.ascent_due:
+            return self._step_with_rule(inputs, targets)
         if not opt.ascent_due:  # the cadence exempts this step: one pass at w, then the descent
             loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
             return self._descend(loss)
@@ -213,7 +240,7 @@ class SharpnessAwareStep:
             group_count = sum(stop - start for start, stop in chunks)
             # ascent pass at w: the gradient of this group's mean loss
             for j, (start, stop) in enumerate(chunks):
-                sync = self.sync_perturbation and j == len(chunks) - 1
+                sync = (self.sync_perturbation or opt.descent.needs_first_gradient) and j == len(chunks) - 1
                 stats.before_pass()
                 with self._sync(sync):
                     loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / group_count)
@@ -225,6 +252,9 @@ class SharpnessAwareStep:
                 stats.rollback()
                 opt.second_step()
                 return torch.as_tensor(loss_at_w)
+            if opt.ascent_declined:  # the descent rule wants a plain step at this g(w), which .grad holds
+                stats.finish()
+                return self._descend(torch.as_tensor(loss_at_w))
             if accumulated is not None:  # put back the perturbed gradients of the earlier groups
                 for p, grad in zip(params, accumulated):
                     p.grad = grad
@@ -237,6 +267,106 @@ class SharpnessAwareStep:
                     p.grad = None
         stats.finish()
         return self._descend(torch.as_tensor(loss_at_w))
+
+    def _step_with_rule(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """A step whose passes see the examples the batch rule picks (n-SAM, RW-SAM, a single example)."""
+        opt, rule, scaler = self.optimizer, self.batch_rule, self.precision.scaler
+        batch = inputs.shape[0]
+        sample = rule.ascent_sample(inputs, targets, opt.steps)
+        loss_at_w: Tensor | None = None
+        frozen_first = False
+        if sample is not None and opt.descent.needs_first_gradient:
+            # g(w) of the batch for the descent rule, all-reduced so that every rank steps alike
+            loss_at_w = self._pass(inputs, targets, [(0, batch)], batch, sync_last=True)
+            proceed = opt.keep_first_gradient(scaler)
+            if opt.step_skipped:
+                opt.second_step()
+                if scaler is not None:
+                    back_off(scaler)
+                return loss_at_w
+            if not proceed:  # declined at this g(w): a plain step along it
+                return self._descend(loss_at_w)
+            opt.zero_grad()
+            frozen_first = True  # the batch pass set the BatchNorm statistics
+        if opt.needs_first_pass:
+            ascent_inputs, ascent_targets = sample if sample is not None else (inputs, targets)
+            with running_stats.frozen(self._norm_layers) if frozen_first else nullcontext():
+                ascent_loss = self._ascent_pass(ascent_inputs, ascent_targets, chunk=batch)
+            if sample is None:
+                loss_at_w = ascent_loss
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+        else:
+            opt.first_step(zero_grad=True, grad_scaler=scaler, first_pass=False)
+        if opt.step_skipped:
+            opt.second_step()
+            return loss_at_w if loss_at_w is not None else torch.zeros(())
+        if opt.ascent_declined:
+            return self._descend(loss_at_w)
+        descent = rule.descent_sample(inputs, targets)
+        descent_inputs, descent_targets = descent if descent is not None else (inputs, targets)
+        weights = rule.descent_weights()
+        with self._sync(True):
+            if weights is None:
+                loss = self._loss(descent_inputs, descent_targets)
+            else:
+                loss = (
+                    weights * self.precision.losses(self.model, self.loss_fn, descent_inputs, descent_targets)
+                ).sum()
+            self.precision.backward(loss)
+        return self._descend(loss_at_w if loss_at_w is not None else loss.detach())
+
+    def _ascent_pass(self, inputs: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        """Backward of the ascent loss at ``w`` over ``inputs`` (in chunks of ``chunk``, or weighted by the rule);
+        returns the plain mean loss, detached. Not all-reduced unless ``sync_perturbation``."""
+        rule, n = self.batch_rule, inputs.shape[0]
+        if rule.needs_per_example_losses:
+            with self._sync(self.sync_perturbation):
+                losses = self.precision.losses(self.model, self.loss_fn, inputs, targets)
+                weights = rule.ascent_weights(losses.detach(), self._probe(inputs, targets))
+                loss = losses.mean() if weights is None else (weights * losses).sum()
+                self.precision.backward(loss)
+            return losses.detach().mean()
+        chunks = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        stats = running_stats.AveragedRunningStats(self._norm_layers)
+        total: Tensor | float = 0.0
+        for j, (start, stop) in enumerate(chunks):
+            stats.before_pass()
+            with self._sync(self.sync_perturbation and j == len(chunks) - 1):
+                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / n)
+                self.precision.backward(loss)
+            stats.after_pass()
+            total = total + loss.detach()
+        stats.finish()
+        return torch.as_tensor(total)
+
+    def _probe(self, inputs: Tensor, targets: Tensor) -> Probe:
+        """Extra forward passes for the batch rule: losses at shifted weights, per-example gradient norms."""
+        module = self.model.module if self._ddp else self.model
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        layers = self._norm_layers
+
+        def losses_at(offsets: list[Tensor | None], start: int, stop: int) -> Tensor:
+            stop = inputs.shape[0] if stop < 0 else stop
+            weights = {name: p if o is None else p + o for (name, p), o in zip(named, offsets)}
+            with torch.no_grad(), running_stats.frozen(layers), self.precision.autocast(inputs.device.type):
+                outputs = torch.func.functional_call(module, weights, (inputs[start:stop],))
+                losses = self.loss_fn(outputs, targets[start:stop])
+            return losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
+
+        def gradient_norms(start: int, stop: int) -> Tensor:
+            norms = []
+            with running_stats.frozen(layers), torch.enable_grad():
+                for i in range(start, stop):
+                    with self.precision.autocast(inputs.device.type):
+                        loss = self.loss_fn(module(inputs[i : i + 1]), targets[i : i + 1]).float().sum()
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    squares = [g.double().pow(2).sum() for g in grads if g is not None]
+                    norms.append(torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64))
+            return torch.stack(norms)
+
+        batch_dependent = any(layer.training for layer in layers)
+        return Probe(params, losses_at, gradient_norms, batch_dependent)
 
     def _pass(
         self, inputs: Tensor, targets: Tensor, chunks: list[tuple[int, int]], batch: int, sync_last: bool

@@ -5,7 +5,9 @@ A variant registers itself once, in the module that defines it::
     register_optimizer("rsam", "SAM along a random direction (no first pass)", build_random, sharpness_aware=True)
 
 ``build`` receives an :class:`OptimizerRequest` (the model, the base optimiser chosen by the config with its
-options, rho, p and the whole training config for a variant's own fields) and returns the optimiser.
+options, rho, p, the whole training config for a variant's own fields, and a sampler of training examples) and
+returns the optimiser; an optional ``batch_rule`` builder does the same for the variant's
+:class:`~flatminima.batch_rules.BatchRule`.
 ``sharpness_aware`` tells the training loop which batch step drives it: :class:`~flatminima.step.SharpnessAwareStep`
 (two passes, m-SAM groups, rho schedule) or :class:`~flatminima.step.PlainStep`.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "OptimizerRequest",
@@ -40,6 +42,9 @@ class OptimizerRequest:
     rho: float
     p: float
     config: Any  # the full training config (a TrainConfig), for fields of a variant's own
+    draw_examples: Callable[[int | None, torch.Generator], tuple[Tensor, Tensor]] | None = None
+    train_size: int = 0  # examples in the training split (what draw_examples draws from)
+    rank: int = 0  # this process's rank under torchrun, for per-rank draws
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class OptimizerSpec:
     help: str
     build: Callable[[OptimizerRequest], torch.optim.Optimizer]
     sharpness_aware: bool
+    batch_rule: Callable[[OptimizerRequest], Any] | None = None  # -> a flatminima.batch_rules.BatchRule
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -61,15 +67,22 @@ def register_optimizer(
     build: Callable[[OptimizerRequest], torch.optim.Optimizer],
     *,
     sharpness_aware: bool,
+    batch_rule: Callable[[OptimizerRequest], Any] | None = None,
 ) -> OptimizerSpec:
-    """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error)."""
+    """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error).
+
+    ``batch_rule``, for variants that choose the examples of each pass (n-SAM, RW-SAM, a single example):
+    ``batch_rule(request)`` returns the :class:`~flatminima.batch_rules.BatchRule` the batch step is given.
+    """
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
         raise ValueError(f"an optimiser name is lower-case letters, digits, '-' or '_'; got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"optimiser {name!r} is already registered (by {_REGISTRY[name].build.__module__})")
     if not callable(build):
         raise TypeError(f"build must be callable as build(request) -> optimizer, got {type(build).__name__}")
-    spec = OptimizerSpec(name, help, build, sharpness_aware)
+    if batch_rule is not None and not sharpness_aware:
+        raise ValueError(f"optimiser {name!r}: a batch rule needs the sharpness-aware step (sharpness_aware=True)")
+    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule)
     _REGISTRY[name] = spec
     return spec
 

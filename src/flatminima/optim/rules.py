@@ -82,10 +82,17 @@ class DescentRule:
 
     ``needs_first_gradient``: keep ``g(w)`` aside during the step and pass it to :meth:`direction_`. SAM then
     holds one extra copy of the gradients (or, when the first gradients are released with ``zero_grad``, just
-    the tensors themselves).
+    the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (:meth:`declines_ascent`).
+    ``needs_learning_rates``: pass each parameter's learning rate to :meth:`direction_` (``lrs=``).
     """
 
     needs_first_gradient: bool = False
+    needs_learning_rates: bool = False
+
+    def declines_ascent(self, first_grads: list[Tensor]) -> bool:
+        """Whether, given ``g(w)``, this step should skip the ascent and step along ``g(w)`` (asked only of rules
+        that need the first gradient). Ahn et al.'s algorithms perturb only once the gradient is small."""
+        return False
 
     def direction_(
         self,
@@ -100,7 +107,8 @@ class DescentRule:
         ``grads`` holds the gradient of the last pass: ``g(w + e)`` when ``ascended``, else ``g(w)`` (the
         cadence skipped the ascent). ``first_grads`` is ``g(w)`` when asked for and the step ascended.
         ``states`` are the parameters' optimiser-state dicts, so whatever the rule keeps there is checkpointed
-        with the base optimiser's state.
+        with the base optimiser's state. A rule that sets ``needs_learning_rates`` also gets ``lrs=``, each
+        parameter's current learning rate.
         """
 
     @property

@@ -120,6 +120,8 @@ class SAM(Optimizer):
         self._first_grads: tuple[list[Tensor], list[Tensor]] | None = None  # (params, g(w)) for the descent
         self._skip_descent = False
         self._direction_ready = False
+        self._first_kept = False  # g(w) was kept by keep_first_gradient() before an ascent on another sample
+        self._declined = False  # the descent rule declined this step's ascent at g(w)
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
         # Share, not copy: schedulers, add_param_group and state_dict all act on the base optimiser.
@@ -161,6 +163,12 @@ class SAM(Optimizer):
         return any(getattr(rule, "needs_gradient", True) for rule in rules)
 
     @property
+    def ascent_declined(self) -> bool:
+        """True when the descent rule declined this step's ascent at ``g(w)`` (:meth:`DescentRule.declines_ascent`):
+        ``.grad`` then holds ``g(w)`` and ``second_step`` takes a plain step; no second pass is needed."""
+        return self._declined
+
+    @property
     def step_skipped(self) -> bool:
         """True between a ``first_step`` that met a non-finite gradient (``nonfinite="skip"``) and ``second_step``."""
         return self._skip_descent
@@ -169,6 +177,33 @@ class SAM(Optimizer):
     def flat_layout(self) -> FlatLayout | None:
         """The buffers parameters and gradients are views of (``flatten=True``), else None."""
         return self._flat
+
+    @torch.no_grad()
+    def keep_first_gradient(self, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
+        """Hold the gradient now in ``.grad`` as ``g(w)`` for the descent rule, before an ascent pass on another
+        sample (a driver whose ascent gradient is not the batch's, such as a single example's, calls this after
+        the batch's pass at ``w``, then zeroes the gradients). Returns whether the ascent goes ahead: False when
+        the descent rule declines it at this ``g(w)``; ``.grad`` is then left holding ``g(w)``, so call
+        ``second_step`` for a plain step. With ``grad_scaler`` the kept copy is unscaled; a non-finite ``g(w)``
+        then skips the step (:attr:`step_skipped`; back the scale off with :func:`~flatminima.optim.scaler.
+        back_off`), as any non-finite gradient does under the non-finite policy otherwise.
+        """
+        if self.is_perturbed:
+            raise RuntimeError("keep_first_gradient() must come before first_step(): the weights are perturbed.")
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        kept = [p.grad.clone() for p in params]
+        self._first_grads = (params, kept)
+        self._first_kept = True
+        if amp.is_active(grad_scaler):
+            torch._foreach_mul_(kept, 1.0 / grad_scaler.get_scale())
+            finite = all(math.isfinite(float(n)) for n in tensor_norms(kept))
+        else:
+            finite = not self.guard.checks or self.guard.first_gradient_ok([float(n) for n in tensor_norms(kept)])
+        if not finite:
+            self._skip_descent = True
+            return False
+        self._declined = self.ascent_due and self.descent.declines_ascent(kept)
+        return not self._declined
 
     def watch_running_stats(self, model: nn.Module) -> None:
         """Keep ``model``'s BatchNorm statistics from the first pass (what ``model=`` does at construction)."""
@@ -195,15 +230,24 @@ class SAM(Optimizer):
                 "Call second_step() (or restore()) after the second backward pass."
             )
         self._skip_descent = False
-        self._first_grads = None
+        if not self._first_kept:
+            self._first_grads = None
         if grad_scaler is not None and amp.already_unscaled(grad_scaler, self):
             raise RuntimeError(
                 "grad_scaler.unscale_(optimizer) was called before first_step: SAM unscales the first gradient "
                 "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
             )
-        due = self.ascent_due
-        if due:
+        due = self.ascent_due and not self._declined
+        if due and not self._first_kept:
             self._keep_first_gradient(zero_grad)
+            if self._first_grads is not None and self.descent.declines_ascent(
+                _unscaled(self._first_grads[1], grad_scaler)
+            ):
+                self._declined, due = True, False
+                for param, grad in zip(*self._first_grads):
+                    param.grad = grad  # a plain step along g(w): leave it in .grad
+                return False
+        if due:
             plan = self._flat_plan(grad_scaler)
             if plan is not None:
                 self._perturb_flat(*plan)
@@ -212,7 +256,7 @@ class SAM(Optimizer):
         self._ascended = self.is_perturbed
         if due and not self._skip_descent and first_pass:
             self._running_stats.freeze()  # the unperturbed first pass set the statistics; the second keeps them
-        if zero_grad:
+        if zero_grad and not self._declined:
             self.zero_grad()
         return self._ascended
 
@@ -249,6 +293,8 @@ class SAM(Optimizer):
             self._ascended = False
             self._first_grads = None
             self._direction_ready = False
+            self._first_kept = False
+            self._declined = False
 
     def apply_descent_rule(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Turn ``.grad`` into the descent direction (once per step; ``second_step`` calls it if you did not).
@@ -268,7 +314,13 @@ class SAM(Optimizer):
             by_param = dict(zip(map(id, self._first_grads[0]), self._first_grads[1]))
             first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
         states = [self.state[p] for p in params]
-        self.descent.direction_(params, [p.grad for p in params], first, states, self._ascended)
+        grads = [p.grad for p in params]
+        if self.descent.needs_learning_rates:
+            lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+            lrs = [float(lr_of[id(p)]) for p in params]
+            self.descent.direction_(params, grads, first, states, self._ascended, lrs=lrs)
+        else:
+            self.descent.direction_(params, grads, first, states, self._ascended)
         self._direction_ready = True
 
     @torch.no_grad()
@@ -311,7 +363,7 @@ class SAM(Optimizer):
                 loss = closure()
         if self.ascent_due:
             self.first_step(zero_grad=True, grad_scaler=grad_scaler, first_pass=first_pass)
-            if not self._skip_descent:
+            if not self._skip_descent and not self._declined:
                 try:
                     with torch.enable_grad(), self._second_pass_running_stats(first_pass):
                         second = closure()
@@ -482,6 +534,11 @@ class SAM(Optimizer):
         if self._running_stats.watching or not first_pass:
             return nullcontext()
         return running_stats.freeze_everywhere()
+
+
+def _unscaled(grads: list[Tensor], grad_scaler: torch.amp.GradScaler | None) -> list[Tensor]:
+    """``grads`` as they are, or divided by the scale of an active GradScaler (new tensors)."""
+    return torch._foreach_div(grads, grad_scaler.get_scale()) if amp.is_active(grad_scaler) else grads
 
 
 def _linear_coefficient(rule: Any, rho: float, norm: Tensor | float) -> Tensor | float | None:

@@ -11,15 +11,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from flatminima.batch_rules import BatchRule
 from flatminima.optim import OptimizerRequest, RhoScheduler, optimizer_spec
 from flatminima.train.config import TrainConfig
 
 __all__ = [
     "BASE_OPTIMIZERS",
+    "build_batch_rule",
     "build_loss",
     "build_optimizer",
     "build_rho_scheduler",
     "build_scheduler",
+    "optimizer_request",
     "rho_at",
     "rho_factor",
 ]
@@ -27,10 +30,18 @@ __all__ = [
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The registered optimiser ``config.optimizer``; weight decay moves to the loss if asked.
+def optimizer_request(
+    config: TrainConfig,
+    model: nn.Module,
+    *,
+    draw_examples: Callable[[int | None, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    train_size: int = 0,
+    rank: int = 0,
+) -> OptimizerRequest:
+    """What the registered builders get: the base optimiser chosen by the config, rho, p, and the run's data.
 
-    A sharpness-aware name wraps ``config.base_optimizer``; a base name (sgd, adamw) is its own base.
+    A sharpness-aware name wraps ``config.base_optimizer``; a base name (sgd, adamw) is its own base. Weight decay
+    moves to the loss if asked.
     """
     spec = optimizer_spec(config.optimizer)
     own_base = not spec.sharpness_aware and config.optimizer in BASE_OPTIMIZERS
@@ -39,8 +50,31 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     if base_class is torch.optim.SGD:
         options["momentum"] = config.momentum
     options["weight_decay"] = 0.0 if config.weight_decay_in_loss else config.weight_decay
-    request = OptimizerRequest(model, base_class, options, rho=config.rho, p=config.p, config=config)
-    return spec.build(request)
+    return OptimizerRequest(
+        model,
+        base_class,
+        options,
+        rho=config.rho,
+        p=config.p,
+        config=config,
+        draw_examples=draw_examples,
+        train_size=train_size,
+        rank=rank,
+    )
+
+
+def build_optimizer(
+    config: TrainConfig, model: nn.Module, request: OptimizerRequest | None = None
+) -> torch.optim.Optimizer:
+    """The registered optimiser ``config.optimizer`` (see :func:`optimizer_request`)."""
+    request = request if request is not None else optimizer_request(config, model)
+    return optimizer_spec(config.optimizer).build(request)
+
+
+def build_batch_rule(config: TrainConfig, request: OptimizerRequest) -> BatchRule | None:
+    """The batch rule of ``config.optimizer`` if it registered one (n-SAM, RW-SAM, ahn-sa), else None."""
+    spec = optimizer_spec(config.optimizer)
+    return spec.batch_rule(request) if spec.batch_rule is not None else None
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

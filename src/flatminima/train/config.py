@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
+from flatminima.variants.rwsam import SCORES
 
 __all__ = ["TrainConfig", "add_arguments", "config_from_args"]
 
@@ -55,6 +57,16 @@ class TrainConfig:
     rho_schedule: str = _option("constant", "constant, or linear: rho grows from 0 over warmup_epochs")
     p: float = _option(2.0, "the L_p ball of the SAM ascent (2 = SAM, inf = sign)")
     group_size: int | None = _option(None, "m of m-SAM: each group of m examples gets its own perturbation")
+    nsam_sample_size: int = _option(512, "nsam: examples in the ascent sample (0: the whole training set)")
+    nsam_refresh_every: int = _option(1, "nsam: draw a new ascent sample every k steps (0: one fixed sample)")
+    rwsam_lambda: float = _option(1.0, "rwsam: Gibbs temperature lambda of the example weights (0 is SAM)")
+    rwsam_delta: float = _option(1e-3, "rwsam: finite-difference step delta of the sharpness scores")
+    rwsam_z_group_size: int = _option(0, "rwsam: a fresh sign vector z per group of k examples (0: one per batch)")
+    rwsam_weighted_descent: bool = _option(False, "rwsam: weight the descent pass too")
+    rwsam_score: str = _option("difference", "rwsam: score by finite difference, or exact gradient norms", SCORES)
+    ahn_epsilon: float = _option(float("inf"), "ahn-rs/ahn-sa: perturb only when ||grad|| <= epsilon (inf: always)")
+    ahn_eta_prime: float = _option(1.0, "ahn-rs/ahn-sa: step eta' of the perturbation, as a multiple of lr")
+    ahn_eta_prime_absolute: bool = _option(False, "ahn-rs/ahn-sa: eta' is absolute, not a multiple of lr")
     lr: float = _option(0.1, "peak learning rate")
     lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 % of training) or constant", SCHEDULES)
     warmup_epochs: int = _option(0, "linear learning-rate warm-up, in epochs")
@@ -93,6 +105,13 @@ class TrainConfig:
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.cutout >= 0, "cutout must be >= 0"),
             (self.rho_schedule in ("constant", "linear"), "rho_schedule must be constant or linear"),
+            (self.nsam_sample_size >= 0, "nsam_sample_size must be >= 0 (0: the whole training set)"),
+            (self.nsam_refresh_every >= 0, "nsam_refresh_every must be >= 0 (0: one fixed sample)"),
+            (math.isfinite(self.rwsam_lambda) and self.rwsam_lambda >= 0, "rwsam_lambda must be finite and >= 0"),
+            (math.isfinite(self.rwsam_delta) and self.rwsam_delta > 0, "rwsam_delta must be finite and > 0"),
+            (self.rwsam_z_group_size >= 0, "rwsam_z_group_size must be >= 0 (0: one z per batch)"),
+            (self.ahn_epsilon >= 0, "ahn_epsilon must be >= 0 (inf: always perturb)"),
+            (math.isfinite(self.ahn_eta_prime) and self.ahn_eta_prime >= 0, "ahn_eta_prime must be finite and >= 0"),
         ]
         for field_ in dataclasses.fields(self):
             choices = _choices(field_)

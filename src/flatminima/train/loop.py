@@ -15,14 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatminima.data.dataset import ImageDataset
 from flatminima.optim import optimizer_spec
 from flatminima.step import PlainStep, SharpnessAwareStep
 from flatminima.train.batches import BatchPipeline, evaluate
-from flatminima.train.builders import build_loss, build_optimizer, build_rho_scheduler, build_scheduler
+from flatminima.train.builders import (
+    build_batch_rule,
+    build_loss,
+    build_optimizer,
+    build_rho_scheduler,
+    build_scheduler,
+    optimizer_request,
+)
 from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
 from flatminima.train.config import TrainConfig
 from flatminima.train.distributed import Distributed
@@ -58,6 +65,19 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if config.device == "cuda" else config.device)
 
 
+def _example_sampler(data: PreparedData, batches: BatchPipeline):
+    """``draw(n, generator)``: ``n`` training examples drawn without replacement (all of them for ``None``),
+    augmented with the same generator as a batch would be, on the device."""
+    images, labels = data.train_images, data.train_labels
+
+    def draw(n: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        index = torch.randperm(images.shape[0], generator=generator)
+        index = index if n is None else index[:n]
+        return batches(images[index], generator), labels[index].to(batches.device)
+
+    return draw
+
+
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
 
@@ -88,7 +108,16 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     network: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
     loss_fn = build_loss(config, model)
     spec = optimizer_spec(config.optimizer)
-    optimizer = build_optimizer(config, model)
+    batches = BatchPipeline(data.dataset, config, device)
+    request = optimizer_request(
+        config,
+        model,
+        draw_examples=_example_sampler(data, batches),
+        train_size=data.train_images.shape[0],
+        rank=ctx.rank,
+    )
+    optimizer = build_optimizer(config, model, request)
+    batch_rule = build_batch_rule(config, request)
     count = data.train_images.shape[0]
     per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
     if per_epoch < 1:
@@ -106,10 +135,10 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
             group_size=config.group_size,
             grad_scaler=scaler,
             autocast_dtype=autocast_dtype,
+            batch_rule=batch_rule,
         )
     else:
         step = PlainStep(network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype)
-    batches = BatchPipeline(data.dataset, config, device)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
