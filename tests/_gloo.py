@@ -53,3 +53,17 @@ def run_on_gloo(
             if process.is_alive():
                 process.kill()
             process.join()
+
+
+def ddp_mlp() -> torch.nn.Module:
+    """The float64 MLP the distributed tests train (6 -> 16 -> 3), initialised alike on every rank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+
+
+def ddp_data(steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (steps, batch, 6) and class targets (steps, batch): different data at each step, same on all ranks."""
+    gen = torch.Generator().manual_seed(1234)
+    inputs = torch.randn(steps, batch, 6, dtype=torch.float64, generator=gen)
+    return inputs, torch.randint(0, 3, (steps, batch), generator=gen)

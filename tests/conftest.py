@@ -58,3 +58,26 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 def assert_identical(model: nn.Module, saved: list[torch.Tensor]) -> None:
     for a, b in zip([*model.parameters(), *model.buffers()], saved, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+def resumed_equals_straight(tmp_path, monkeypatch, config) -> bool:
+    """Train ``config`` straight; train it again but die right after the first checkpoint, then resume.
+    True when both runs end with the same weights, bit for bit."""
+    import dataclasses
+
+    from flatminima.train import loop as training_loop
+    from flatminima.train import train
+
+    straight = train(dataclasses.replace(config, output=str(tmp_path / "straight"))).model
+    save = training_loop.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(config, output=str(tmp_path / "killed")))
+    monkeypatch.undo()
+    resumed = train(dataclasses.replace(config, output=str(tmp_path / "killed"), resume=True)).model
+    return all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import SAM, SharpnessAwareStep
-from tests._gloo import WORLD_SIZE, run_on_gloo
+from tests._gloo import WORLD_SIZE, ddp_data, ddp_mlp, run_on_gloo
 
 PER_RANK = 8
 GLOBAL_BATCH = WORLD_SIZE * PER_RANK
@@ -44,17 +44,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    return ddp_mlp()
 
 
 def _data() -> tuple[Tensor, Tensor]:
     """Inputs (STEPS, 16, 6) and class targets (STEPS, 16): different data at each step."""
-    gen = torch.Generator().manual_seed(1234)
-    inputs = torch.randn(STEPS, GLOBAL_BATCH, 6, dtype=torch.float64, generator=gen)
-    targets = torch.randint(0, 3, (STEPS, GLOBAL_BATCH), generator=gen)
-    return inputs, targets
+    return ddp_data(STEPS, GLOBAL_BATCH)
 
 
 def _optimizer(model: nn.Module) -> SAM:

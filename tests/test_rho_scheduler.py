@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from flatminima.optim import SAM, RhoScheduler
-from flatminima.train import TrainConfig, train
-from flatminima.train import loop as training_loop
+from flatminima.train import TrainConfig
 from flatminima.train.builders import build_rho_scheduler, rho_at
+from tests.conftest import resumed_equals_straight
 
 
 def _sam(rho: float = 0.2) -> SAM:
@@ -54,19 +54,7 @@ def test_refuses_an_optimizer_without_rho_and_bad_factors() -> None:
 
 def test_resume_mid_warm_up_continues_the_rho_schedule_exactly(tmp_path: Path, monkeypatch) -> None:
     """A run that dies after its first checkpoint, inside the rho warm-up, resumes to the same weights."""
-    base = dict(epochs=3, batch_size=64, threads=1, progress=False, rho=0.2, lr=0.05, warmup_epochs=2)
-    straight = train(TrainConfig(**base, rho_schedule="linear", output=str(tmp_path / "straight"))).model
-    killed = TrainConfig(**base, rho_schedule="linear", output=str(tmp_path / "killed"))
-    save = training_loop.save_checkpoint
-
-    def save_then_die(state, path):
-        save(state, path)
-        raise KeyboardInterrupt("killed after the first checkpoint")
-
-    monkeypatch.setattr(training_loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed)
-    monkeypatch.undo()
-    resumed = train(TrainConfig(**base, rho_schedule="linear", output=str(tmp_path / "killed"), resume=True)).model
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    config = TrainConfig(
+        epochs=3, batch_size=64, threads=1, progress=False, rho=0.2, lr=0.05, warmup_epochs=2, rho_schedule="linear"
+    )
+    assert resumed_equals_straight(tmp_path, monkeypatch, config)

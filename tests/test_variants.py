@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from flatminima import SAM, DualNorm, RandomDirection, SharpnessAwareStep
 from flatminima.variants import AscentSample, GibbsReweighting, OrthogonalEscape, RandomSign, SingleExample
+from tests.conftest import resumed_equals_straight
 
 LR, MOMENTUM, RHO, STEPS = 0.1, 0.9, 0.05, 5
 torch.set_default_dtype(torch.float32)
@@ -347,3 +348,85 @@ def test_escape_through_a_grad_scaler_is_the_unscaled_step() -> None:
             step(x, y)
         results.append(_weights(model))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cli(tmp_path, *extra: str) -> list[str]:
+    fast = ["--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--lr", "0.05"]
+    return ["train", *fast, "--output", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "nsam", "--nsam-sample-size", "128", "--nsam-refresh-every", "3"],
+        ["--optimizer", "rwsam", "--rwsam-lambda", "2", "--rwsam-z-group-size", "16", "--rwsam-weighted-descent"],
+        ["--optimizer", "ahn-rs", "--ahn-epsilon", "5", "--ahn-eta-prime", "0.02", "--ahn-eta-prime-absolute"],
+        ["--optimizer", "ahn-sa", "--amp", "bf16"],
+    ],
+)
+def test_each_variant_trains_from_the_command_line(tmp_path, extra: list[str]) -> None:
+    from flatminima.cli import main
+
+    assert main(_cli(tmp_path, *extra)) == 0
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_variant_flags_are_in_the_help(capsys) -> None:
+    from flatminima.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("nsam", "rwsam", "ahn-rs", "ahn-sa", "--nsam-sample-size", "--rwsam-lambda", "--rwsam-delta",
+                 "--rwsam-score", "--ahn-epsilon", "--ahn-eta-prime"):  # fmt: skip
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--optimizer", "rwsam", "--rwsam-delta", "-0.1"], "rwsam_delta must be finite and > 0"),
+        (["--optimizer", "rwsam", "--rwsam-lambda", "-1"], "rwsam_lambda"),
+        (["--optimizer", "ahn-rs", "--ahn-epsilon", "-1"], "ahn_epsilon must be >= 0"),
+        (["--optimizer", "ahn-sa", "--ahn-eta-prime", "-1"], "ahn_eta_prime"),
+        (["--optimizer", "nsam", "--nsam-sample-size", "-5"], "nsam_sample_size"),
+    ],
+)
+def test_bad_variant_options_are_refused(tmp_path, capsys, extra: list[str], match: str) -> None:
+    from flatminima.cli import main
+
+    assert main(_cli(tmp_path, *extra)) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_an_ascent_sample_larger_than_the_data_is_refused(tmp_path) -> None:
+    from flatminima.cli import main
+
+    with pytest.raises(ValueError, match="nsam_sample_size=100000 exceeds the 1347 training examples"):
+        main(_cli(tmp_path, "--optimizer", "nsam", "--nsam-sample-size", "100000"))
+
+
+@pytest.mark.parametrize("optimizer", ["nsam", "rwsam", "ahn-rs", "ahn-sa"])
+def test_a_killed_variant_run_resumes_exactly(tmp_path, monkeypatch, optimizer: str) -> None:
+    """The variants draw from the global RNG (checkpointed) or from seeds fixed by the step number: a run that
+    dies after its first checkpoint resumes to the same weights, bit for bit."""
+    from flatminima.train import TrainConfig
+
+    config = TrainConfig(optimizer=optimizer, epochs=2, batch_size=128, threads=1, progress=False, lr=0.05,
+                         nsam_sample_size=256, rwsam_lambda=2.0)  # fmt: skip
+    assert resumed_equals_straight(tmp_path, monkeypatch, config)
+
+
+def test_demo_compares_any_listed_variants(tmp_path, capsys) -> None:
+    from flatminima.cli import main
+
+    argv = ["demo", "--variants", "sgd", "ahn-sa", "msam-16", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| SGD |" in out and "| AHN-SA |" in out and "| MSAM-16 |" in out and "SAM - SGD" not in out
+    assert (tmp_path / "demo" / "results.md").is_file()
+    assert main(["demo", "--variants", "sgd", "lookahead", "--output", str(tmp_path / "bad")]) == 2
+    assert "unknown variant(s) ['lookahead']" in capsys.readouterr().err

@@ -16,11 +16,14 @@ rule overrides only what it changes. The step calls, in order: :meth:`~BatchRule
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["BatchRule", "Probe", "Sample", "random_index"]
+from flatminima import running_stats
+
+__all__ = ["BatchRule", "Probe", "Sample", "make_probe", "random_index"]
 
 Sample = tuple[Tensor, Tensor]  # (inputs, targets)
 
@@ -88,3 +91,43 @@ class BatchRule:
 def random_index(n: int, generator: torch.Generator | None) -> int:
     """One index uniform in ``range(n)`` from ``generator`` (on the CPU, so runs are reproducible anywhere)."""
     return int(torch.randint(n, (1,), generator=generator).item())
+
+
+def make_probe(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    autocast: AbstractContextManager[None] | None = None,
+) -> Probe:
+    """The :class:`Probe` of ``model`` (unwrapped from DDP) on ``(inputs, targets)``; ``loss_fn`` returns one loss
+    per example. ``autocast`` is entered around each forward pass (the step's mixed precision)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    layers = running_stats.norm_layers(model)
+
+    def precision() -> AbstractContextManager[None]:
+        return autocast if autocast is not None else nullcontext()
+
+    def widen(losses: Tensor) -> Tensor:
+        return losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
+
+    def losses_at(offsets: list[Tensor | None], start: int, stop: int) -> Tensor:
+        stop = inputs.shape[0] if stop < 0 else stop
+        weights = {name: p if o is None else p + o for (name, p), o in zip(named, offsets)}
+        with torch.no_grad(), running_stats.frozen(layers), precision():
+            outputs = torch.func.functional_call(model, weights, (inputs[start:stop],))
+            return widen(loss_fn(outputs, targets[start:stop]))
+
+    def gradient_norms(start: int, stop: int) -> Tensor:
+        norms = []
+        with running_stats.frozen(layers), torch.enable_grad():
+            for i in range(start, stop):
+                with precision():
+                    loss = widen(loss_fn(model(inputs[i : i + 1]), targets[i : i + 1])).sum()
+                grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
+                squares = torch.stack([g.double().pow(2).sum() for g in grads]) if grads else torch.zeros(1)
+                norms.append(squares.sum().sqrt().to(torch.float64))
+        return torch.stack(norms)
+
+    return Probe(params, losses_at, gradient_norms, batch_dependent=any(layer.training for layer in layers))

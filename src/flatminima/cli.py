@@ -20,6 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average over (default: 0)")
     demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 60)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--variants",
+        nargs="+",
+        default=["sgd", "sam"],
+        help="what to compare (default: sgd sam); any of sgd, sam, msam-4, msam-16, nsam, rwsam, rwsam-0.1, "
+        "rwsam-1, ahn-rs, ahn-sa (docs/variants.md)",
+    )
+    demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
     sharp = commands.add_parser("sharpness", help="Hessian spectrum, trace, m-sharpness and landscape of a model")
     sharp.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by flatminima train")
     sharp.add_argument("--data-root", default=None, help="dataset folder, if not the one in the checkpoint's config")
@@ -58,8 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None and args.epochs < 1:
         print("flatminima demo: --epochs must be >= 1", file=sys.stderr)
         return 2
-    finals = run_label_noise_demo(args.output, tuple(args.seeds), args.epochs, progress=not args.no_progress)
-    print("SGD vs SAM on digits, 40 % symmetric label noise on the training labels (clean test labels):\n")
+    if args.workers < 1:
+        print("flatminima demo: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        finals = run_label_noise_demo(
+            args.output,
+            tuple(args.seeds),
+            args.epochs,
+            progress=not args.no_progress,
+            variants=tuple(args.variants),
+            workers=args.workers,
+        )
+    except ValueError as error:
+        print(f"flatminima demo: {error}", file=sys.stderr)
+        return 2
+    names = " vs ".join(name.upper() for name in args.variants)
+    print(f"{names} on digits, 40 % symmetric label noise on the training labels (clean test labels):\n")
     print(format_table(finals))
     print(f"\nfigure and table in {args.output}/")
     return 0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import running_stats
-from flatminima.batch_rules import BatchRule, Probe
+from flatminima.batch_rules import BatchRule, Probe, make_probe
 from flatminima.optim.sam import SAM
 from flatminima.optim.scaler import already_unscaled, back_off
 
@@ -340,33 +340,8 @@ class SharpnessAwareStep:
         return torch.as_tensor(total)
 
     def _probe(self, inputs: Tensor, targets: Tensor) -> Probe:
-        """Extra forward passes for the batch rule: losses at shifted weights, per-example gradient norms."""
         module = self.model.module if self._ddp else self.model
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        layers = self._norm_layers
-
-        def losses_at(offsets: list[Tensor | None], start: int, stop: int) -> Tensor:
-            stop = inputs.shape[0] if stop < 0 else stop
-            weights = {name: p if o is None else p + o for (name, p), o in zip(named, offsets)}
-            with torch.no_grad(), running_stats.frozen(layers), self.precision.autocast(inputs.device.type):
-                outputs = torch.func.functional_call(module, weights, (inputs[start:stop],))
-                losses = self.loss_fn(outputs, targets[start:stop])
-            return losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
-
-        def gradient_norms(start: int, stop: int) -> Tensor:
-            norms = []
-            with running_stats.frozen(layers), torch.enable_grad():
-                for i in range(start, stop):
-                    with self.precision.autocast(inputs.device.type):
-                        loss = self.loss_fn(module(inputs[i : i + 1]), targets[i : i + 1]).float().sum()
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    squares = [g.double().pow(2).sum() for g in grads if g is not None]
-                    norms.append(torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64))
-            return torch.stack(norms)
-
-        batch_dependent = any(layer.training for layer in layers)
-        return Probe(params, losses_at, gradient_norms, batch_dependent)
+        return make_probe(module, self.loss_fn, inputs, targets, self.precision.autocast(inputs.device.type))
 
     def _pass(
         self, inputs: Tensor, targets: Tensor, chunks: list[tuple[int, int]], batch: int, sync_last: bool
