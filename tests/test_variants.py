@@ -330,24 +330,44 @@ def test_escape_bad_options() -> None:
         OrthogonalEscape(1.0, -0.5)
 
 
-def test_escape_through_a_grad_scaler_is_the_unscaled_step() -> None:
-    """A power-of-two loss scale is exact, so with a GradScaler the weights equal the unscaled run's."""
+def _escape_step(model: nn.Module, algorithm: str, scaler: torch.amp.GradScaler | None) -> SharpnessAwareStep:
+    if algorithm == "rs":
+        opt = _sam(model, perturbation=RandomDirection(torch.Generator().manual_seed(3)),
+                   descent=OrthogonalEscape(math.inf, 0.5))  # fmt: skip
+        return SharpnessAwareStep(model, _per_example, opt, grad_scaler=scaler)
+    opt = _sam(model, perturbation=RandomSign(DualNorm(2.0), torch.Generator().manual_seed(4)),
+               descent=OrthogonalEscape(math.inf, 0.5))  # fmt: skip
+    rule = SingleExample(torch.Generator().manual_seed(6))
+    return SharpnessAwareStep(model, _per_example, opt, grad_scaler=scaler, batch_rule=rule)
+
+
+@pytest.mark.parametrize("algorithm", ["rs", "sa"])
+def test_escape_through_a_grad_scaler_is_the_unscaled_step(algorithm: str) -> None:
+    """A power-of-two loss scale is exact, so with a GradScaler the weights equal the unscaled run's (g(w) is
+    kept unscaled, also when the ascent itself reads no gradient)."""
     results = []
     for scaled in (False, True):
         model = _model()
-        opt = _sam(
-            model,
-            perturbation=RandomSign(DualNorm(2.0), torch.Generator().manual_seed(4)),
-            descent=OrthogonalEscape(math.inf, 0.5),
-        )
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
-        step = SharpnessAwareStep(
-            model, _per_example, opt, grad_scaler=scaler, batch_rule=SingleExample(torch.Generator().manual_seed(6))
-        )
+        step = _escape_step(model, algorithm, scaler)
         for x, y in _batches():
             step(x, y)
         results.append(_weights(model))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("algorithm", ["rs", "sa"])
+def test_escape_overflow_under_a_grad_scaler_skips_and_backs_off(algorithm: str) -> None:
+    """An inf in g(w) under a GradScaler: no step, weights untouched, the scale halves (as for any overflow)."""
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    step = _escape_step(model, algorithm, scaler)
+    before = _weights(model)
+    x, y = _data(1)
+    x[3, 0] = math.inf
+    step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+    assert scaler.get_scale() == 2.0**9
 
 
 # ---------------------------------------------------------------- the command line

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flatminima import running_stats
 from flatminima.batch_rules import BatchRule, Probe, make_probe
 from flatminima.optim.sam import SAM
-from flatminima.optim.scaler import already_unscaled, back_off
+from flatminima.optim.scaler import already_unscaled
 
 __all__ = ["PlainStep", "Precision", "SharpnessAwareStep"]
 
@@ -279,10 +279,8 @@ class SharpnessAwareStep:
             # g(w) of the batch for the descent rule, all-reduced so that every rank steps alike
             loss_at_w = self._pass(inputs, targets, [(0, batch)], batch, sync_last=True)
             proceed = opt.keep_first_gradient(scaler)
-            if opt.step_skipped:
+            if opt.step_skipped:  # non-finite g(w) under nonfinite="skip"
                 opt.second_step()
-                if scaler is not None:
-                    back_off(scaler)
                 return loss_at_w
             if not proceed:  # declined at this g(w): a plain step along it
                 return self._descend(loss_at_w)

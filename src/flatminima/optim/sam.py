@@ -185,8 +185,8 @@ class SAM(Optimizer):
         the batch's pass at ``w``, then zeroes the gradients). Returns whether the ascent goes ahead: False when
         the descent rule declines it at this ``g(w)``; ``.grad`` is then left holding ``g(w)``, so call
         ``second_step`` for a plain step. With ``grad_scaler`` the kept copy is unscaled; a non-finite ``g(w)``
-        then skips the step (:attr:`step_skipped`; back the scale off with :func:`~flatminima.optim.scaler.
-        back_off`), as any non-finite gradient does under the non-finite policy otherwise.
+        then declines the ascent too, so that the scaler finds the inf/NaN left in ``.grad``, skips the step and
+        lowers its scale, as for any overflow.
         """
         if self.is_perturbed:
             raise RuntimeError("keep_first_gradient() must come before first_step(): the weights are perturbed.")
@@ -195,14 +195,13 @@ class SAM(Optimizer):
         self._first_grads = (params, kept)
         self._first_kept = True
         if amp.is_active(grad_scaler):
-            torch._foreach_mul_(kept, 1.0 / grad_scaler.get_scale())
-            finite = all(math.isfinite(float(n)) for n in tensor_norms(kept))
+            finite = amp.unscale_first_gradient(grad_scaler, kept)
         else:
             finite = not self.guard.checks or self.guard.first_gradient_ok([float(n) for n in tensor_norms(kept)])
-        if not finite:
-            self._skip_descent = True
-            return False
-        self._declined = self.ascent_due and self.descent.declines_ascent(kept)
+            if not finite:  # nonfinite="skip"
+                self._skip_descent = True
+                return False
+        self._declined = self.ascent_due and (not finite or self.descent.declines_ascent(kept))
         return not self._declined
 
     def watch_running_stats(self, model: nn.Module) -> None:
@@ -238,15 +237,9 @@ class SAM(Optimizer):
                 "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
             )
         due = self.ascent_due and not self._declined
-        if due and not self._first_kept:
-            self._keep_first_gradient(zero_grad)
-            if self._first_grads is not None and self.descent.declines_ascent(
-                _unscaled(self._first_grads[1], grad_scaler)
-            ):
-                self._declined, due = True, False
-                for param, grad in zip(*self._first_grads):
-                    param.grad = grad  # a plain step along g(w): leave it in .grad
-                return False
+        if due and not self._first_kept and self._keep_first_gradient(zero_grad, grad_scaler):
+            self._declined = True  # a plain step along g(w), which .grad still holds (nothing was released)
+            return False
         if due:
             plan = self._flat_plan(grad_scaler)
             if plan is not None:
@@ -514,13 +507,25 @@ class SAM(Optimizer):
         F.perturb_flat_(flat.weights, flat.grads, self._flat_saved, _linear_coefficient(rule, rho, norm))
         self._flat_perturbed = True
 
-    def _keep_first_gradient(self, zero_grad: bool) -> None:
-        """Hold ``g(w)`` for a descent rule that asks for it: the tensors themselves when they are released."""
+    def _keep_first_gradient(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
+        """Hold ``g(w)`` for a descent rule that asks for it (the tensors themselves when they are released, an
+        unscaled copy under a GradScaler); returns whether the rule declines the ascent at it.
+
+        Under a GradScaler a non-finite ``g(w)`` declines the ascent: the scaler then finds the inf/NaN in
+        ``.grad`` (still the scaled first gradient), skips the step and lowers its scale.
+        """
         if not self.descent.needs_first_gradient:
-            return
+            return False
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        own = zero_grad and self._flat is None
-        self._first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
+        if amp.is_active(grad_scaler):
+            kept = [p.grad.clone() for p in params]
+            self._first_grads = (params, kept)
+            if not amp.unscale_first_gradient(grad_scaler, kept):
+                return True
+        else:
+            own = zero_grad and self._flat is None
+            self._first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
+        return self.descent.declines_ascent(self._first_grads[1])
 
     # ------------------------------------------------------------------ internals: the descent
 
@@ -534,11 +539,6 @@ class SAM(Optimizer):
         if self._running_stats.watching or not first_pass:
             return nullcontext()
         return running_stats.freeze_everywhere()
-
-
-def _unscaled(grads: list[Tensor], grad_scaler: torch.amp.GradScaler | None) -> list[Tensor]:
-    """``grads`` as they are, or divided by the scale of an active GradScaler (new tensors)."""
-    return torch._foreach_div(grads, grad_scaler.get_scale()) if amp.is_active(grad_scaler) else grads
 
 
 def _linear_coefficient(rule: Any, rho: float, norm: Tensor | float) -> Tensor | float | None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["BASE_STEP", "already_unscaled", "back_off", "is_active", "step_through", "unscale_first_gradient"]
+__all__ = ["BASE_STEP", "already_unscaled", "is_active", "step_through", "unscale_first_gradient"]
 
 
 class _BaseStep:
@@ -63,8 +63,3 @@ def unscale_first_gradient(grad_scaler: torch.amp.GradScaler, grads: list[Tensor
 def step_through(grad_scaler: torch.amp.GradScaler, optimizer: Optimizer) -> Any:
     """Let the scaler unscale, check and (unless inf/NaN) call ``optimizer.step(BASE_STEP)``."""
     return grad_scaler.step(optimizer, BASE_STEP)
-
-
-def back_off(grad_scaler: torch.amp.GradScaler) -> None:
-    """Lower the scale as an inf/NaN step does, for a step skipped before any ``unscale_`` could record it."""
-    grad_scaler.update(grad_scaler.get_scale() * grad_scaler.get_backoff_factor())
