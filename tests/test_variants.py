@@ -450,3 +450,38 @@ def test_demo_compares_any_listed_variants(tmp_path, capsys) -> None:
     assert (tmp_path / "demo" / "results.md").is_file()
     assert main(["demo", "--variants", "sgd", "lookahead", "--output", str(tmp_path / "bad")]) == 2
     assert "unknown variant(s) ['lookahead']" in capsys.readouterr().err
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("variant", ["rwsam", "ahn-rs", "ahn-sa", "nsam"])
+def test_batchnorm_statistics_are_updated_once_per_step_from_the_pass_at_w(variant: str) -> None:
+    """As for SAM: one update of the running statistics per step, from the unperturbed pass (n-SAM: its ascent
+    sample's), none from the scoring, single-example or perturbed passes."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    sample = (torch.randn(12, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen))
+    model, reference = _bn_model(), _bn_model()
+    escape = dict(descent=OrthogonalEscape(math.inf, 0.5))
+    rule = None
+    if variant == "rwsam":
+        opt, rule = _sam(model), GibbsReweighting(2.0, 1e-4, generator=torch.Generator().manual_seed(0))
+    elif variant == "ahn-rs":
+        opt = _sam(model, perturbation=RandomDirection(), **escape)
+    elif variant == "ahn-sa":
+        opt, rule = _sam(model, perturbation=RandomSign(DualNorm(2.0)), **escape), SingleExample()
+    else:
+        opt, rule = _sam(model), AscentSample(lambda n, g: sample, 12)
+    SharpnessAwareStep(model, _per_example, opt, batch_rule=rule)(x, y)
+    reference.train()
+    with torch.no_grad():
+        reference(sample[0] if variant == "nsam" else x)
+    bn, expected = model[1], reference[1]
+    torch.testing.assert_close(bn.running_mean, expected.running_mean, rtol=0, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, expected.running_var, rtol=0, atol=1e-14)
+    assert int(bn.num_batches_tracked) == 1
