@@ -1,17 +1,32 @@
-"""``flatminima train | demo``: the command line."""
+"""``flatminima train | demo | sharpness``: the command line.
+
+User errors (bad flags, files or folders, a diverging run) are one line on stderr and exit code 2; ``--debug``
+shows their traceback. Ctrl-C stops with a line saying how to resume.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the error and where to look), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     from flatminima.train.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="flatminima", description="Sharpness-aware training and measurement.")
+    parser = _Parser(prog="flatminima", description="Sharpness-aware training and measurement.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (every config field is also a flag)")
     add_arguments(train)
@@ -38,49 +53,86 @@ def _parser() -> argparse.ArgumentParser:
     sharp.add_argument("--m", type=int, default=32, help="m of m-sharpness (default: 32)")
     sharp.add_argument("--rho", type=float, default=0.05, help="radius of m-sharpness (default: 0.05)")
     sharp.add_argument("--output", default=None, help="folder for the figures (default: beside the checkpoint)")
+    for sub in (train, demo, sharp):
+        sub.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
+
+
+# What a user can cause (a bad flag, file or folder, a diverging run): reported in one line, exit code 2. Anything
+# else is a bug and keeps its traceback; --debug shows the traceback of user errors too.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, TypeError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "train":
-        from flatminima.train import train
-        from flatminima.train.config import config_from_args
-
-        try:
-            config = config_from_args(args)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"flatminima train: {error}", file=sys.stderr)
-            return 2
-        result = train(config)
-        final = result.final
-        print(
-            f"done: {config.optimizer} on {config.dataset}, {final['epoch']} epochs, train loss "
-            f"{final['train_loss']:.4f}, test accuracy {100 * final['test_accuracy']:.2f} %; files in {result.output}"
+    command = {"train": _train, "sharpness": _sharpness, "demo": _demo}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}")
+        return 130
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        _say(
+            f"flatminima {args.command}: {message}"
+            + ("" if message.endswith(".") else ".")
+            + " (add --debug for the traceback)"
         )
-        return 0
-    if args.command == "sharpness":
-        return _sharpness(args)
+        return 2
+
+
+def _say(line: str) -> None:
+    """Print a user error once: by the process of rank 0 under torchrun, by the only process otherwise."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    if args.command != "train":
+        return ""
+    from pathlib import Path
+
+    from flatminima.train.config import TrainConfig
+
+    output = Path(args.output or TrainConfig.output)
+    if (output / "checkpoint.pt").is_file():
+        return f"The last checkpoint is in {output}; continue with: flatminima train --output {output} --resume"
+    return "No epoch had finished, so there is nothing to resume."
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flatminima.train import train
+    from flatminima.train.config import config_from_args
+
+    config = config_from_args(args)
+    result = train(config)
+    final = result.final
+    print(
+        f"done: {config.optimizer} on {config.dataset}, {final['epoch']} epochs, train loss "
+        f"{final['train_loss']:.4f}, test accuracy {100 * final['test_accuracy']:.2f} %; files in {result.output}"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
     from flatminima.experiments.label_noise import format_table, run_label_noise_demo
 
     if args.epochs is not None and args.epochs < 1:
-        print("flatminima demo: --epochs must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--epochs must be >= 1")
     if args.workers < 1:
-        print("flatminima demo: --workers must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        finals = run_label_noise_demo(
-            args.output,
-            tuple(args.seeds),
-            args.epochs,
-            progress=not args.no_progress,
-            variants=tuple(args.variants),
-            workers=args.workers,
-        )
-    except ValueError as error:
-        print(f"flatminima demo: {error}", file=sys.stderr)
-        return 2
+        raise ValueError("--workers must be >= 1")
+    finals = run_label_noise_demo(
+        args.output,
+        tuple(args.seeds),
+        args.epochs,
+        progress=not args.no_progress,
+        variants=tuple(args.variants),
+        workers=args.workers,
+    )
     names = " vs ".join(name.upper() for name in args.variants)
     print(f"{names} on digits, 40 % symmetric label noise on the training labels (clean test labels):\n")
     print(format_table(finals))
@@ -92,36 +144,46 @@ def _sharpness(args: argparse.Namespace) -> int:
     """Rebuild the trained model and its training data from the checkpoint's config, then measure."""
     from pathlib import Path
 
+    import torch
+
+    from flatminima.data.dataset import to_float
+    from flatminima.data.transforms import normalize
     from flatminima.sharpness.report import sharpness_report
     from flatminima.train.checkpoint import load_checkpoint
     from flatminima.train.config import TrainConfig
     from flatminima.train.prepare import model_for, prepare_data
 
-    try:
-        state = load_checkpoint(args.checkpoint)
-        if "config" not in state:
-            raise ValueError(f"{args.checkpoint} holds no training config; it was not written by flatminima train.")
-        config = TrainConfig.from_dict(state["config"])
-        if args.data_root:
-            config.data_root = args.data_root
-        data = prepare_data(config)
-        if args.examples < 1:
-            raise ValueError("--examples must be >= 1")
-    except (FileNotFoundError, RuntimeError, ValueError) as error:
-        print(f"flatminima sharpness: {error}", file=sys.stderr)
-        return 2
-    import torch
-
-    from flatminima.data.dataset import to_float
-    from flatminima.data.transforms import normalize
-
+    counts = {"--examples": args.examples, "--k": args.k, "--m": args.m, "--trace-probes": args.trace_probes}
+    counts["--density-runs"] = args.density_runs
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not args.rho >= 0 or args.rho == float("inf"):
+        raise ValueError(f"--rho must be a finite number >= 0, got {args.rho}")
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; give the model.pt or checkpoint.pt of a flatminima run.")
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path} holds no training config; it was not written by flatminima train.")
+    config = TrainConfig.from_dict(state["config"])
+    if args.data_root:
+        config.data_root = args.data_root
+    data = prepare_data(config)
     model = model_for(config, data.dataset)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"the weights in {path} do not fit the {config.model} its config names ({first}); the checkpoint is "
+            "damaged or was edited."
+        ) from None
     images = to_float(data.train_images[: args.examples])
     if images.ndim == 4:
         images = normalize(images, data.dataset.mean, data.dataset.std)
     labels = data.train_labels[: args.examples]
-    output = Path(args.output) if args.output else Path(args.checkpoint).parent / "sharpness"
+    output = Path(args.output) if args.output else path.parent / "sharpness"
     torch.manual_seed(0)
     report = sharpness_report(
         model,

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["AveragedRunningStats", "RunningStatsFreezer", "freeze_everywhere", "frozen", "norm_layers"]
+__all__ = [
+    "AveragedRunningStats",
+    "RunningStatsFreezer",
+    "RunningStatsSnapshot",
+    "freeze_everywhere",
+    "frozen",
+    "norm_layers",
+]
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -99,12 +106,11 @@ def freeze_everywhere() -> Iterator[None]:
             layer.track_running_stats = True
 
 
-class AveragedRunningStats:
-    """One running-statistics update per step from several unperturbed passes (micro-batches or m-SAM groups).
+class RunningStatsSnapshot:
+    """The running statistics of ``layers`` as they are now (``running_mean``, ``running_var``,
+    ``num_batches_tracked``); ``rollback()`` puts them back, so a failed or skipped step leaves no trace.
 
-    Every pass starts from the statistics the step began with; at the end the layers keep the average of the
-    states the passes produced. For equal-sized parts the running mean then equals the update a single pass
-    over the whole batch would give, and ``num_batches_tracked`` advances by one.
+    Only layers that can change them are copied: in training mode, tracking, with buffers.
     """
 
     def __init__(self, layers: list[nn.Module]) -> None:
@@ -113,6 +119,31 @@ class AveragedRunningStats:
         self._start: list[Tensor] = [b.clone() for b in self._buffers]
         self._counters: list[Tensor] = [m.num_batches_tracked for m in active if m.num_batches_tracked is not None]
         self._counters_start: list[Tensor] = [c.clone() for c in self._counters]
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Back to the statistics the snapshot was taken with."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._start)
+        if self._counters:
+            torch._foreach_copy_(self._counters, self._counters_start)
+
+
+class AveragedRunningStats(RunningStatsSnapshot):
+    """One running-statistics update per step from several unperturbed passes (micro-batches or m-SAM groups).
+
+    Every pass starts from the statistics the step began with; at the end the layers keep the average of the
+    states the passes produced. For equal-sized parts the running mean then equals the update a single pass
+    over the whole batch would give, and ``num_batches_tracked`` advances by one. ``start``: a snapshot taken
+    earlier from the same layers, with the statistics unchanged since, to reuse instead of copying them again.
+    """
+
+    def __init__(self, layers: list[nn.Module], start: RunningStatsSnapshot | None = None) -> None:
+        if start is None:
+            super().__init__(layers)
+        else:
+            self._buffers, self._start = start._buffers, start._start
+            self._counters, self._counters_start = start._counters, start._counters_start
         self._sum: list[Tensor] = [torch.zeros_like(b) for b in self._buffers]
         self._passes = 0
 
@@ -126,13 +157,6 @@ class AveragedRunningStats:
         if self._buffers:
             torch._foreach_add_(self._sum, self._buffers)
         self._passes += 1
-
-    def rollback(self) -> None:
-        """Back to the statistics the step began with (a skipped step leaves no trace)."""
-        if self._buffers:
-            torch._foreach_copy_(self._buffers, self._start)
-        if self._counters:
-            torch._foreach_copy_(self._counters, self._counters_start)
 
     def finish(self) -> None:
         if self._buffers and self._passes > 1:

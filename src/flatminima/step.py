@@ -84,6 +84,8 @@ class PlainStep:
 
     The counterpart of :class:`SharpnessAwareStep` for SGD, AdamW and the like, with the same autocast,
     GradScaler and clipping handling, so a training loop drives both alike. Returns the mean loss, detached.
+    ``nonfinite``: on an inf/NaN loss, ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (one host sync
+    per step; a GradScaler does its own skipping); ``"ignore"`` (default) checks nothing.
     """
 
     def __init__(
@@ -95,19 +97,27 @@ class PlainStep:
         grad_scaler: torch.amp.GradScaler | None = None,
         autocast_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
+        if nonfinite not in ("raise", "skip", "ignore"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}.")
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.precision = Precision(grad_scaler, autocast_dtype)
         self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
         opt, scaler = self.optimizer, self.precision.scaler
         opt.zero_grad()
         loss = self.precision.loss(self.model, self.loss_fn, inputs, targets)
+        if self.nonfinite != "ignore" and scaler is None and not bool(torch.isfinite(loss)):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"the loss is {loss.item()}, so no step was taken")
+            return loss.detach()  # skip: no backward, no step
         self.precision.backward(loss)
         if self.max_grad_norm is not None:
             if scaler is not None:
@@ -209,13 +219,16 @@ class SharpnessAwareStep:
         return self.precision.grad_scaler
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One step; if anything in it raises, the weights and BatchNorm statistics are left as they were."""
+        start = running_stats.RunningStatsSnapshot(self._norm_layers)
         try:
-            return self._step(inputs, targets)
+            return self._step(inputs, targets, start)
         except BaseException:
             self.optimizer.restore()  # never leave the weights at w + e (or BatchNorm frozen)
+            start.rollback()  # nor the statistics of the passes that ran
             raise
 
-    def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def _step(self, inputs: Tensor, targets: Tensor, start: running_stats.RunningStatsSnapshot) -> Tensor:
         batch = inputs.shape[0]
         if batch == 0 or targets.shape[0] != batch:
             raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
@@ -231,7 +244,7 @@ class SharpnessAwareStep:
             loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
             return self._descend(loss)
         groups = self._groups(batch)
-        stats = running_stats.AveragedRunningStats(self._norm_layers)
+        stats = running_stats.AveragedRunningStats(self._norm_layers, start=start)
         loss_at_w: Tensor | float = 0.0
         accumulated: list[Tensor | None] | None = None
         params = [p for group in opt.param_groups for p in group["params"]]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["ArchiveSource", "FolderSource", "Source", "corrupt", "find_folder", "missing"]
+__all__ = ["ArchiveSource", "FolderSource", "Source", "corrupt", "find_folder", "folder_hint", "missing"]
 
 
 def missing(dataset: str, files: Iterable[str], folder: str | os.PathLike[str], url: str, hint: str = "") -> str:
@@ -27,6 +27,17 @@ def missing(dataset: str, files: Iterable[str], folder: str | os.PathLike[str], 
 def corrupt(dataset: str, file: str | os.PathLike[str], problem: str, url: str) -> str:
     """Message for a file that exists but cannot be right (truncated, wrong magic number, bad labels)."""
     return f"{dataset}: file '{file}' looks corrupt or truncated: {problem}. Delete it and download it again from {url}"
+
+
+def folder_hint(root: str | os.PathLike[str], subfolders: Sequence[str]) -> str:
+    """Why nothing was found under ``root``: it does not exist, is a file, or neither it nor its subfolders hold
+    the files."""
+    base = Path(root).expanduser()
+    if not base.exists():
+        return "that folder does not exist"
+    if not base.is_dir():
+        return "that is a file, not a folder: pass the folder holding the files"
+    return f"also looked in {', '.join(subfolders)}"
 
 
 def find_folder(root: str | os.PathLike[str], markers: Sequence[str], subfolders: Sequence[str]) -> Path | None:

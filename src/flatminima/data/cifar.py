@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from flatminima.data._files import ArchiveSource, FolderSource, Source, corrupt, missing
-from flatminima.data.dataset import ImageDataset, channel_mean_std
+from flatminima.data.dataset import ImageDataset, image_dataset, label_shape_problem
 from flatminima.data.safe_pickle import RefusedGlobalError, restricted_load
 
 __all__ = ["load_cifar10", "load_cifar100"]
@@ -197,9 +197,12 @@ def _read_python(source: Source, name: str, spec: _Spec, fine: bool) -> tuple[np
         )
     data = np.asarray(batch["data"])
     try:
-        labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
     except (TypeError, ValueError) as exc:
         raise ValueError(corrupt(spec.name, where, f"'{label_key}' is not a list of integers ({exc})", _URL)) from exc
+    problem = label_shape_problem(labels.shape, f"'{label_key}'")
+    if problem:
+        raise ValueError(corrupt(spec.name, where, problem, _URL))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS or data.shape[0] != labels.shape[0]:
         raise ValueError(
             corrupt(
@@ -246,15 +249,24 @@ def _load(spec: _Spec, root: str | os.PathLike[str], fine: bool) -> ImageDataset
     with source:
         x_train, y_train = _read_split(source, layout, layout.train, spec, fine, num_classes)
         x_test, y_test = _read_split(source, layout, layout.test, spec, fine, num_classes)
-    mean, std = channel_mean_std(x_train)
+        train_from, test_from = _describe(source, layout.train), _describe(source, layout.test)
     name = "cifar10" if spec.label_bytes == 1 else "cifar100" if fine else "cifar100-coarse"
-    return ImageDataset(
-        name=name,
-        train_images=x_train,
-        train_labels=y_train,
-        test_images=x_test,
-        test_labels=y_test,
+    return image_dataset(
+        name,
+        (x_train, y_train),
+        (x_test, y_test),
         num_classes=num_classes,
-        mean=mean,
-        std=std,
+        where={
+            "train_images": train_from,
+            "train_labels": train_from,
+            "test_images": test_from,
+            "test_labels": test_from,
+        },
+        fix=f"Replace the wrong file(s): download the official ones again from {_URL}",
+        title=spec.name,
     )
+
+
+def _describe(source: Source, names: tuple[str, ...]) -> str:
+    """Where a split came from, for error messages: one file's path, or the folder/archive and the file names."""
+    return source.path(names[0]) if len(names) == 1 else f"{source.location} ({', '.join(names)})"

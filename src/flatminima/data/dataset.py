@@ -3,16 +3,21 @@
 All loaders (CIFAR, MNIST, SVHN, digits, the synthetic patch model) return an :class:`ImageDataset` so that
 training code can treat them alike.  Image datasets keep their pixels as ``uint8`` (4x less memory than float32;
 CIFAR-10's train set is 150 MB instead of 600 MB) and are converted batch by batch with :func:`to_float`.
+
+The file loaders build it with :func:`image_dataset`, which refuses inconsistent splits (train and test image
+shapes, label counts, shapes and ranges) at load time with a one-line message naming the files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor
 
-__all__ = ["ImageDataset", "channel_mean_std", "to_float"]
+__all__ = ["ImageDataset", "channel_mean_std", "check_splits", "image_dataset", "label_shape_problem", "to_float"]
 
 
 @dataclass(repr=False)
@@ -39,14 +44,15 @@ class ImageDataset:
     clean_train_labels: Tensor | None = None
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
-            if labels.dim() != 1 or labels.dtype != torch.int64:
-                raise ValueError(
-                    f"{self.name}: {split}_labels must be int64 [N], got {labels.dtype} {tuple(labels.shape)}"
-                )
-            if images.shape[0] != labels.shape[0]:
-                raise ValueError(f"{self.name}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
+        check_splits(
+            self.name, (self.train_images, self.train_labels), (self.test_images, self.test_labels), self.num_classes
+        )
+        clean = self.clean_train_labels
+        if clean is not None and clean.shape != self.train_labels.shape:
+            raise ValueError(
+                f"{self.name}: clean_train_labels has shape {tuple(clean.shape)} but train_labels "
+                f"{tuple(self.train_labels.shape)}; they must label the same examples"
+            )
         if len(self.mean) != len(self.std):
             raise ValueError(f"{self.name}: mean has {len(self.mean)} entries but std has {len(self.std)}")
 
@@ -61,6 +67,91 @@ class ImageDataset:
             f"test={tuple(self.test_images.shape)} {self.test_images.dtype}, num_classes={self.num_classes}, "
             f"mean={tuple(round(m, 4) for m in self.mean)}, std={tuple(round(s, 4) for s in self.std)})"
         )
+
+
+def check_splits(
+    name: str,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    where: Mapping[str, str] | None = None,
+    fix: str = "",
+) -> None:
+    """Raise a one-line ``ValueError`` unless the ``(images, labels)`` splits fit together.
+
+    Checked: labels are int64 ``[N]``, one per image, within ``[0, num_classes)``; train and test images have
+    the same per-example shape (8x8 train with 28x28 test images would otherwise train a whole epoch and only
+    fail in evaluation).  ``where`` maps ``'train_images'``, ``'train_labels'``, ``'test_images'`` and
+    ``'test_labels'`` to the file(s) each came from, so the message names them; ``fix`` (a sentence saying what
+    to do) is appended.
+    """
+
+    def at(key: str) -> str:
+        return f" in '{where[key]}'" if where and key in where else ""
+
+    def fail(problem: str) -> NoReturn:
+        raise ValueError(f"{name}: {problem}" + (f". {fix}" if fix else ""))
+
+    if num_classes < 1:
+        fail(f"num_classes must be >= 1, got {num_classes}")
+    for split, (images, labels) in (("train", train), ("test", test)):
+        if labels.dim() != 1 or labels.dtype != torch.int64:
+            fail(f"{split} labels{at(split + '_labels')} must be int64 [N], got {labels.dtype} {tuple(labels.shape)}")
+        if images.dim() < 1 or images.shape[0] != labels.shape[0]:
+            n_images = images.shape[0] if images.dim() else "no"
+            if where and f"{split}_labels" in where and f"{split}_images" in where:
+                fail(
+                    f"'{where[split + '_labels']}' holds {labels.shape[0]} labels but '{where[split + '_images']}' "
+                    f"holds {n_images} images; each image needs exactly one label"
+                )
+            fail(f"{split} has {n_images} images but {labels.shape[0]} labels")
+        if labels.numel():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= num_classes:
+                fail(
+                    f"{split} labels{at(split + '_labels')} range over [{lo}, {hi}], "
+                    f"expected [0, {num_classes - 1}] for {num_classes} classes"
+                )
+    train_shape, test_shape = tuple(train[0].shape[1:]), tuple(test[0].shape[1:])
+    if train_shape != test_shape:
+        fail(
+            f"train images{at('train_images')} are {_shape(train_shape)} but test images{at('test_images')} are "
+            f"{_shape(test_shape)}; both splits must have one image shape (from different datasets?)"
+        )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalars"
+
+
+def label_shape_problem(shape: tuple[int, ...], what: str, mat: bool = False) -> str | None:
+    """``None`` if a label array of ``shape`` holds one label per example, else the problem, for an error message.
+
+    Labels must be 1-D.  With ``mat=True`` (MATLAB ``.mat`` files, which have no 1-D arrays) a column ``(N, 1)``,
+    as in the official SVHN files, or a row ``(1, N)``, what ``scipy.io.savemat`` writes for a 1-D array, is
+    accepted too; anything else, e.g. ``(32, 2)`` for 64 images, would be silently flattened into garbage.
+    """
+    if len(shape) == 1 or (mat and len(shape) == 2 and 1 in shape):
+        return None
+    expected = "(N, 1) or (N,)" if mat else "(N,)"
+    return f"{what} has shape {shape}, expected {expected}, one label per image"
+
+
+def image_dataset(
+    name: str,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    where: Mapping[str, str] | None = None,
+    fix: str = "",
+    title: str = "",
+) -> ImageDataset:
+    """Check the splits with :func:`check_splits` (messages start with ``title``, default ``name``, and name the
+    files in ``where``), then build the dataset with the per-channel statistics of the train images: the one
+    place the file loaders build their :class:`ImageDataset`."""
+    check_splits(title or name, train, test, num_classes, where=where, fix=fix)
+    mean, std = channel_mean_std(train[0])
+    return ImageDataset(name, train[0], train[1], test[0], test[1], num_classes=num_classes, mean=mean, std=std)
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatminima.data.dataset import ImageDataset, channel_mean_std
+from flatminima.data.dataset import ImageDataset, image_dataset
 
 __all__ = ["DigitsSplit", "load_digits", "load_digits_split"]
 
@@ -38,6 +38,7 @@ def _split_digits(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     """scikit-learn's digits (pixel values 0..16) split stratified by class with ``seed``: x_tr, x_te, y_tr, y_te."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    _check_seed(seed)
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
         from sklearn.model_selection import train_test_split
@@ -47,6 +48,15 @@ def _split_digits(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     images = np.asarray(digits.images, dtype=np.float64)
     labels = np.asarray(digits.target, dtype=np.int64)
     return train_test_split(images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+
+
+def _check_seed(seed: int) -> None:
+    """Refuse a seed scikit-learn's ``random_state`` would reject, with our own message rather than its."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed must be >= 0 (an integer in [0, 2**32 - 1], the range scikit-learn accepts for the digits "
+            f"split), got {seed!r}; pass e.g. seed=0"
+        )
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit:
@@ -80,15 +90,10 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> ImageDataset:
     """
     x_tr, x_te, y_tr, y_te = _split_digits(test_fraction, seed)
     to_uint8 = lambda x: np.rint(x * (255.0 / 16.0)).astype(np.uint8)  # noqa: E731
-    x_train = torch.from_numpy(np.ascontiguousarray(to_uint8(x_tr)[:, None]))
-    mean, std = channel_mean_std(x_train)
-    return ImageDataset(
-        name="digits",
-        train_images=x_train,
-        train_labels=torch.from_numpy(np.ascontiguousarray(y_tr)),
-        test_images=torch.from_numpy(np.ascontiguousarray(to_uint8(x_te)[:, None])),
-        test_labels=torch.from_numpy(np.ascontiguousarray(y_te)),
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return image_dataset(
+        "digits",
+        (as_tensor(to_uint8(x_tr)[:, None]), as_tensor(y_tr)),
+        (as_tensor(to_uint8(x_te)[:, None]), as_tensor(y_te)),
         num_classes=10,
-        mean=mean,
-        std=std,
     )

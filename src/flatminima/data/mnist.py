@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flatminima.data._files import corrupt, find_folder, missing
-from flatminima.data.dataset import ImageDataset, channel_mean_std
+from flatminima.data._files import corrupt, find_folder, folder_hint, missing
+from flatminima.data.dataset import ImageDataset, image_dataset
 
 __all__ = ["load_fashion_mnist", "load_mnist", "read_idx"]
 
@@ -98,7 +98,7 @@ def _load(dataset: str, name: str, root: str | os.PathLike[str], subfolders: tup
     base = Path(root).expanduser()
     folder = find_folder(base, list(_FILES.values()), subfolders)
     if folder is None:
-        hint = "that folder does not exist" if not base.is_dir() else f"also looked in {', '.join(subfolders)}"
+        hint = folder_hint(base, subfolders)
         raise FileNotFoundError(missing(dataset, [f"{f}[.gz]" for f in _FILES.values()], base, url, hint=hint))
     paths = {key: _find_file(folder, file) for key, file in _FILES.items()}
     absent = [f"{_FILES[key]}[.gz]" for key, path in paths.items() if path is None]
@@ -109,32 +109,15 @@ def _load(dataset: str, name: str, root: str | os.PathLike[str], subfolders: tup
     for key, path in paths.items():
         assert path is not None
         arrays[key] = read_idx(path, ndim=3 if key.endswith("images") else 1, dataset=dataset, url=url)
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                corrupt(
-                    dataset,
-                    paths[f"{split}_labels"] or "",
-                    f"it holds {labels.shape[0]} labels but {paths[f'{split}_images']} holds {images.shape[0]} images",
-                    url,
-                )
-            )
-        if labels.size and labels.max() >= 10:
-            raise ValueError(
-                corrupt(dataset, paths[f"{split}_labels"] or "", f"label {labels.max()} outside [0, 9]", url)
-            )
     # np.array copies the read-only buffers into writable memory for torch
-    x_train = torch.from_numpy(np.array(arrays["train_images"])[:, None])
-    x_test = torch.from_numpy(np.array(arrays["test_images"])[:, None])
-    mean, std = channel_mean_std(x_train)
-    return ImageDataset(
-        name=name,
-        train_images=x_train,
-        train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-        test_images=x_test,
-        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    images = {key: torch.from_numpy(np.array(arrays[f"{key}_images"])[:, None]) for key in ("train", "test")}
+    labels = {key: torch.from_numpy(arrays[f"{key}_labels"].astype(np.int64)) for key in ("train", "test")}
+    return image_dataset(
+        name,
+        (images["train"], labels["train"]),
+        (images["test"], labels["test"]),
         num_classes=10,
-        mean=mean,
-        std=std,
+        where={key: str(path) for key, path in paths.items()},
+        fix=f"Replace the wrong file(s): download the official ones again from {url}",
+        title=dataset,
     )

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flatminima.data._files import corrupt, find_folder, missing
-from flatminima.data.dataset import ImageDataset, channel_mean_std
+from flatminima.data._files import corrupt, find_folder, folder_hint, missing
+from flatminima.data.dataset import ImageDataset, image_dataset, label_shape_problem
 
 __all__ = ["load_svhn"]
 
@@ -32,7 +32,7 @@ def load_svhn(root: str | os.PathLike[str], include_extra: bool = False) -> Imag
     subfolders = ("svhn", "SVHN")
     folder = find_folder(base, [_TRAIN, _TEST], subfolders)
     if folder is None:
-        hint = "that folder does not exist" if not base.is_dir() else f"also looked in {', '.join(subfolders)}"
+        hint = folder_hint(base, subfolders)
         raise FileNotFoundError(missing("SVHN", [_TRAIN, _TEST], base, _URL, hint=hint))
     names = [_TRAIN, _TEST, *([_EXTRA] if include_extra else [])]
     absent = [name for name in names if not (folder / name).is_file()]
@@ -41,19 +41,24 @@ def load_svhn(root: str | os.PathLike[str], include_extra: bool = False) -> Imag
 
     x_train, y_train = _read_mat(folder / _TRAIN)
     x_test, y_test = _read_mat(folder / _TEST)
+    train_from = str(folder / _TRAIN)
     if include_extra:
         x_extra, y_extra = _read_mat(folder / _EXTRA)
         x_train, y_train = torch.cat([x_train, x_extra]), torch.cat([y_train, y_extra])
-    mean, std = channel_mean_std(x_train)
-    return ImageDataset(
-        name="svhn",
-        train_images=x_train,
-        train_labels=y_train,
-        test_images=x_test,
-        test_labels=y_test,
+        train_from += f" + {_EXTRA}"
+    return image_dataset(
+        "svhn",
+        (x_train, y_train),
+        (x_test, y_test),
         num_classes=10,
-        mean=mean,
-        std=std,
+        where={
+            "train_images": train_from,
+            "train_labels": train_from,
+            "test_images": str(folder / _TEST),
+            "test_labels": str(folder / _TEST),
+        },
+        fix=f"Replace the wrong file(s): download the official ones again from {_URL}",
+        title="SVHN",
     )
 
 
@@ -68,7 +73,11 @@ def _read_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(corrupt("SVHN", path, f"scipy.io.loadmat cannot read it ({exc!r})", _URL)) from exc
     if "X" not in mat or "y" not in mat:
         raise ValueError(corrupt("SVHN", path, f"it lacks the variables 'X' and 'y' (found {sorted(mat)})", _URL))
-    x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+    x, y = np.asarray(mat["X"]), np.asarray(mat["y"])
+    problem = label_shape_problem(y.shape, "'y'", mat=True)
+    if problem:
+        raise ValueError(corrupt("SVHN", path, problem, _URL))
+    y = y.reshape(-1)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8 or x.shape[3] != y.shape[0]:
         raise ValueError(
             corrupt(

@@ -6,30 +6,31 @@ their own (torch's optimisers, and SAM configured by ``adaptive`` / ``normalize`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
 from flatminima.optim.sam import SAM
 
-__all__: list[str] = []
+__all__ = ["build_sam"]
 
 
 def _base(request: OptimizerRequest) -> torch.optim.Optimizer:
     return request.base_class(request.model.parameters(), **request.base_options)
 
 
+def build_sam(request: OptimizerRequest, **options: Any) -> SAM:
+    """SAM around the requested base optimiser, with rho, p, the model and the non-finite policy of the request;
+    ``options`` go to :class:`SAM` (``adaptive=``, ``perturbation=``, ``descent=``...). Variants build with it."""
+    settings: dict[str, Any] = dict(rho=request.rho, p=request.p, model=request.model, nonfinite=request.nonfinite)
+    settings.update(options)
+    return SAM(request.model.parameters(), request.base_class, **settings, **request.base_options)
+
+
 def _sam(adaptive: bool = False, normalize: bool = True):
     def build(request: OptimizerRequest) -> torch.optim.Optimizer:
-        return SAM(
-            request.model.parameters(),
-            request.base_class,
-            rho=request.rho,
-            p=request.p,
-            adaptive=adaptive,
-            normalize=normalize,
-            model=request.model,
-            **request.base_options,
-        )
+        return build_sam(request, adaptive=adaptive, normalize=normalize)
 
     return build
 

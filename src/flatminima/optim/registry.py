@@ -45,6 +45,7 @@ class OptimizerRequest:
     draw_examples: Callable[[int | None, torch.Generator], tuple[Tensor, Tensor]] | None = None
     train_size: int = 0  # examples in the training split (what draw_examples draws from)
     rank: int = 0  # this process's rank under torchrun, for per-rank draws
+    nonfinite: str = "raise"  # SAM's policy for inf/NaN gradients (pass it as SAM(nonfinite=...))
 
 
 @dataclass(frozen=True)

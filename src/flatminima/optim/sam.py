@@ -50,6 +50,10 @@ _STEP_KEY = "sam_steps"  # the step counter the cadence reads, saved beside the 
 class SAM(Optimizer):
     """Sharpness-Aware Minimization around a base optimiser.
 
+    A SAM step is ``first_step`` after the backward pass at ``w``, then ``second_step`` after the one at
+    ``w + e`` (or ``step(closure)`` for both). ``second_step`` called without ``first_step`` is the documented
+    way to take a plain step: the base optimiser's step along the gradient in ``.grad``, with no ascent.
+
     Args:
         params: parameters or parameter groups, as for any optimiser (``None`` when ``base_optimizer`` is an
             instance: its groups are used).
@@ -247,8 +251,10 @@ class SAM(Optimizer):
             else:
                 self._perturb(zero_grad, grad_scaler)
         self._ascended = self.is_perturbed
-        if due and not self._skip_descent and first_pass:
-            self._running_stats.freeze()  # the unperturbed first pass set the statistics; the second keeps them
+        if due and not self._skip_descent and first_pass and (self._ascended or self._has_gradient()):
+            # the unperturbed first pass set the statistics; the second keeps them. Without a gradient (and no
+            # move) there was no first pass: the next forward pass is the step's only one and must update them.
+            self._running_stats.freeze()
         if zero_grad and not self._declined:
             self.zero_grad()
         return self._ascended
@@ -260,8 +266,11 @@ class SAM(Optimizer):
         With ``grad_scaler`` the step goes through ``grad_scaler.step``, so its skip logic applies (call
         ``grad_scaler.update()`` afterwards, as usual). Clip gradients before calling this (after
         :meth:`apply_descent_rule` if the descent rule is not SAM's, and after ``grad_scaler.unscale_(optimizer)``
-        when scaling). Called without ``first_step`` (or after one the cadence declined), it is a step without
-        ascent along the gradient in ``.grad``.
+        when scaling).
+
+        Called without ``first_step`` (or after one the cadence or the descent rule declined), it is a plain step:
+        exactly the base optimiser's ``step()`` along the gradient in ``.grad``, with no ascent (the step counter
+        still advances).
         """
         self.restore()
         self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
@@ -428,13 +437,11 @@ class SAM(Optimizer):
             rho = group["rho"]
             if not group["perturb"] or rho == 0:
                 continue
-            if rho < 0:
-                raise ValueError(f"rho must be >= 0; a param group has rho={rho}. Fix the group or scheduler.")
+            _check_rho(rho, "a param group has")
             rule = self._rule_for(group)
             if getattr(rule, "needs_gradient", True):
                 params = [p for p in group["params"] if p.grad is not None]
-                if any(p.grad.is_sparse for p in params):
-                    raise RuntimeError("SAM does not support sparse gradients; use dense embeddings.")
+                _check_dense(params)
                 grads = [p.grad for p in params]
             else:
                 params = [p for p in group["params"] if p.requires_grad]
@@ -485,13 +492,14 @@ class SAM(Optimizer):
             return None
         groups = self.param_groups
         rho = groups[0]["rho"]
-        if not rho > 0 or any(not g["perturb"] or g["rho"] != rho for g in groups):
+        if not 0 < rho < math.inf or any(not g["perturb"] or g["rho"] != rho for g in groups):
             return None
         rule = self._rule_for(groups[0])
         if any(self._rule_for(g) is not rule for g in groups[1:]):
             return None
         if not getattr(rule, "needs_gradient", True) or _linear_coefficient(rule, rho, 1.0) is None:
             return None
+        _check_dense(flat.params)  # before adopt_gradients, which cannot copy a sparse gradient
         if not flat.weights_in_place() or not flat.adopt_gradients():
             return None
         return rule, rho
@@ -506,6 +514,10 @@ class SAM(Optimizer):
                 return
         F.perturb_flat_(flat.weights, flat.grads, self._flat_saved, _linear_coefficient(rule, rho, norm))
         self._flat_perturbed = True
+
+    def _has_gradient(self) -> bool:
+        """Whether any parameter holds a gradient (a backward pass at ``w`` preceded ``first_step``)."""
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _keep_first_gradient(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
         """Hold ``g(w)`` for a descent rule that asks for it (the tensors themselves when they are released, an
@@ -587,16 +599,28 @@ def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
     return flat
 
 
+def _check_rho(rho: Any, where: str = "got") -> None:
+    """A radius is a finite float >= 0 (a tensor would make each step sync; inf or NaN ruin the weights)."""
+    if isinstance(rho, Tensor) or not (rho >= 0 and math.isfinite(rho)):
+        raise ValueError(
+            f"rho must be a finite float >= 0 (0 gives the base optimiser); {where} rho={rho!r}. "
+            "Fix the value, the param group or the rho scheduler."
+        )
+
+
+def _check_dense(params: list[Tensor]) -> None:
+    """The clear message for sparse gradients (nn.Embedding(sparse=True)), on every path."""
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        raise RuntimeError("SAM does not support sparse gradients; use dense embeddings.")
+
+
 def _check_group(group: dict[str, Any]) -> None:
-    rho, p, eta = group["rho"], group["p"], group["adaptive_eta"]
-    if isinstance(rho, Tensor) or not rho >= 0:
-        raise ValueError(f"rho must be a float >= 0 (0 gives the base optimiser); got rho={rho!r}.")
+    p, eta = group["p"], group["adaptive_eta"]
+    _check_rho(group["rho"])
     if not float(p) >= 1:
         raise ValueError(f"p must be in [1, inf] (2 is SAM, inf the sign rule); got p={p!r}.")
     if not eta >= 0:
         raise ValueError(f"adaptive_eta must be >= 0; got {eta!r}.")
-    if math.isnan(float(rho)):
-        raise ValueError("rho is NaN.")
 
 
 def _host_sync_is_free(tensors: list[Tensor]) -> bool:

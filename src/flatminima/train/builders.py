@@ -60,6 +60,7 @@ def optimizer_request(
         draw_examples=draw_examples,
         train_size=train_size,
         rank=rank,
+        nonfinite=config.nonfinite,
     )
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flatminima.data.registry import DATASETS
+from flatminima.models import MODEL_NAMES as MODELS
 from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
 from flatminima.variants.rwsam import SCORES
 
-__all__ = ["TrainConfig", "add_arguments", "config_from_args"]
+__all__ = ["RESUMABLE", "TrainConfig", "add_arguments", "config_from_args"]
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -48,9 +50,13 @@ def _help(field_: dataclasses.Field) -> str:
 class TrainConfig:
     """Everything a training run needs; see ``flatminima train --help``."""
 
-    dataset: str = _option("digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise")
+    dataset: str = _option(
+        "digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise", tuple(DATASETS)
+    )
     data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
-    model: str = _option("small_cnn", "resnet20/32/56, wrn28_10, wrn16_8, small_cnn, mlp, two_layer_cnn")
+    model: str = _option(
+        "small_cnn", "resnet20/32/56, wrn28_10, wrn16_8, small_cnn, mlp, two_layer_cnn (signal_noise only)", MODELS
+    )
     optimizer: str = _option("sam", optimizer_help, optimizer_names)
     base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
     rho: float = _option(0.05, "SAM radius")
@@ -83,10 +89,24 @@ class TrainConfig:
     validation_fraction: float = _option(0.0, "hold out this fraction of the training set (e.g. to tune rho)")
     amp: str = _option("none", "mixed precision: none, bf16, fp16 (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
     seed: int = _option(0, "seed of data order, label noise, initialisation and augmentation")
-    device: str = _option("auto", "auto, cpu or cuda")
+    device: str = _option("auto", "auto, cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads, 0 for torch's default")
     output: str = _option("runs/train", "output folder (config, metrics, checkpoints, summary)")
-    resume: bool = _option(False, "continue from the output folder's last checkpoint")
+    resume: bool = _option(
+        False,
+        "continue the run in --output from its last checkpoint, with the config saved there (flags given with "
+        "--resume may change only: epochs, to extend a run; data_root, if the data moved; device, threads, "
+        "progress)",
+    )
+    overwrite: bool = _option(False, "replace the files of a previous run in --output (other files are never touched)")
+    allow_world_size_change: bool = _option(
+        False, "resume under a different number of torchrun processes (m-SAM's m = per-rank batch changes)"
+    )
+    nonfinite: str = _option(
+        "raise",
+        "an inf/NaN loss or gradient: raise (stop, keeping the last checkpoint) or skip the step",
+        ("raise", "skip"),
+    )
     progress: bool = _option(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -94,14 +114,26 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.rho >= 0, "rho must be >= 0"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr must be a finite number > 0"),
+            (math.isfinite(self.rho) and self.rho >= 0, "rho must be a finite number >= 0"),
             (self.p >= 1, "p must be >= 1"),
             (self.group_size is None or self.group_size >= 1, "group_size must be >= 1"),
+            (
+                self.group_size is None or self.group_size <= self.batch_size,
+                f"group_size {self.group_size} exceeds batch_size {self.batch_size} (m >= the batch is plain SAM: "
+                "drop --group-size, or lower it)",
+            ),
+            (math.isfinite(self.momentum) and self.momentum >= 0, "momentum must be a finite number >= 0"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
+            (
+                self.device != "cuda" or _cuda_available(),
+                "device cuda was asked for but torch sees no CUDA device; use --device cpu (or auto)",
+            ),
             (0 <= self.label_noise <= 1, "label_noise must be in [0, 1]"),
             (0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.cutout >= 0, "cutout must be >= 0"),
             (self.rho_schedule in ("constant", "linear"), "rho_schedule must be constant or linear"),
@@ -127,15 +159,29 @@ class TrainConfig:
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder; give the YAML file inside it.")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"config file {path} is not text (binary bytes); give a YAML file of field: value."
+            ) from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"config file {path} is not valid YAML{where}: {problem}.") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}.")
         return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"a training config is a mapping of field: value, got {type(values).__name__}.")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -155,19 +201,39 @@ def _base_type(field_: dataclasses.Field) -> type:
 
 
 def _coerce(field_: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field's type; a wrong type is an error that names the field (no silent truncation)."""
     if value is None:
         return None
     kind = _base_type(field_)
+    name = field_.name
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"config field {field_.name} must be true or false, got {value!r}.")
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"config field {field_.name} must be a {kind.__name__}, got {value!r}.") from error
+        if isinstance(value, str) and value.lower() in ("true", "yes", "false", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError(f"config field {name} must be true or false, got {value!r}.")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"config field {name} must be an integer, got {value!r}.")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config field {name} must be a number, got {value!r}.")
+    if kind is str and isinstance(value, str):
+        return value
+    raise ValueError(f"config field {name} must be a {kind.__name__}, got {value!r}.")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,15 +249,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, choices=_choices(field_), help=help_text)
 
 
+# fields that may change between a run and its resumption: they change no maths of the steps already taken
+RESUMABLE = frozenset(
+    {"epochs", "data_root", "device", "threads", "progress", "resume", "output", "overwrite", "allow_world_size_change"}
+)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The YAML file (if any), overridden by the flags given, then validated."""
+    """The YAML file (if any), overridden by the flags given, then validated.
+
+    With ``--resume`` and no ``--config``, the base is the run's own ``config.yaml`` in ``--output``, so
+    ``flatminima train --output runs/x --resume`` needs no other flag.
+    """
     values: dict[str, Any] = {}
     if args.config:
         values.update(TrainConfig.from_yaml(args.config).to_dict())
-    for field_ in dataclasses.fields(TrainConfig):
-        given = getattr(args, field_.name, None)
-        if given is not None:
-            values[field_.name] = given
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if given.get("resume") and not args.config:
+        saved = Path(given.get("output", TrainConfig.output)) / "config.yaml"
+        if saved.is_file():
+            values.update(TrainConfig.from_yaml(saved).to_dict())
+    values.update(given)
     config = TrainConfig.from_dict(values)
     config.validate()
     return config

@@ -9,6 +9,8 @@ with the same weights as one left alone.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +33,18 @@ from flatminima.train.builders import (
     optimizer_request,
 )
 from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
-from flatminima.train.config import TrainConfig
+from flatminima.train.config import RESUMABLE, TrainConfig
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
 from flatminima.train.prepare import PreparedData, model_for, prepare_data
 from flatminima.train.summary import plot_curves, write_summary
 
-__all__ = ["PreparedData", "TrainResult", "model_for", "prepare_data", "train"]
+__all__ = ["RUN_FILES", "PreparedData", "TrainResult", "model_for", "prepare_data", "train"]
 
-# fields that may change between a run and its resumption (they do not change the maths)
-_RESUMABLE = {"resume", "progress", "threads", "device", "output"}
+# what a run writes in its output folder; --overwrite replaces these and nothing else
+RUN_FILES = frozenset(
+    {"config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.md", "test_accuracy.png", "tensorboard"}
+)
 
 
 @dataclass
@@ -98,11 +102,12 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
 
 
 def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> TrainResult:
-    device = _device(config, ctx.local_rank)
     output = Path(config.output)
+    checkpoint_path = output / "checkpoint.pt"
+    _check_output(config, output, checkpoint_path, ctx.is_main)
+    device = _device(config, ctx.local_rank)
     data = prepare_data(config, dataset)
-    if ctx.enabled and config.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} ranks.")
+    _check_data_fits(config, data, ctx)
     torch.manual_seed(config.seed)
     model = model_for(config, data.dataset).to(device)
     network: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
@@ -120,8 +125,6 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     batch_rule = build_batch_rule(config, request)
     count = data.train_images.shape[0]
     per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
-    if per_epoch < 1:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {count} training examples.")
     scheduler = build_scheduler(config, optimizer, per_epoch)
     rho_scheduler = build_rho_scheduler(config, optimizer, per_epoch) if spec.sharpness_aware else None
     autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
@@ -138,14 +141,19 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
             batch_rule=batch_rule,
         )
     else:
-        step = PlainStep(network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype)
+        step = PlainStep(
+            network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype, nonfinite=config.nonfinite
+        )
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    checkpoint_path = output / "checkpoint.pt"
     if config.resume:
         state = load_checkpoint(checkpoint_path, map_location=device)
         _check_resumable(state["config"], config)
+        _check_world_size(state, ctx.world_size, config.allow_world_size_change)
+        if ctx.is_main:
+            for stale in output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -156,10 +164,6 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         torch.set_rng_state(state["rng"])
         history = list(state["history"])
         start_epoch = int(state["epoch"])
-    elif ctx.is_main and checkpoint_path.exists():
-        raise FileExistsError(
-            f"{output} already holds a run (checkpoint.pt); pass --resume to continue it, or choose another --output."
-        )
 
     metrics = MetricsLog(output, enabled=ctx.is_main)
     if ctx.is_main:
@@ -173,20 +177,29 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
         augment = _epoch_generator(config.seed, epoch, 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
+        seen = torch.zeros((), dtype=torch.float64, device=device)  # examples whose loss was finite
         for index in range(per_epoch):
             global_batch = order[index * config.batch_size : (index + 1) * config.batch_size]
             local = ctx.shard(global_batch)
             inputs = batches(data.train_images[local], augment)
-            loss = step(inputs, data.train_labels[local].to(device))
+            try:
+                loss = step(inputs, data.train_labels[local].to(device))
+            except FloatingPointError as error:
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}, step {index + 1}: {str(error).rstrip('.')}; {kept}. Lower --lr (now "
+                    f"{config.lr:g}), or pass --nonfinite skip to skip such steps"
+                ) from None
             scheduler.step()
             if rho_scheduler is not None:
                 rho_scheduler.step()
-            loss_sum += loss.double() * local.numel()
-            seen += local.numel()
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss.double() * local.numel(), 0.0)
+            seen += finite.double() * local.numel()
             if progress is not None:
                 progress.update(1)
-        totals = ctx.sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        _check_finite(model, seen, epoch, output, config)
+        totals = ctx.sum(torch.stack([loss_sum, seen]))
         record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
         evaluation_started = time.perf_counter()
         record["test_loss"], record["test_accuracy"] = evaluate(
@@ -212,6 +225,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
                 "history": history,
                 "config": config.to_dict(),
             }
+            state["world_size"] = ctx.world_size
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             if rho_scheduler is not None:
@@ -228,12 +242,106 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     return TrainResult(config, history, output, model)
 
 
+def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_main: bool) -> None:
+    """Before any work: a run to resume is there, or the folder is free (or the user said --overwrite)."""
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"--output {output} is a file, not a folder; choose another --output.")
+    if config.resume:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(
+                f"nothing to resume in {output}: it holds no checkpoint.pt; drop --resume to start a new run there."
+            )
+        return
+    if not is_main:
+        return
+    entries = sorted(p.name for p in output.iterdir() if not p.name.endswith(".tmp")) if output.is_dir() else []
+    foreign = [name for name in entries if name not in RUN_FILES]
+    if foreign:
+        raise FileExistsError(
+            f"--output {output} holds files that are not a flatminima run ({', '.join(foreign[:3])}); "
+            "choose an empty or new folder."
+        )
+    if entries and not config.overwrite:
+        held = (
+            "a run (checkpoint.pt): pass --resume to continue it"
+            if "checkpoint.pt" in entries
+            else ("a previous run's files (" + ", ".join(entries[:3]) + "): pass --overwrite to replace them")
+        )
+        raise FileExistsError(f"{output} already holds {held}, or choose another --output.")
+    for name in entries:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create --output {output}: {error.strerror}; choose another folder.") from None
+    if not os.access(output, os.W_OK):
+        raise PermissionError(f"--output {output} is not writable; choose another folder.")
+
+
+def _check_data_fits(config: TrainConfig, data: PreparedData, ctx: Distributed) -> None:
+    """What only the data can refute, checked before the model is built."""
+    count = data.train_images.shape[0]
+    if config.batch_size > count:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {count} training examples"
+            + (f" left after the {config.validation_fraction:g} validation split" if config.validation_fraction else "")
+            + "; lower --batch-size."
+        )
+    if ctx.enabled and config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world_size} ranks.")
+    per_rank = config.batch_size // ctx.world_size
+    if config.group_size is not None and config.group_size > per_rank:
+        raise ValueError(
+            f"group_size {config.group_size} exceeds the per-rank batch of {per_rank} (plain SAM); lower --group-size."
+        )
+    images = data.train_images
+    if config.cutout and images.ndim == 4 and config.cutout > min(images.shape[-2:]):
+        side = min(images.shape[-2:])
+        raise ValueError(
+            f"cutout {config.cutout} exceeds the {images.shape[-2]}x{images.shape[-1]} images (it would blank them); "
+            f"use at most {side}, or 0."
+        )
+
+
+def _check_finite(model: nn.Module, seen: Tensor, epoch: int, output: Path, config: TrainConfig) -> None:
+    """Stop before a checkpoint or model.pt could hold inf/NaN weights (the last good checkpoint stays)."""
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if weights_ok and bool(seen > 0):
+        return
+    kept = f"the checkpoint of epoch {epoch} in {output} is kept" if epoch else "no checkpoint was written"
+    what = "the weights" if not weights_ok else "every training loss"
+    raise FloatingPointError(
+        f"{what} became inf/NaN in epoch {epoch + 1} ({kept}); lower --lr (now {config.lr:g}), or pass "
+        "--nonfinite skip to skip such steps."
+    )
+
+
+def _check_world_size(state: dict[str, Any], world_size: int, allowed: bool) -> None:
+    saved = int(state.get("world_size", 1))
+    if saved != world_size and not allowed:
+        raise ValueError(
+            f"the checkpoint was written by {saved} process(es), resumed with {world_size}: each rank perturbs with "
+            "its own batch, so the algorithm changes (m-SAM's m is the per-rank batch); pass "
+            "--allow-world-size-change to accept that."
+        )
+
+
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     current = config.to_dict()
-    changed = sorted(k for k in current if k not in _RESUMABLE and saved.get(k) != current[k])
+    changed = sorted(k for k in current if k not in RESUMABLE and k in saved and saved[k] != current[k])
+    changed += sorted(k for k in current if k not in RESUMABLE and k not in saved and current[k] != _default(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume: the config differs from the checkpoint's in {details}.")
+        raise ValueError(
+            f"cannot resume: the config differs from the checkpoint's in {details} (with --resume only "
+            f"{', '.join(sorted(RESUMABLE - {'resume', 'output', 'overwrite', 'allow_world_size_change'}))} "
+            "may change; drop the other flags)."
+        )
+
+
+def _default(name: str) -> Any:
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def _write_config(path: Path, config: TrainConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["epoch"] <= epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(temporary, self.path)  # atomic: a kill here leaves the old log or the new one, never half
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -50,4 +53,14 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``; a torn last line (a process killed mid-write) is dropped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {number + 1}, is not a JSON record; the metrics log is corrupt.") from None
+    return records

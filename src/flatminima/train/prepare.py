@@ -52,5 +52,9 @@ def prepare_data(config: TrainConfig, dataset: ImageDataset | None = None) -> Pr
 def model_for(config: TrainConfig, dataset: ImageDataset) -> nn.Module:
     """The configured model, shaped for the dataset's images ([N, C, H, W]) or patches ([N, P, d])."""
     sample = dataset.train_images
+    if config.model == "two_layer_cnn" and sample.ndim != 3:
+        raise ValueError(
+            "two_layer_cnn is the network of the signal-noise data model: use it with --dataset signal_noise"
+        )
     in_channels, size = (sample.shape[1], tuple(sample.shape[2:])) if sample.ndim == 4 else (1, tuple(sample.shape[1:]))
     return build_model(config.model, dataset.num_classes, in_channels, size)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from flatminima.batch_rules import BatchRule, Sample, random_index
+from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, tensor_norms
 from flatminima.optim.perturb import DualNorm, RandomDirection
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
@@ -138,27 +139,11 @@ def _escape(request: OptimizerRequest) -> OrthogonalEscape:
 
 
 def _build_rs(request: OptimizerRequest) -> SAM:
-    return SAM(
-        request.model.parameters(),
-        request.base_class,
-        rho=request.rho,
-        perturbation=RandomDirection(),
-        descent=_escape(request),
-        model=request.model,
-        **request.base_options,
-    )
+    return build_sam(request, perturbation=RandomDirection(), descent=_escape(request))
 
 
 def _build_sa(request: OptimizerRequest) -> SAM:
-    return SAM(
-        request.model.parameters(),
-        request.base_class,
-        rho=request.rho,
-        perturbation=RandomSign(DualNorm(2.0)),
-        descent=_escape(request),
-        model=request.model,
-        **request.base_options,
-    )
+    return build_sam(request, perturbation=RandomSign(DualNorm(2.0)), descent=_escape(request))
 
 
 register_optimizer(

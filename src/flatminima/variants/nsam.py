@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from flatminima.batch_rules import BatchRule, Sample
+from flatminima.optim.catalog import build_sam
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.sam import SAM
 
 __all__ = ["AscentSample"]
 
@@ -68,11 +68,6 @@ class AscentSample(BatchRule):
         return self._sample
 
 
-def _build(request: OptimizerRequest) -> SAM:
-    return SAM(request.model.parameters(), request.base_class, rho=request.rho, p=request.p, model=request.model,
-               **request.base_options)  # fmt: skip
-
-
 def _batch_rule(request: OptimizerRequest) -> AscentSample:
     config = request.config
     size = config.nsam_sample_size if config.nsam_sample_size > 0 else None
@@ -90,7 +85,7 @@ def _batch_rule(request: OptimizerRequest) -> AscentSample:
 register_optimizer(
     "nsam",
     "n-SAM: ascent on another sample of --nsam-sample-size examples",
-    _build,
+    build_sam,
     sharpness_aware=True,
     batch_rule=_batch_rule,
 )

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from flatminima.batch_rules import BatchRule, Probe
+from flatminima.optim.catalog import build_sam
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.sam import SAM
 
 __all__ = ["SCORES", "GibbsReweighting"]
 
@@ -103,11 +103,6 @@ class GibbsReweighting(BatchRule):
         return self.weights if self.weighted_descent else None
 
 
-def _build(request: OptimizerRequest) -> SAM:
-    return SAM(request.model.parameters(), request.base_class, rho=request.rho, p=request.p, model=request.model,
-               **request.base_options)  # fmt: skip
-
-
 def _batch_rule(request: OptimizerRequest) -> GibbsReweighting:
     config = request.config
     return GibbsReweighting(  # z from the global RNG, which the training loop checkpoints
@@ -122,7 +117,7 @@ def _batch_rule(request: OptimizerRequest) -> GibbsReweighting:
 register_optimizer(
     "rwsam",
     "RW-SAM: SAM with the ascent reweighted toward sharp examples (--rwsam-*)",
-    _build,
+    build_sam,
     sharpness_aware=True,
     batch_rule=_batch_rule,
 )

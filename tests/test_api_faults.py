@@ -1,0 +1,186 @@
+"""Faults of the API hardening issue, each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+import flatminima
+from tests.conftest import assert_identical, make_batch, make_mlp, snapshot
+
+SPARSE_MESSAGE = "SAM does not support sparse gradients; use dense embeddings."
+
+
+def _bn(model: nn.Module) -> nn.BatchNorm1d:
+    return model[1]
+
+
+# ---------------------------------------------------------------- 1. first_step with no gradient
+
+
+def test_first_step_without_gradients_leaves_batchnorm_tracking() -> None:
+    """No gradient, no perturbation: the next forward pass is the step's only one and must update BatchNorm."""
+    model = make_mlp(batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=model)
+    x, _ = make_batch()
+    assert opt.first_step() is False
+    assert not opt.is_perturbed
+    before = _bn(model).running_mean.clone()
+    model.train()
+    model(x)
+    assert not torch.equal(_bn(model).running_mean, before)
+    assert int(_bn(model).num_batches_tracked) == 1
+
+
+def test_first_step_with_rho_zero_still_keeps_one_statistics_update() -> None:
+    """With a gradient at w the second pass keeps the first pass's statistics even when rho = 0 moves nothing,
+    so rho = 0 stays the base optimiser (one BatchNorm update per step)."""
+    model = make_mlp(batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, model=model)
+    x, y = make_batch()
+    cross_entropy(model(x), y).backward()
+    assert opt.first_step(zero_grad=True) is False
+    after_first = [_bn(model).running_mean.clone(), _bn(model).num_batches_tracked.clone()]
+    cross_entropy(model(x), y).backward()
+    assert torch.equal(_bn(model).running_mean, after_first[0])
+    assert torch.equal(_bn(model).num_batches_tracked, after_first[1])
+    opt.second_step()
+    assert _bn(model).track_running_stats
+
+
+# ---------------------------------------------------------------- 2. second_step alone is a plain step
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_second_step_without_first_step_is_the_base_step(flatten: bool) -> None:
+    """The documented plain step: second_step alone equals torch.optim.SGD's step bit for bit."""
+    a, b = make_mlp(seed=3), make_mlp(seed=3)
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    sam = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.5, flatten=flatten, **options)
+    sgd = torch.optim.SGD(b.parameters(), **options)
+    for seed in range(3):
+        x, y = make_batch(seed=seed)
+        for model, opt in ((a, sam), (b, sgd)):
+            opt.zero_grad()
+            cross_entropy(model(x), y).backward()
+        sam.second_step()
+        sgd.step()
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert sam.steps == 3
+
+
+def test_plain_step_is_documented() -> None:
+    for doc in (flatminima.SAM.__doc__, flatminima.SAM.second_step.__doc__):
+        assert "without first_step" in " ".join(doc.replace("`", "").split())
+
+
+# ---------------------------------------------------------------- 3. sparse gradients
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_sparse_gradient_gives_the_clear_message(flatten: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, flatten=flatten)
+    model(torch.tensor([1, 2, 3])).sum().backward()
+    saved = snapshot(model)
+    with pytest.raises(RuntimeError, match=SPARSE_MESSAGE):
+        opt.first_step()
+    assert not opt.is_perturbed
+    assert_identical(model, saved)
+
+
+# ---------------------------------------------------------------- 4. exceptions inside SharpnessAwareStep
+
+
+class FailingLoss:
+    """Cross-entropy per example that raises on its ``fail_on``-th call."""
+
+    def __init__(self, fail_on: int) -> None:
+        self.fail_on, self.calls = fail_on, 0
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyError("loss failed")
+        return cross_entropy(outputs, targets, reduction="none")
+
+
+@pytest.mark.parametrize(
+    ("options", "fail_on"),
+    [
+        ({}, 1),
+        ({}, 2),  # the second pass, after the first pass updated the statistics
+        ({"accumulation_steps": 2}, 3),
+        ({"group_size": 4}, 3),  # the second m-SAM group's first pass
+        ({"group_size": 4}, 4),
+    ],
+)
+def test_exception_in_step_leaves_weights_and_statistics(options: dict, fail_on: int) -> None:
+    model = make_mlp(batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    step = flatminima.SharpnessAwareStep(model, FailingLoss(fail_on), opt, **options)
+    x, y = make_batch()
+    saved = snapshot(model)  # weights, running_mean, running_var, num_batches_tracked
+    with pytest.raises(KeyError, match="loss failed"):
+        step(x, y)
+    assert_identical(model, saved)
+    assert int(_bn(model).num_batches_tracked) == 0
+    assert not opt.is_perturbed and opt.steps == 0 and not opt.state
+    assert _bn(model).track_running_stats
+    step(x, y)  # the next step runs normally
+    assert int(_bn(model).num_batches_tracked) == 1
+
+
+def test_nonfinite_raise_in_step_leaves_statistics() -> None:
+    model = make_mlp(batch_norm=True)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+
+    def nan_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(outputs, targets) * math.nan
+
+    step = flatminima.SharpnessAwareStep(model, nan_loss, opt)
+    saved = snapshot(model)
+    with pytest.raises(FloatingPointError):
+        step(*make_batch())
+    assert_identical(model, saved)
+
+
+# ---------------------------------------------------------------- 5. non-finite rho
+
+
+@pytest.mark.parametrize("rho", [math.inf, -math.inf, math.nan])
+def test_nonfinite_rho_is_rejected_at_construction(rho: float) -> None:
+    model = make_mlp()
+    with pytest.raises(ValueError, match="rho"):
+        flatminima.SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        flatminima.SAM([{"params": list(model.parameters()), "rho": rho}], torch.optim.SGD, lr=0.1)
+
+
+def test_nonfinite_rho_is_rejected_in_add_param_group() -> None:
+    model = make_mlp()
+    first, *rest = model.parameters()
+    opt = flatminima.SAM([first], torch.optim.SGD, rho=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": rest, "rho": math.inf})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_nonfinite_rho_set_on_a_group_is_rejected_at_the_step(flatten: bool) -> None:
+    model = make_mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, flatten=flatten)
+    opt.param_groups[0]["rho"] = math.inf  # e.g. a scheduler gone wrong
+    x, y = make_batch()
+    cross_entropy(model(x), y).backward()
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="rho"):
+        opt.first_step()
+    assert not opt.is_perturbed
+    assert_identical(model, saved)

@@ -1,0 +1,236 @@
+"""Bad input and faults at the command line: one line naming the problem and the fix, exit code 2, nothing lost.
+
+Each case here is a row of the table in docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatminima.cli import main
+from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
+
+FAST = ["--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--optimizer", "sgd", "--lr", "0.05"]
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _assert_one_line(code: int, err: str, expected: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err, err
+
+
+def _train(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
+    return ["train", *FAST, "--output", str(tmp_path / name), *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--dataset", "foo"], "invalid choice: 'foo'"),
+        (["--model", "foo"], "invalid choice: 'foo'"),
+        (["--model", "two_layer_cnn"], "use it with --dataset signal_noise"),
+        (["--batch-size", "100000"], "batch_size 100000 exceeds the 1347 training examples; lower --batch-size"),
+        (["--validation-fraction", "0.99", "--batch-size", "64"], "left after the 0.99 validation split"),
+        (["--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
+        (["--dataset", "mnist", "--data-root", "/nonexistent"], "/nonexistent"),
+        (["--dataset", "svhn", "--data-root", "/nonexistent"], "/nonexistent"),
+        (["--threads", "-1"], "threads must be >= 0"),
+        (["--device", "foo"], "invalid choice: 'foo'"),
+        (["--momentum", "-1"], "momentum must be a finite number >= 0"),
+        (["--seed", "-5"], "seed must be >= 0"),
+        (["--lr", "inf"], "lr must be a finite number > 0"),
+        (["--rho", "nan", "--optimizer", "sam"], "rho must be a finite number >= 0"),
+        (["--cutout", "1000", "--augment"], "cutout 1000 exceeds the 8x8 images"),
+        (["--optimizer", "sam", "--group-size", "1000"], "group_size 1000 exceeds batch_size 64"),
+        (["--optimizer", "sam", "--lr", "1e6"], "--nonfinite skip"),
+        (["--lr", "1e6"], "the loss is nan, so no step was taken; no checkpoint was written"),
+    ],
+)
+def test_bad_flags_give_one_line(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
+    code, err = _run(capsys, _train(tmp_path, *extra))
+    _assert_one_line(code, err, expected)
+    assert not (tmp_path / "run" / "model.pt").exists()  # nothing written that looks like a result
+
+
+def test_device_cuda_without_a_gpu(tmp_path: Path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--device", "cuda")), "device cuda was asked for")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("epochs: [1\n", "is not valid YAML at line"),
+        ("epochs: 1.7\n", "epochs must be an integer, got 1.7"),
+        ("lr: true\n", "lr must be a number, got True"),
+        ("lr: .inf\n", "lr must be a finite number > 0"),
+        ("model: 5\n", "model must be a str, got 5"),
+        ("- 1\n- 2\n", "must hold a mapping of field: value"),
+        ("learning_rate: 0.1\n", "unknown config field(s) ['learning_rate']"),
+    ],
+)
+def test_bad_yaml_gives_one_line(tmp_path: Path, capsys, text: str, expected: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    argv = ["train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run"), "--no-progress"]
+    _assert_one_line(*_run(capsys, argv), expected)
+
+
+def test_config_that_is_binary_a_folder_or_missing(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--config", str(tmp_path / "bin.yaml"))), "bin.yaml is not text")
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--config", str(tmp_path))), "is a folder")
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--config", str(tmp_path / "no.yaml"))), "does not exist")
+
+
+def test_output_that_is_a_file_or_under_one(tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    code, err = _run(capsys, ["train", *FAST, "--output", str(tmp_path / "file")])
+    _assert_one_line(code, err, "is a file, not a folder")
+    code, err = _run(capsys, ["train", *FAST, "--output", str(tmp_path / "file" / "run")])
+    _assert_one_line(code, err, "cannot create --output")
+
+
+def test_existing_run_and_foreign_folders_are_never_overwritten(tmp_path: Path, capsys) -> None:
+    assert main(_train(tmp_path)) == 0
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    _assert_one_line(*_run(capsys, _train(tmp_path)), "already holds a run (checkpoint.pt): pass --resume")
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+    # the user's own files with a run's names, no checkpoint: refused unless --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my notes\n")
+    (mine / "metrics.jsonl").write_text("not json\n")
+    _assert_one_line(*_run(capsys, _train(tmp_path, name="mine")), "pass --overwrite to replace them")
+    assert (mine / "config.yaml").read_text() == "my notes\n"
+    assert main(_train(tmp_path, "--overwrite", name="mine")) == 0
+    assert "my notes" not in (mine / "config.yaml").read_text()
+    # any other file: refused even with --overwrite
+    (mine / "thesis.tex").write_text("x")
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--overwrite", name="mine")), "not a flatminima run (thesis.tex)")
+
+
+def test_resume_with_nothing_corrupt_or_changed(tmp_path: Path, capsys) -> None:
+    _assert_one_line(*_run(capsys, _train(tmp_path, "--resume")), "nothing to resume")
+    assert main(_train(tmp_path)) == 0
+    code, err = _run(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--lr", "0.01"])
+    _assert_one_line(code, err, "cannot resume: the config differs from the checkpoint's in lr: 0.05 -> 0.01")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"garbage")
+    _assert_one_line(*_run(capsys, ["train", "--output", str(tmp_path / "run"), "--resume"]), "is corrupt")
+
+
+def test_resume_as_the_readme_says_and_extend_a_finished_run(tmp_path: Path, capsys) -> None:
+    """`flatminima train --output X --resume` needs no other flag; `--epochs` may grow to extend the run."""
+    run = tmp_path / "run"
+    assert main(_train(tmp_path)) == 0
+    (run / "checkpoint.pt.x1y2.tmp").write_bytes(b"left by a kill mid-write")
+    with (run / "metrics.jsonl").open("a") as file:
+        file.write('{"epoch": 2, "train_lo')  # a torn last line
+    assert main(["train", "--output", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert not list(run.glob("*.tmp"))
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["optimizer"] == "sgd"  # the run's own config
+
+
+def test_resume_under_another_world_size_is_refused_unless_asked(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(_train(tmp_path, "--epochs", "1")) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["world_size"] = 2
+    save_checkpoint(state, run / "checkpoint.pt")
+    code, err = _run(capsys, ["train", "--output", str(run), "--resume", "--epochs", "2"])
+    _assert_one_line(code, err, "written by 2 process(es), resumed with 1")
+    assert main(["train", "--output", str(run), "--resume", "--epochs", "2", "--allow-world-size-change"]) == 0
+
+
+def test_nonfinite_skip_keeps_finite_weights(tmp_path: Path) -> None:
+    assert main(_train(tmp_path, "--lr", "1e6", "--nonfinite", "skip")) in (0, 2)
+    model = tmp_path / "run" / "model.pt"
+    if model.exists():
+        weights = torch.load(model, weights_only=True)["model"]
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_sigint_stops_with_a_resume_hint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--epochs", "50", "--batch-size", "32", "--threads", "1", "--no-progress", "--optimizer", "sam"]
+    command = [sys.executable, "-m", "flatminima", *argv, "--output", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not (run / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"continue with: flatminima train --output {run} --resume" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--k", "0"], "--k must be >= 1"),
+        (["--m", "0"], "--m must be >= 1"),
+        (["--trace-probes", "0"], "--trace-probes must be >= 1"),
+        (["--rho", "-1"], "--rho must be a finite number >= 0"),
+    ],
+)
+def test_sharpness_bad_flags(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
+    code, err = _run(capsys, ["sharpness", "--checkpoint", str(tmp_path / "model.pt"), *extra])
+    _assert_one_line(code, err, expected)
+
+
+def test_sharpness_bad_checkpoints(tmp_path: Path, capsys) -> None:
+    code, err = _run(capsys, ["sharpness", "--checkpoint", "/nonexistent/model.pt"])
+    _assert_one_line(code, err, "no checkpoint at /nonexistent/model.pt; give the model.pt")
+    assert "--resume" not in err
+    assert main(_train(tmp_path)) == 0
+    state = load_checkpoint(tmp_path / "run" / "model.pt")
+    state["config"]["model"] = "mlp"
+    save_checkpoint(state, tmp_path / "other.pt")
+    code, err = _run(capsys, ["sharpness", "--checkpoint", str(tmp_path / "other.pt")])
+    _assert_one_line(code, err, "do not fit the mlp its config names")
+    state["config"] = 5
+    save_checkpoint(state, tmp_path / "five.pt")
+    _assert_one_line(
+        *_run(capsys, ["sharpness", "--checkpoint", str(tmp_path / "five.pt")]), "holds no training config"
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        main(_train(tmp_path, "--seed", "-5", "--debug"))
+
+
+def test_a_user_error_under_torchrun_is_reported_once(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "flatminima", *_train(tmp_path, "--batch-size", "100000")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("batch_size 100000 exceeds the 1347 training examples") == 1, result.stderr
