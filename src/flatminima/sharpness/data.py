@@ -16,12 +16,14 @@ every module's mode and every buffer (and, on request, parameter) exactly as it 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from flatminima import running_stats
 
 __all__ = [
     "Batch",
@@ -217,7 +219,10 @@ def measuring(model: nn.Module, train_mode: bool = False, *, restore_parameters:
     saved = [(t, t.detach().clone()) for t in tensors]
     try:
         model.train(train_mode)
-        yield
+        # in train mode BatchNorm uses batch statistics; it must not also update its running statistics in place,
+        # which torch.func transforms (forward-over-reverse products) forbid and the restore below would undo
+        with running_stats.frozen(running_stats.norm_layers(model)) if train_mode else nullcontext():
+            yield
     finally:
         with torch.no_grad():
             for tensor, copy in saved:

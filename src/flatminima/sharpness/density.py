@@ -52,8 +52,11 @@ def spectral_density(
     num_steps: int = 60,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    distribution: str = "rademacher",
     **operator_kwargs: Any,
 ) -> SpectralDensity:
-    """Hessian spectral density of the full-data loss by SLQ (see :func:`spectral_density_op`); ``.plot()`` draws it."""
+    """Hessian spectral density of the full-data loss by SLQ (see :func:`spectral_density_op`, whose ``distribution``
+    of start vectors it takes too); ``.plot()`` draws it."""
+    check_distribution(distribution)
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
-    return spectral_density_op(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
+    return spectral_density_op(op, num_runs=num_runs, num_steps=num_steps, seed=seed, distribution=distribution)

@@ -36,6 +36,7 @@ def power_iteration_op(
         w = op.matvec(v)
         rq = float(v @ w)
         residual = float(torch.linalg.vector_norm(w - rq * v))
+        vector = v  # the vector rq and residual belong to (v moves on below)
         if previous is not None and abs(rq - previous) <= tol * abs(previous):
             converged = True
             break
@@ -47,7 +48,7 @@ def power_iteration_op(
         v = w / norm
     return EigenResult(
         eigenvalues=torch.tensor([rq], dtype=torch.float64),
-        eigenvectors=v[None].clone() if return_vectors else None,
+        eigenvectors=vector[None].clone() if return_vectors else None,
         residuals=torch.tensor([residual], dtype=torch.float64),
         converged=converged,
         num_hvp=op.num_products,
