@@ -11,6 +11,7 @@ The layout, one concept per module:
 * ``data``: batches, size weighting, casting, tuple inputs and model modes, shared by every measure;
 * ``probes``: the random probe and start vectors; ``results``: result dataclasses and :func:`mean_stderr`;
 * ``msharpness``, ``landscape``: m-sharpness (its ascent from :mod:`flatminima.optim.perturb`) and loss landscapes;
+* ``tracking``: lambda_max along training, warm-started (``flatminima train --track-sharpness N``);
 * ``losses``, ``checks``: batch losses and errors, argument checks; ``report``: everything as one table.
 """
 
@@ -56,10 +57,13 @@ from flatminima.sharpness.landscape import (
     loss_landscape_2d,
 )
 from flatminima.sharpness.msharpness import MSharpnessResult, m_sharpness
+from flatminima.sharpness.tracking import SharpnessRecord, SharpnessTracker
 
 __all__ += [
     "Landscape",
     "MSharpnessResult",
+    "SharpnessRecord",
+    "SharpnessTracker",
     "filter_normalized_direction",
     "loss_landscape_1d",
     "loss_landscape_2d",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flatminima.sharpness.hvp import HessianOperator
 from flatminima.sharpness.losses import LossFn
@@ -17,18 +17,29 @@ __all__ = ["power_iteration", "power_iteration_op"]
 
 
 def power_iteration_op(
-    op: OperatorLike, tol: float = 1e-3, max_iter: int = 1000, seed: int = 0, return_vectors: bool = True
+    op: OperatorLike,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    seed: int = 0,
+    return_vectors: bool = True,
+    v0: Tensor | None = None,
 ) -> EigenResult:
     """Power iteration on ``op``: stops when the Rayleigh quotient changes by less than ``tol`` relatively.
 
     Converges to the eigenvalue of largest *magnitude* (which may be negative), at a rate set by the ratio of the two
     largest magnitudes; the residual ``||H v - rq v||`` comes free from the last product. ``op`` is any
-    :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor.
+    :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor. ``v0`` starts the iteration
+    (e.g. the previous eigenvector when tracking lambda_max along training: a warm start); default a Gaussian draw.
     """
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     op = CountingOperator(as_operator(op))
-    v = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
+    if v0 is not None:
+        if v0.shape != (op.dim,) or not bool(torch.isfinite(v0).all()) or not bool(v0.abs().sum() > 0):
+            raise ValueError(f"v0 must be a finite, non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
+        v = v0.detach().to(device=op.device, dtype=op.dtype).clone()
+    else:
+        v = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
     v = v / torch.linalg.vector_norm(v)
     previous: float | None = None
     converged = False

@@ -88,6 +88,11 @@ class TrainConfig:
     label_noise_kind: str = _option("symmetric", "symmetric or asymmetric", ("symmetric", "asymmetric"))
     validation_fraction: float = _option(0.0, "hold out this fraction of the training set (e.g. to tune rho)")
     amp: str = _option("none", "mixed precision: none, bf16, fp16 (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
+    track_sharpness: int = _option(
+        0, "measure lambda_max every N steps (warm-started power iteration), logged in metrics.jsonl; 0: off"
+    )
+    track_examples: int = _option(512, "training examples the tracked Hessian is taken over (as trained)")
+    track_trace_probes: int = _option(0, "with --track-sharpness: also the trace, with this many Hutchinson probes")
     seed: int = _option(0, "seed of data order, label noise, initialisation and augmentation")
     device: str = _option("auto", "auto, cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads, 0 for torch's default")
@@ -125,6 +130,9 @@ class TrainConfig:
             ),
             (math.isfinite(self.momentum) and self.momentum >= 0, "momentum must be a finite number >= 0"),
             (self.seed >= 0, "seed must be >= 0"),
+            (self.track_sharpness >= 0, "track_sharpness must be >= 0 (0: off)"),
+            (self.track_examples >= 1, "track_examples must be >= 1"),
+            (self.track_trace_probes >= 0, "track_trace_probes must be >= 0"),
             (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
             (
                 self.device != "cuda" or _cuda_available(),
@@ -251,7 +259,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # fields that may change between a run and its resumption: they change no maths of the steps already taken
 RESUMABLE = frozenset(
-    {"epochs", "data_root", "device", "threads", "progress", "resume", "output", "overwrite", "allow_world_size_change"}
+    {
+        "epochs",
+        "data_root",
+        "device",
+        "threads",
+        "progress",
+        "resume",
+        "output",
+        "overwrite",
+        "allow_world_size_change",
+        "track_sharpness",
+        "track_examples",
+        "track_trace_probes",
+    }
 )
 
 

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatminima.data.dataset import ImageDataset
 from flatminima.optim import optimizer_spec
+from flatminima.sharpness.tracking import SharpnessTracker
 from flatminima.step import PlainStep, SharpnessAwareStep
 from flatminima.train.batches import BatchPipeline, evaluate
 from flatminima.train.builders import (
@@ -67,6 +68,24 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use --device cpu.")
     return torch.device(f"cuda:{local_rank}" if config.device == "cuda" else config.device)
+
+
+def _tracker(config: TrainConfig, data: PreparedData, batches: BatchPipeline) -> SharpnessTracker | None:
+    """lambda_max every ``track_sharpness`` steps, on the first ``track_examples`` training examples as trained
+    (labels as corrupted, no augmentation), of the mean cross-entropy (without label smoothing or weight decay)."""
+    if not config.track_sharpness:
+        return None
+    count = min(config.track_examples, data.train_images.shape[0])
+    inputs = batches(data.train_images[:count], None)
+    targets = data.train_labels[:count].to(batches.device)
+    chunks = list(zip(inputs.split(256), targets.split(256), strict=True))
+    return SharpnessTracker(
+        torch.nn.functional.cross_entropy,
+        chunks,
+        config.track_sharpness,
+        trace_probes=config.track_trace_probes,
+        seed=config.seed,
+    )
 
 
 def _example_sampler(data: PreparedData, batches: BatchPipeline):
@@ -145,6 +164,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
             network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype, nonfinite=config.nonfinite
         )
 
+    tracker = _tracker(config, data, batches)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if config.resume:
@@ -162,6 +182,8 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if tracker is not None and "sharpness_tracker" in state:
+            tracker.load_state_dict(state["sharpness_tracker"])
         history = list(state["history"])
         start_epoch = int(state["epoch"])
 
@@ -176,6 +198,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         started = time.perf_counter()
         order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
         augment = _epoch_generator(config.seed, epoch, 1)
+        measured: list[dict[str, Any]] = []
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = torch.zeros((), dtype=torch.float64, device=device)  # examples whose loss was finite
         for index in range(per_epoch):
@@ -193,6 +216,10 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
             scheduler.step()
             if rho_scheduler is not None:
                 rho_scheduler.step()
+            if tracker is not None:
+                record = tracker.maybe_measure(model, epoch * per_epoch + index + 1)
+                if record is not None:
+                    measured.append(record.to_dict())
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss.double() * local.numel(), 0.0)
             seen += finite.double() * local.numel()
@@ -209,6 +236,9 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
             record["val_loss"], record["val_accuracy"] = evaluate(
                 network, data.val_images, data.val_labels, batches, ctx, 4 * config.batch_size
             )
+        if measured:
+            record["lambda_max"] = measured[-1]["lambda_max"]
+            record["sharpness"] = measured
         record["seconds"] = time.perf_counter() - started
         record["eval_seconds"] = time.perf_counter() - evaluation_started
         history.append(record)
@@ -226,6 +256,8 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
                 "config": config.to_dict(),
             }
             state["world_size"] = ctx.world_size
+            if tracker is not None:
+                state["sharpness_tracker"] = tracker.state_dict()
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             if rho_scheduler is not None:

@@ -1,0 +1,74 @@
+"""Tracking lambda_max along training: warm starts, exact values, and no effect on the training itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatminima.cli import main
+from flatminima.sharpness import SharpnessTracker, hessian_eigenvalues
+
+
+def _setup() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    return model, (torch.randn(64, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (64,), generator=gen))
+
+
+def test_warm_starts_cost_fewer_products_and_give_lambda_max() -> None:
+    model, data = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    warm = SharpnessTracker(F.cross_entropy, data, every=5, tol=1e-6, max_iter=500)
+    cold_products, warm_products = [], []
+    for step in range(1, 31):
+        opt.zero_grad()
+        F.cross_entropy(model(data[0]), data[1]).backward()
+        opt.step()
+        record = warm.maybe_measure(model, step)
+        if record is None:
+            continue
+        cold = SharpnessTracker(F.cross_entropy, data, every=5, tol=1e-6, max_iter=500).measure(model, step)
+        exact = hessian_eigenvalues(model, F.cross_entropy, data, k=1, tol=1e-10).eigenvalues[0].item()
+        assert abs(record.lambda_max - exact) < 1e-4 * abs(exact)
+        cold_products.append(cold.num_hvp)
+        warm_products.append(record.num_hvp)
+    assert [r.step for r in warm.history] == [5, 10, 15, 20, 25, 30]
+    assert sum(warm_products[1:]) < sum(cold_products[1:])  # every measurement after the first is warm
+
+
+def test_measuring_leaves_the_model_and_the_random_state_alone() -> None:
+    model, data = _setup()
+    model = nn.Sequential(model[0], nn.BatchNorm1d(16).double(), *model[1:]).train()
+    before = [t.clone() for t in [*model.parameters(), *model.buffers()]]
+    rng = torch.get_rng_state()
+    SharpnessTracker(F.cross_entropy, data, every=1, trace_probes=3).measure(model, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), *model.buffers()]))
+    assert torch.equal(rng, torch.get_rng_state()) and model.training
+
+
+def test_bad_tracker_options() -> None:
+    _, data = _setup()
+    with pytest.raises(ValueError, match="every"):
+        SharpnessTracker(F.cross_entropy, data, every=0)
+    with pytest.raises(ValueError, match="trace_probes"):
+        SharpnessTracker(F.cross_entropy, data, every=1, trace_probes=-1)
+
+
+def test_train_tracks_without_changing_the_run(tmp_path: Path) -> None:
+    common = ["train", "--epochs", "2", "--batch-size", "128", "--threads", "1", "--no-progress", "--optimizer", "sam"]
+    assert main([*common, "--output", str(tmp_path / "plain")]) == 0
+    tracked = [*common, "--output", str(tmp_path / "tracked"), "--track-sharpness", "4", "--track-trace-probes", "2"]
+    assert main(tracked) == 0
+    plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["model"]
+    measured = torch.load(tmp_path / "tracked" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(plain[k], measured[k]) for k in plain)  # measuring changed nothing in the training
+    records = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for r in records for m in r["sharpness"]]
+    assert steps == [4, 8, 12, 16, 20]  # 10 steps per epoch (1347 // 128)
+    assert all(r["lambda_max"] > 0 and "trace" in r["sharpness"][-1] for r in records)
