@@ -22,7 +22,14 @@ from flatminima.sharpness.lanczos import LanczosDecomposition, hessian_eigenvalu
 from flatminima.sharpness.operator import DenseOperator, LinearOperator, MatvecOperator, as_operator
 from flatminima.sharpness.power import power_iteration, power_iteration_op
 from flatminima.sharpness.results import EigenResult, SpectralDensity, TraceResult, mean_stderr
-from flatminima.sharpness.trace import hutchinson_trace, hutchinson_trace_op, hutchpp_trace, hutchpp_trace_op
+from flatminima.sharpness.trace import (
+    hutchinson_trace,
+    hutchinson_trace_op,
+    hutchpp_trace,
+    hutchpp_trace_op,
+    xtrace,
+    xtrace_op,
+)
 
 __all__ = [
     "DenseOperator",
@@ -46,6 +53,8 @@ __all__ = [
     "power_iteration_op",
     "spectral_density",
     "spectral_density_op",
+    "xtrace",
+    "xtrace_op",
 ]
 # ---- end of Hessian measures ----
 

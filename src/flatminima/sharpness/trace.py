@@ -1,4 +1,5 @@
-"""Hessian trace by Hutchinson and Hutch++ (Meyer et al. 2021), each with its standard error."""
+"""Hessian trace by Hutchinson, Hutch++ (Meyer et al. 2021) and XTrace (Epperly et al. 2024), each with its
+standard error."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from flatminima.sharpness.operator import CountingOperator, LinearOperator, Oper
 from flatminima.sharpness.probes import check_distribution, random_vectors
 from flatminima.sharpness.results import TraceResult, mean_stderr
 
-__all__ = ["BLOCK_SIZE", "hutchinson_trace", "hutchinson_trace_op", "hutchpp_trace", "hutchpp_trace_op"]
+__all__ = [
+    "BLOCK_SIZE",
+    "hutchinson_trace",
+    "hutchinson_trace_op",
+    "hutchpp_trace",
+    "hutchpp_trace_op",
+    "xtrace",
+    "xtrace_op",
+]
 
 BLOCK_SIZE = 16  # probes per matmat: one pass over the data serves this many products
 
@@ -79,6 +88,49 @@ def hutchpp_trace_op(
     return TraceResult(low_rank + mean, stderr, op.num_products, "hutch++", samples)
 
 
+def xtrace_op(
+    op: OperatorLike,
+    num_matvecs: int = 100,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    block_size: int = BLOCK_SIZE,
+) -> TraceResult:
+    """XTrace (Epperly, Tropp, Webber 2024, Algorithm 1.2): Hutch++'s low-rank-plus-residual idea, made exchangeable.
+
+    With ``s = num_matvecs // 2`` test vectors ``w_i``, each estimate ``t_i = tr(Q_i^T A Q_i) + w_i^T (I - P_i) A
+    (I - P_i) w_i`` uses the basis ``Q_i`` of ``A w_j`` for all ``j != i`` (``P_i = Q_i Q_i^T``), so every vector
+    serves both the low-rank part and the residual part; the estimate is the mean of the ``t_i`` and its stderr their
+    standard error. The ``s`` leave-one-out bases need no more products: they lie in the span ``Q`` of all ``A w_j``,
+    so with ``A Q`` (``s`` more products) every ``t_i`` is computed from ``s x s`` matrices. ``op`` must be symmetric
+    (as a Hessian is). Exact once ``s > dim``.
+    """
+    if num_matvecs < 4:
+        raise ValueError(f"XTrace needs num_matvecs >= 4 (two test vectors), got {num_matvecs}")
+    check_distribution(distribution)
+    block_size = positive_int("block_size", block_size)
+    op = CountingOperator(as_operator(op))
+    count = num_matvecs // 2
+    omega = random_vectors(count, op.dim, torch.Generator().manual_seed(seed), distribution, op.dtype, op.device)
+    y = torch.cat([op.matmat(block.T.contiguous()) for block in omega.split(block_size)], dim=1)  # (dim, s)
+    q, _ = torch.linalg.qr(y)  # (dim, r), r = min(dim, s)
+    z = torch.cat([op.matmat(block.T.contiguous()) for block in q.T.split(block_size)], dim=1)  # A Q
+    small = torch.float64
+    r_y = (q.T @ y).to(small)  # Q^T A w_i, also (A Q)^T w_i for a symmetric A
+    w = (q.T @ omega.T).to(small)  # Q^T w_i
+    h = (q.T @ z).to(small)
+    h = (h + h.T) / 2
+    d = (omega * y.T).sum(dim=1).to(small)  # w_i^T A w_i
+    samples = torch.empty(count, dtype=small)
+    for i in range(count):
+        others = torch.cat([r_y[:, :i], r_y[:, i + 1 :]], dim=1)
+        c, _ = torch.linalg.qr(others)  # Q_i = Q c
+        cc = c @ (c.T @ w[:, i])  # coordinates in Q of P_i w_i
+        residual = d[i] - 2 * (cc @ r_y[:, i]) + cc @ h @ cc
+        samples[i] = torch.trace(c.T @ h @ c) + residual
+    estimate, stderr = mean_stderr(samples)
+    return TraceResult(estimate, stderr, op.num_products, f"xtrace-{distribution}", samples.cpu())
+
+
 def hutchinson_trace(
     model: nn.Module,
     loss_fn: LossFn,
@@ -106,3 +158,18 @@ def hutchpp_trace(
     """Hessian trace of the full-data loss by Hutch++ (see :func:`hutchpp_trace_op`)."""
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return hutchpp_trace_op(op, num_matvecs=num_matvecs, seed=seed)
+
+
+def xtrace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    num_matvecs: int = 100,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    dtype: torch.dtype | None = None,
+    **operator_kwargs: Any,
+) -> TraceResult:
+    """Hessian trace of the full-data loss by XTrace (see :func:`xtrace_op`)."""
+    op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
+    return xtrace_op(op, num_matvecs=num_matvecs, seed=seed, distribution=distribution)
