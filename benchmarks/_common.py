@@ -115,3 +115,28 @@ def sync(device: torch.device) -> None:
 
 def med(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------------------------- shared set-ups
+
+
+def start_report(title: str, device: torch.device | None = None) -> Report:
+    """A report opened with its title and time, the command that ran it and the machine table."""
+    report = Report()
+    report(f"# {title} ({local_timestamp()})")
+    report()
+    report(f"`{command_line()}`")
+    report()
+    machine(report, device)
+    return report
+
+
+def noisy_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's training data: digits normalised, with 40 % symmetric label noise (seed 0)."""
+    from flatminima.data import channel_mean_std, load_digits, normalize, to_float
+    from flatminima.data.label_noise import symmetric_label_noise
+
+    digits = load_digits(seed=0)
+    mean, std = channel_mean_std(digits.train_images)
+    images = normalize(to_float(digits.train_images), mean, std)
+    return images, symmetric_label_noise(digits.train_labels, 0.4, 10, seed=0)

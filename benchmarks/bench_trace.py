@@ -16,11 +16,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import Report, command_line, load_average, local_timestamp, machine
+from _common import Report, load_average, noisy_digits, start_report
 from torch import nn
 
 from flatminima.data import channel_mean_std, load_digits, normalize, to_float
-from flatminima.data.label_noise import symmetric_label_noise
 from flatminima.sharpness import HessianOperator, hutchinson_trace_op, hutchpp_trace_op, xtrace_op
 
 
@@ -31,16 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seeds = range(3 if args.quick else 20)
     budgets = (24,) if args.quick else (24, 48, 99)
-    report = Report()
-    report(f"# flatminima trace estimators benchmark ({local_timestamp()})")
-    report()
-    report(f"`{command_line()}`")
-    report()
-    machine(report)
-    digits = load_digits(seed=0)
-    mean, std = channel_mean_std(digits.train_images)
-    images = normalize(to_float(digits.train_images), mean, std).flatten(1)
-    labels = symmetric_label_noise(digits.train_labels, 0.4, 10, seed=0)
+    report = start_report("flatminima trace estimators benchmark")
+    images, labels = noisy_digits()
+    images = images.flatten(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

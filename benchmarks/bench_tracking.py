@@ -16,10 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import Report, command_line, load_average, local_timestamp, machine
+from _common import load_average, noisy_digits, start_report
 
-from flatminima.data import channel_mean_std, load_digits, normalize, to_float
-from flatminima.data.label_noise import symmetric_label_noise
 from flatminima.models import build_model
 from flatminima.sharpness import SharpnessTracker
 
@@ -33,16 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     args = parser.parse_args(argv)
     epochs = 1 if args.quick else args.epochs
-    report = Report()
-    report(f"# flatminima sharpness tracking benchmark ({local_timestamp()})")
-    report()
-    report(f"`{command_line()}`")
-    report()
-    machine(report)
-    digits = load_digits(seed=0)
-    mean, std = channel_mean_std(digits.train_images)
-    images = normalize(to_float(digits.train_images), mean, std)
-    labels = symmetric_label_noise(digits.train_labels, 0.4, 10, seed=0)
+    report = start_report("flatminima sharpness tracking benchmark")
+    images, labels = noisy_digits()
     data = [(images[:256], labels[:256]), (images[256:512], labels[256:512])]
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1, (8, 8)).train()
