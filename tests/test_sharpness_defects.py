@@ -87,3 +87,15 @@ def test_spectral_density_takes_the_distribution() -> None:
     assert not torch.equal(rademacher.nodes, gaussian.nodes)
     with pytest.raises(ValueError, match="distribution"):
         spectral_density(model, F.cross_entropy, data, distribution="uniform")
+
+
+def test_unverified_lanczos_saves_k_products_and_its_residual_estimates_are_true() -> None:
+    matrix, _ = _hidden_fifth_eigenvector(1e-2)
+    verified = lanczos_eigs(matrix, k=5, tol=1e-8)
+    estimated = lanczos_eigs(matrix, k=5, tol=1e-8, verify=False)
+    assert estimated.num_hvp == verified.num_hvp - 5
+    torch.testing.assert_close(estimated.eigenvalues, verified.eigenvalues, rtol=0, atol=0)
+    true = torch.linalg.vector_norm(
+        estimated.eigenvectors @ matrix - estimated.eigenvalues[:, None] * estimated.eigenvectors, dim=1
+    )
+    torch.testing.assert_close(estimated.residuals, true, rtol=0, atol=1e-12)
