@@ -485,3 +485,12 @@ def test_batchnorm_statistics_are_updated_once_per_step_from_the_pass_at_w(varia
     torch.testing.assert_close(bn.running_mean, expected.running_mean, rtol=0, atol=1e-14)
     torch.testing.assert_close(bn.running_var, expected.running_var, rtol=0, atol=1e-14)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_the_demo_can_run_twice_in_the_same_folder(tmp_path, capsys) -> None:
+    """The README's first command, run again, replaces the demo's own runs (they are not a user's)."""
+    from flatminima.cli import main
+
+    argv = ["demo", "--variants", "sgd", "--epochs", "1", "--no-progress", "--output", str(tmp_path / "demo")]
+    assert main(argv) == 0
+    assert main(argv) == 0

@@ -83,6 +83,7 @@ def run_label_noise_demo(
                 output=str(output / f"{name}-seed{seed}"),
                 epochs=epochs or DEMO_CONFIG.epochs,
                 progress=progress and workers == 1,
+                overwrite=True,  # the demo's own run folders: running the demo again replaces them
                 **overrides,
             )
             jobs.append((name, seed, config))
