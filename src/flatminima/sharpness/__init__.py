@@ -27,6 +27,7 @@ from flatminima.sharpness.trace import (
     hutchinson_trace_op,
     hutchpp_trace,
     hutchpp_trace_op,
+    xnystrace_op,
     xtrace,
     xtrace_op,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "power_iteration_op",
     "spectral_density",
     "spectral_density_op",
+    "xnystrace_op",
     "xtrace",
     "xtrace_op",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "hutchinson_trace_op",
     "hutchpp_trace",
     "hutchpp_trace_op",
+    "xnystrace_op",
     "xtrace",
     "xtrace_op",
 ]
@@ -129,6 +130,43 @@ def xtrace_op(
         samples[i] = torch.trace(c.T @ h @ c) + residual
     estimate, stderr = mean_stderr(samples)
     return TraceResult(estimate, stderr, op.num_products, f"xtrace-{distribution}", samples.cpu())
+
+
+def xnystrace_op(
+    op: OperatorLike,
+    num_matvecs: int = 100,
+    seed: int = 0,
+    distribution: str = "gaussian",
+    block_size: int = BLOCK_SIZE,
+) -> TraceResult:
+    """XNysTrace (Epperly, Tropp, Webber 2024), for positive semidefinite operators only (a Gauss-Newton or Fisher
+    matrix, not a Hessian in general).
+
+    Every one of the ``s = num_matvecs`` test vectors ``w_i`` gives ``t_i = tr(N_i) + w_i^T (A - N_i) w_i`` with
+    ``N_i`` the Nystrom approximation ``A W_i (W_i^T A W_i)^+ W_i^T A`` from all the other vectors; the estimate is
+    the mean of the ``t_i`` and its stderr their standard error. Only ``A W`` is needed (``s`` products): every
+    ``t_i`` follows from the ``s x s`` Gram matrices ``W^T A W`` and ``(A W)^T (A W)``. Exact once ``s > dim`` (for a
+    positive definite ``A``).
+    """
+    if num_matvecs < 2:
+        raise ValueError(f"XNysTrace needs num_matvecs >= 2, got {num_matvecs}")
+    check_distribution(distribution)
+    block_size = positive_int("block_size", block_size)
+    op = CountingOperator(as_operator(op))
+    omega = random_vectors(num_matvecs, op.dim, torch.Generator().manual_seed(seed), distribution, op.dtype, op.device)
+    y = torch.cat([op.matmat(block.T.contiguous()) for block in omega.split(block_size)], dim=1)  # (dim, s)
+    gram = (omega @ y).to(torch.float64)  # W^T A W
+    gram = (gram + gram.T) / 2
+    outer = (y.T @ y).to(torch.float64)  # (A W)^T (A W)
+    count = num_matvecs
+    samples = torch.empty(count, dtype=torch.float64)
+    for i in range(count):
+        keep = torch.cat([torch.arange(i), torch.arange(i + 1, count)])
+        inverse = torch.linalg.pinv(gram[keep][:, keep], hermitian=True, rtol=1e-12)
+        g = gram[i, keep]
+        samples[i] = torch.trace(inverse @ outer[keep][:, keep]) + gram[i, i] - g @ inverse @ g
+    estimate, stderr = mean_stderr(samples)
+    return TraceResult(estimate, stderr, op.num_products, f"xnystrace-{distribution}", samples)
 
 
 def hutchinson_trace(
