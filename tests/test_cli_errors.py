@@ -6,6 +6,7 @@ Each case here is a row of the table in docs/errors.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -164,12 +165,40 @@ def test_resume_under_another_world_size_is_refused_unless_asked(tmp_path: Path,
     assert main(["train", "--output", str(run), "--resume", "--epochs", "2", "--allow-world-size-change"]) == 0
 
 
-def test_nonfinite_skip_keeps_finite_weights(tmp_path: Path) -> None:
-    assert main(_train(tmp_path, "--lr", "1e6", "--nonfinite", "skip")) in (0, 2)
-    model = tmp_path / "run" / "model.pt"
-    if model.exists():
-        weights = torch.load(model, weights_only=True)["model"]
-        assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+def test_nonfinite_skip_still_never_writes_broken_weights(tmp_path: Path, capsys) -> None:
+    """lr 1e6 with --nonfinite skip: the NaN steps are skipped, but the finite ones blow the weights up; the run
+    stops before any checkpoint or model.pt holds them, and does not suggest the flag already given."""
+    code, err = _run(capsys, _train(tmp_path, "--lr", "1e6", "--nonfinite", "skip"))
+    _assert_one_line(code, err, "the weights became inf/NaN in epoch 1 (no checkpoint was written); lower --lr")
+    assert "--nonfinite skip" not in err
+    assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_plain_step_skips_a_nonfinite_loss_exactly() -> None:
+    """PlainStep(nonfinite="skip") leaves weights and momentum untouched on a NaN batch; "raise" raises."""
+    from flatminima.step import PlainStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    reference = torch.nn.Linear(4, 3).double()
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.functional.cross_entropy
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(4)]  # fmt: skip
+    bad = (torch.full((8, 4), math.nan, dtype=torch.float64), batches[0][1])
+    step = PlainStep(model, loss_fn, opt, nonfinite="skip")
+    for x, y in [batches[0], bad, *batches[1:]]:
+        step(x, y)
+    for x, y in batches:
+        ref_opt.zero_grad()
+        loss_fn(reference(x), y).backward()
+        ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(FloatingPointError, match="the loss is nan, so no step was taken"):
+        PlainStep(model, loss_fn, opt, nonfinite="raise")(*bad)
 
 
 def test_sigint_stops_with_a_resume_hint(tmp_path: Path) -> None:

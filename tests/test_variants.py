@@ -73,6 +73,12 @@ class _ReferenceSGD:
         self.w = [w - LR * b for w, b in zip(self.w, self.buf)]
 
 
+def _signs(w: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """The random sign vector z: one draw of +-1 for all weights, in parameter order."""
+    flat = torch.randint(0, 2, (sum(t.numel() for t in w),), generator=generator, dtype=torch.int8).double() * 2 - 1
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in w]), w)]
+
+
 def _escape_direction(g: list[Tensor], u: list[Tensor], c: float) -> list[Tensor]:
     gg = _dot(g, g)
     coefficient = _dot(u, g) / gg if gg > 0 else 0.0
@@ -159,7 +165,7 @@ def test_rwsam_matches_the_reference(weighted_descent: bool) -> None:
     z_gen = torch.Generator().manual_seed(5)
     for x, y in _batches():
         w = reference.w
-        z = [(torch.randint(0, 2, t.shape, generator=z_gen, dtype=torch.int8).double() * 2 - 1) for t in w]
+        z = _signs(w, z_gen)
         base = _losses(w, x, y).detach()
         shifted = _losses([a + delta * b for a, b in zip(w, z)], x, y).detach()
         p = torch.softmax(lam * (shifted - base).abs() / delta, dim=0)
@@ -206,7 +212,7 @@ def test_rwsam_cheap_score_is_the_directional_derivative() -> None:
     w = _weights(model)
     step(x, y)
     gen = torch.Generator().manual_seed(0)
-    z = [(torch.randint(0, 2, t.shape, generator=gen, dtype=torch.int8).double() * 2 - 1) for t in w]
+    z = _signs(w, gen)
     exact = torch.stack(
         [_dot(_grad(w, lambda v, i=i: _losses(v, x[i : i + 1], y[i : i + 1]).sum()), z).abs() for i in range(16)]
     )

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What a user can cause (a bad flag, file or folder, a diverging run): reported in one line, exit code 2. Anything
 # else is a bug and keeps its traceback; --debug shows the traceback of user errors too.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, TypeError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,7 +201,7 @@ class SAM(Optimizer):
         if amp.is_active(grad_scaler):
             finite = amp.unscale_first_gradient(grad_scaler, kept)
         else:
-            finite = not self.guard.checks or self.guard.first_gradient_ok([float(n) for n in tensor_norms(kept)])
+            finite = not self.guard.checks or self.guard.first_gradient_ok(torch.stack(tensor_norms(kept)).tolist())
             if not finite:  # nonfinite="skip"
                 self._skip_descent = True
                 return False

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatminima.data.dataset import ImageDataset
 from flatminima.optim import optimizer_spec
+from flatminima.optim.norms import is_finite
 from flatminima.sharpness.tracking import SharpnessTracker
 from flatminima.step import PlainStep, SharpnessAwareStep
 from flatminima.train.batches import BatchPipeline, evaluate
@@ -338,14 +339,14 @@ def _check_data_fits(config: TrainConfig, data: PreparedData, ctx: Distributed) 
 
 def _check_finite(model: nn.Module, seen: Tensor, epoch: int, output: Path, config: TrainConfig) -> None:
     """Stop before a checkpoint or model.pt could hold inf/NaN weights (the last good checkpoint stays)."""
-    weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    weights_ok = is_finite([p.detach() for p in model.parameters()])  # one foreach norm, one host sync
     if weights_ok and bool(seen > 0):
         return
     kept = f"the checkpoint of epoch {epoch} in {output} is kept" if epoch else "no checkpoint was written"
     what = "the weights" if not weights_ok else "every training loss"
+    hint = "" if config.nonfinite == "skip" else ", or pass --nonfinite skip to skip such steps"
     raise FloatingPointError(
-        f"{what} became inf/NaN in epoch {epoch + 1} ({kept}); lower --lr (now {config.lr:g}), or pass "
-        "--nonfinite skip to skip such steps."
+        f"{what} became inf/NaN in epoch {epoch + 1} ({kept}); lower --lr (now {config.lr:g}){hint}."
     )
 
 

@@ -27,6 +27,7 @@ the mean of one example's gradient per rank.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,7 +69,9 @@ class OrthogonalEscape(DescentRule):
         return f"OrthogonalEscape(epsilon={self.epsilon}, eta_prime={self.eta_prime}, relative={self.relative})"
 
     def declines_ascent(self, first_grads: list[Tensor]) -> bool:
-        """A plain gradient step (no perturbation) while the gradient is large."""
+        """A plain gradient step (no perturbation) while the gradient is large (one host sync, none for inf)."""
+        if math.isinf(self.epsilon):
+            return False
         return bool(global_norm(tensor_norms(first_grads)) > self.epsilon)
 
     def direction_(
@@ -80,17 +83,21 @@ class OrthogonalEscape(DescentRule):
         ascended: bool,
         lrs: list[float] | None = None,
     ) -> None:
+        """``grads`` (``u = g(w + e)``) becomes ``g + s (u - c g)`` with ``c = <u, g> / <g, g>`` (0 when ``g = 0``):
+        foreach operations and two flat dot products, no host sync."""
         if not ascended or first_grads is None:
             return  # grads hold g(w): a plain gradient step
         g, u = first_grads, grads
-        accumulate = torch.float64 if g[0].dtype == torch.float64 else torch.float32
-        gg = sum(torch.sum(t.to(accumulate) * t.to(accumulate)) for t in g)
-        ug = sum(torch.sum(a.to(accumulate) * b.to(accumulate)) for a, b in zip(u, g))
-        coefficient = torch.where(gg > 0, ug / torch.where(gg > 0, gg, 1.0), 0.0)
-        for index, (u_t, g_t) in enumerate(zip(u, g)):
-            scale = self.eta_prime if self.relative else self.eta_prime / lrs[index]
-            v = u_t - coefficient.to(u_t.dtype) * g_t
-            u_t.copy_(g_t + scale * v)
+        flat_g = torch.cat([t.reshape(-1) for t in g])
+        wide = torch.float64 if flat_g.dtype == torch.float64 else torch.float32
+        flat_g = flat_g.to(wide)
+        gg = torch.dot(flat_g, flat_g)
+        ug = torch.dot(torch.cat([t.reshape(-1) for t in u]).to(wide), flat_g)
+        coefficient = torch.where(gg > 0, ug / torch.where(gg > 0, gg, 1.0), 0.0).to(u[0].dtype)
+        torch._foreach_sub_(u, torch._foreach_mul(g, coefficient))  # v = u - c g
+        scales = self.eta_prime if self.relative else [self.eta_prime / lr for lr in lrs]
+        torch._foreach_mul_(u, scales)
+        torch._foreach_add_(u, g)
 
 
 class RandomSign(AscentRule):

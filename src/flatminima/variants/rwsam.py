@@ -79,7 +79,7 @@ class GibbsReweighting(BatchRule):
         parts = []
         for start in range(0, n, size):
             stop = min(start + size, n)
-            offsets = [self._sign_vector(p) for p in probe.params]
+            offsets = self._sign_vectors(probe.params)
             shifted = probe.losses_at(offsets, start, stop)
             base = losses[start:stop]
             if size < n and probe.batch_dependent:  # BatchNorm batch statistics: compare on the group alone
@@ -87,9 +87,12 @@ class GibbsReweighting(BatchRule):
             parts.append((shifted.double() - base.double()).abs() / self.delta)
         return torch.cat(parts)
 
-    def _sign_vector(self, param: Tensor) -> Tensor:
-        signs = torch.randint(0, 2, param.shape, generator=self.generator, dtype=torch.int8)
-        return (signs.to(device=param.device, dtype=param.dtype) * 2 - 1) * self.delta
+    def _sign_vectors(self, params: list[Tensor]) -> list[Tensor]:
+        """``delta z``, one random sign per weight: one draw for all parameters, moved to the device once."""
+        sizes = [p.numel() for p in params]
+        signs = torch.randint(0, 2, (sum(sizes),), generator=self.generator, dtype=torch.int8)
+        flat = (signs.to(device=params[0].device, dtype=params[0].dtype) * 2 - 1) * self.delta
+        return [chunk.view_as(p) for chunk, p in zip(flat.split(sizes), params, strict=True)]
 
     def ascent_weights(self, losses: Tensor, probe: Probe) -> Tensor | None:
         if self.lam == 0:
