@@ -2,10 +2,13 @@
 
 The demo's SmallCNN trained 3 epochs with SGD on digits (3 seeds of model and data order), the Hessian of the mean
 cross-entropy over 512 training images. Reference: our Lanczos at tol 1e-10 (every Ritz value to float32 accuracy).
-Each solver runs over a ladder of tolerances (and, for scipy's ``eigsh``, of Krylov sizes ``ncv``), on the same
-operator with counted products; a cell reports the fewest products of a setting whose k values were all within
-1e-3 of the reference (median over seeds, the per-seed counts in brackets). ``eigsh`` is ARPACK's implicitly
-restarted Lanczos, called on our operator through a ``scipy.sparse.linalg.LinearOperator``.
+Each solver runs over a ladder of settings (tolerances and, for scipy's ``eigsh``, Krylov sizes ``ncv``) on the same
+operator with counted products. Two columns per solver: the *oracle* cell (per seed, the fewest products of any
+setting whose k values were all within 1e-3 of the reference; the median over seeds) and the *one setting* cell
+(the single setting, chosen once for all seeds, with the smallest median among those that reached 1e-3 on every
+seed), which is what a user who picks a setting in advance gets. ``value_tol=1e-3`` asks our Lanczos for the
+eigenvalue accuracy itself (a ladder of one). ``eigsh`` is ARPACK's implicitly restarted Lanczos, called on our
+operator through a ``scipy.sparse.linalg.LinearOperator``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from flatminima.sharpness import HessianOperator, lanczos_eigs, power_iteration_
 TARGET = 1e-3
 
 
-def ours(op: HessianOperator, k: int, tol: float, guard: int, verify: bool = True) -> tuple[list[float], int]:
+def ours(
+    op: HessianOperator, k: int, tol: float, guard: int, verify: bool = True, value_tol: float | None = None
+) -> tuple[list[float], int]:
     before = op.num_hvp
-    result = lanczos_eigs(op, k=k, tol=tol, max_steps=400, seed=0, return_vectors=False, guard=guard, verify=verify)
+    result = lanczos_eigs(
+        op, k=k, tol=tol, max_steps=400, seed=0, return_vectors=False, guard=guard, verify=verify, value_tol=value_tol
+    )
     return [float(v) for v in result.eigenvalues], op.num_hvp - before
 
 
@@ -45,9 +52,25 @@ def arpack(op: HessianOperator, k: int, ncv: int, tol: float) -> tuple[list[floa
     return sorted(values.tolist(), reverse=True), op.num_hvp - before
 
 
-def best(runs: list[tuple[str, list[float], int]], reference: torch.Tensor) -> tuple[int | None, str]:
+Runs = list[tuple[str, list[float], int]]
+
+
+def best(runs: Runs, reference: torch.Tensor) -> tuple[int | None, str]:
     hits = [(n, label) for label, values, n in runs if rel_err(values, reference) <= TARGET]
     return min(hits) if hits else (None, "none")
+
+
+def one_setting(per_seed: list[dict[str, int | None]]) -> tuple[str, list[int]] | None:
+    """The setting that reached the target on every seed with the smallest median count, and its counts."""
+    candidates = []
+    for label in per_seed[0]:
+        counts = [seed_counts[label] for seed_counts in per_seed]
+        if all(c is not None for c in counts):
+            candidates.append((statistics.median(counts), label, counts))
+    if not candidates:
+        return None
+    _, label, counts = min(candidates)
+    return label, counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,17 +83,28 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     cells: dict[tuple[int, str], list[int | None]] = {}
     settings: dict[tuple[int, str], list[str]] = {}
+    by_setting: dict[tuple[int, str], list[dict[str, int | None]]] = {}
     for seed in seeds:
         model, data, _ = digits_workload(512, 3, seed=seed)
         op = HessianOperator(model, F.cross_entropy, data)
         for k in (1, 5):
             reference = torch.tensor(ours(op, k, 1e-10, 2)[0])
             tols = (0.3, 0.1, 3e-2, 1e-2)
-            solvers: dict[str, list[tuple[str, list[float], int]]] = {
-                "ours, Lanczos (guard 2)": [(f"tol {t:g}", *ours(op, k, t, 2)) for t in tols],
-                "ours, Lanczos (guard 0: may skip an eigenvalue)": [(f"tol {t:g}", *ours(op, k, t, 0)) for t in tols],
-                "ours, Lanczos (guard 2, verify=False: estimated residuals)": [
-                    (f"tol {t:g}", *ours(op, k, t, 2, verify=False)) for t in tols
+            solvers: dict[str, Runs] = {
+                "ours, Lanczos value_tol 1e-3 (guard 1, verify=False)": [
+                    ("value_tol 1e-3", *ours(op, k, 1e-6, 1, verify=False, value_tol=TARGET))
+                ],
+                "ours, Lanczos value_tol 1e-3 (guard 2, verify=False)": [
+                    ("value_tol 1e-3", *ours(op, k, 1e-6, 2, verify=False, value_tol=TARGET))
+                ],
+                "ours, Lanczos value_tol 1e-3 (guard 1, verified)": [
+                    ("value_tol 1e-3", *ours(op, k, 1e-6, 1, value_tol=TARGET))
+                ],
+                "ours, Lanczos tol (guard 1, verify=False)": [
+                    (f"tol {t:g}", *ours(op, k, t, 1, verify=False)) for t in tols
+                ],
+                "ours, Lanczos tol (guard 0: may skip an eigenvalue, verify=False)": [
+                    (f"tol {t:g}", *ours(op, k, t, 0, verify=False)) for t in tols
                 ],
             }
             if k == 1:
@@ -88,16 +122,39 @@ def main(argv: list[str] | None = None) -> None:
                 count, label = best(runs, reference)
                 cells.setdefault((k, name), []).append(count)
                 settings.setdefault((k, name), []).append(label)
+                by_setting.setdefault((k, name), []).append(
+                    {lab: (n if rel_err(values, reference) <= TARGET else None) for lab, values, n in runs}
+                )
     rows = []
     for (k, name), counts in cells.items():
         found = [c for c in counts if c is not None]
         median = f"{statistics.median(found):g}" if len(found) == len(counts) else "not reached"
-        rows.append([f"top {k}", name, median, ", ".join(str(c) for c in counts), "; ".join(settings[(k, name)])])
+        fixed = one_setting(by_setting[(k, name)])
+        fixed_cell = (
+            f"{statistics.median(fixed[1]):g} ({', '.join(map(str, fixed[1]))}; {fixed[0]})" if fixed else "none"
+        )
+        rows.append(
+            [
+                f"top {k}",
+                name,
+                median,
+                ", ".join(str(c) for c in counts),
+                "; ".join(settings[(k, name)]),
+                fixed_cell,
+            ]
+        )
     report.table(
         f"**Products to reach {TARGET:g} relative error on every one of the top k eigenvalues** (SmallCNN, 151,306 "
         f"parameters, 512 digits; median over {len(seeds)} seeds of model and data order). (Time "
         f"{time.perf_counter() - started:.0f} s; load average at the end {load_average()}.)",
-        ["eigenvalues", "solver", "HVPs (median)", "per seed", "best setting per seed"],
+        [
+            "eigenvalues",
+            "solver",
+            "HVPs, oracle (median)",
+            "per seed",
+            "best setting per seed",
+            "HVPs, one setting for all seeds (median; per seed; setting)",
+        ],
         rows,
     )
     if args.output:

@@ -1,4 +1,4 @@
-"""``flatminima train | demo | sharpness``: the command line.
+"""``flatminima train | demo | sharpness | reproduce``: the command line.
 
 User errors (bad flags, files or folders, a diverging run) are one line on stderr and exit code 2; ``--debug``
 shows their traceback. Ctrl-C stops with a line saying how to resume.
@@ -53,7 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     sharp.add_argument("--m", type=int, default=32, help="m of m-sharpness (default: 32)")
     sharp.add_argument("--rho", type=float, default=0.05, help="radius of m-sharpness (default: 0.05)")
     sharp.add_argument("--output", default=None, help="folder for the figures (default: beside the checkpoint)")
-    for sub in (train, demo, sharp):
+    reproduce = commands.add_parser(
+        "reproduce", help="reproduce a claim of the papers: a table, results.json, a report"
+    )
+    reproduce.add_argument("name", nargs="?", help="which reproduction (see --list)")
+    reproduce.add_argument("--list", action="store_true", help="list the reproductions and exit")
+    reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
+    reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")
+    reproduce.add_argument("--output", default=None, help="output folder (default: runs/reproduce/NAME)")
+    for sub in (train, demo, sharp, reproduce):
         sub.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 
@@ -65,7 +73,7 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "sharpness": _sharpness, "demo": _demo}[args.command]
+    command = {"train": _train, "sharpness": _sharpness, "demo": _demo, "reproduce": _reproduce}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:
@@ -102,6 +110,26 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if (output / "checkpoint.pt").is_file():
         return f"The last checkpoint is in {output}; continue with: flatminima train --output {output} --resume"
     return "No epoch had finished, so there is nothing to resume."
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from flatminima.experiments.reproduce import available, run_reproduction
+
+    if args.list:
+        for name, reproduction in available().items():
+            print(f"{name:16s} {reproduction.summary}")
+        return 0
+    if not args.name:
+        raise ValueError(
+            "name a reproduction, e.g. flatminima reproduce sam-cycle --quick (flatminima reproduce --list)"
+        )
+    command = f"flatminima reproduce {args.name}" + " --quick" * args.quick
+    if args.seeds:
+        command += " --seeds " + " ".join(map(str, args.seeds))
+    if args.output:
+        command += f" --output {args.output}"
+    run_reproduction(args.name, output=args.output, quick=args.quick, seeds=args.seeds, command=command)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

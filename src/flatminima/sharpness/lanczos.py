@@ -16,7 +16,7 @@ from flatminima.sharpness.operator import CountingOperator, LinearOperator, Oper
 from flatminima.sharpness.probes import random_vectors
 from flatminima.sharpness.results import EigenResult
 
-__all__ = ["LanczosDecomposition", "hessian_eigenvalues", "lanczos", "lanczos_eigs"]
+__all__ = ["LanczosDecomposition", "eigenvalue_error_bounds", "hessian_eigenvalues", "lanczos", "lanczos_eigs"]
 
 WHICH = ("largest", "smallest")
 
@@ -150,7 +150,24 @@ def _check_k(k: int, dim: int) -> None:
         raise ValueError(f"k={k} exceeds the number of trainable parameters ({dim})")
 
 
-GUARD_TOL = 1e-2  # relative residual the guard Ritz values must reach (or tol, if looser)
+GUARD_TOL = 3e-2  # relative residual the guard Ritz values must reach (or tol, if looser)
+
+
+def eigenvalue_error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
+    """Bounds on ``|lambda - theta_i|`` for Ritz values ``theta`` with residual norms ``residuals``.
+
+    A symmetric operator has an eigenvalue within ``r_i`` of ``theta_i``, and within ``r_i^2 / gap_i`` where
+    ``gap_i`` separates ``theta_i`` from the rest of the spectrum (Kato-Temple; Parlett, *The Symmetric Eigenvalue
+    Problem*, 11.7). The rest of the spectrum is estimated conservatively from the other Ritz values, each moved
+    towards ``theta_i`` by its own residual: ``gap_i = min_j (|theta_i - theta_j| - r_j)``. The bound is
+    ``min(r_i, r_i^2 / gap_i)`` (``r_i`` where the gap is not positive).
+    """
+    theta, residuals = theta.to(torch.float64), residuals.to(torch.float64)
+    distance = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
+    distance.fill_diagonal_(math.inf)
+    gap = distance.min(dim=1).values
+    squared = torch.where(gap > 0, residuals**2 / gap.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
+    return torch.minimum(residuals, squared)
 
 
 def lanczos_eigs(
@@ -161,23 +178,30 @@ def lanczos_eigs(
     max_steps: int | None = None,
     seed: int = 0,
     return_vectors: bool = True,
-    guard: int = 2,
+    guard: int = 1,
     verify: bool = True,
+    value_tol: float | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of ``op`` by Lanczos with full reorthogonalisation.
 
-    The Krylov space grows one matvec at a time until the cheap estimates ``|beta_m s_{m,i}|`` of the ``k`` wanted
-    Ritz pairs are ``<= tol * |theta_i|`` (never below ``10 sqrt(dim) eps ||T||``, so zero eigenvalues can converge);
-    the residuals are then verified with ``k`` true (counted) matvecs, and the iteration continues if they fail.
-    At ``dim`` steps the space is the whole space and the Ritz pairs are exact up to rounding.
+    The Krylov space grows one matvec at a time until the cheap estimates ``r_i = |beta_m s_{m,i}|`` of the ``k``
+    wanted Ritz pairs are ``<= tol * |theta_i|`` (never below ``10 sqrt(dim) eps ||T||``, so zero eigenvalues can
+    converge); the residuals are then verified with ``k`` true (counted) matvecs, and the iteration continues if
+    they fail. At ``dim`` steps the space is the whole space and the Ritz pairs are exact up to rounding.
     ``tol`` bounds the relative *residual*; for a symmetric matrix the error of an eigenvalue *that was found* is
-    about its square. A small residual proves that an eigenvalue is near a Ritz value, not that it is the ``i``-th
-    largest: an eigenvector barely present in the start vector enters the Krylov space late, and a loose ``tol``
-    can stop before it does (with ``guard=0`` and tol 3e-2 we saw lambda_6 returned as lambda_5). So ``guard``
-    further Ritz values, beyond the ``k`` wanted, must converge too (to a relative residual of ``max(tol,
-    GUARD_TOL)``) before the iteration stops, so that the space spans past the wanted end of the spectrum;
-    ``guard=0`` is the plain criterion. ``verify=False`` skips the ``k`` verification products and reports the
-    Lanczos estimates as the residuals (equal to the true ones up to rounding, with full reorthogonalisation).
+    about its square over the gap to its neighbours. ``value_tol`` asks for that instead: a wanted pair also counts
+    as converged once its eigenvalue error bound (:func:`eigenvalue_error_bounds`, ``min(r, r^2 / gap)``) is
+    ``<= value_tol * |theta_i|``, which stops as soon as the *eigenvalues* reach the accuracy asked for (the
+    vectors are then less accurate: their angle error is about ``r / gap``). Every result carries the bounds in
+    ``error_bounds``.
+
+    A small residual proves that an eigenvalue is near a Ritz value, not that it is the ``i``-th largest: an
+    eigenvector barely present in the start vector enters the Krylov space late, and a loose ``tol`` can stop
+    before it does (with ``guard=0`` and tol 3e-2 we saw lambda_6 returned as lambda_5). So ``guard`` further Ritz
+    values, beyond the ``k`` wanted, must converge too (to a relative residual of ``max(tol, GUARD_TOL)``) before the
+    iteration stops, so that the space spans past the wanted end of the spectrum; ``guard=0`` is the plain
+    criterion. ``verify=False`` skips the ``k`` verification products and reports the Lanczos estimates as the
+    residuals (equal to the true ones up to rounding, with full reorthogonalisation).
     ``op`` is any :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor; the ``k``
     verification products go through one ``matmat``.
     """
@@ -187,6 +211,8 @@ def lanczos_eigs(
     _check_k(k, op.dim)
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if value_tol is not None and not value_tol > 0:
+        raise ValueError(f"value_tol must be positive (or None), got {value_tol}")
     max_steps = op.dim if max_steps is None else min(int(max_steps), op.dim)
     if max_steps < k:
         raise ValueError(f"max_steps={max_steps} must be at least k={k}")
@@ -196,6 +222,13 @@ def lanczos_eigs(
     v0 = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
     state = _Lanczos(op.matvec, op.dim, v0, True, seed)
     floor_factor = 10 * math.sqrt(op.dim) * torch.finfo(op.dtype).eps
+
+    def wanted_converged(theta: Tensor, residuals: Tensor, bounds: Tensor, floor: float) -> Tensor:
+        ok = residuals <= torch.clamp(tol * theta.abs(), min=floor)
+        if value_tol is not None:
+            ok |= bounds <= torch.clamp(value_tol * theta.abs(), min=floor)
+        return ok
+
     next_verify = k
     while True:
         state.step()
@@ -203,27 +236,31 @@ def lanczos_eigs(
         if m < next_verify and m < max_steps:
             continue
         theta, s = torch.linalg.eigh(state.decomposition().tridiagonal())
+        estimates = (state.beta[-1] * s[-1]).abs()
         count = min(watched, m)
         order = torch.arange(m - 1, m - 1 - count, -1) if which == "largest" else torch.arange(count)
-        scale = max(float(theta.abs().max()), state.scale)
-        tolerances = torch.full((count,), tol, dtype=theta.dtype)
-        tolerances[k:] = max(tol, GUARD_TOL)  # the guard only has to show the space reaches past the k-th value
-        watched_ok = (state.beta[-1] * s[-1, order]).abs() <= torch.clamp(
-            tolerances * theta[order].abs(), min=floor_factor * scale
-        )
+        floor = floor_factor * max(float(theta.abs().max()), state.scale)
+        bounds = eigenvalue_error_bounds(theta, estimates)
         idx = order[:k]
-        theta_k, s_k = theta[idx], s[:, idx]
-        threshold = torch.clamp(tol * theta_k.abs(), min=floor_factor * scale)
-        if (count == watched and bool(watched_ok.all())) or m >= max_steps:
+        guards = order[k:]  # the guard only has to show the space reaches past the k-th value
+        watched_ok = count == watched and bool(
+            wanted_converged(theta[idx], estimates[idx], bounds[idx], floor).all()
+            and (estimates[guards] <= torch.clamp(max(tol, GUARD_TOL) * theta[guards].abs(), min=floor)).all()
+        )
+        if watched_ok or m >= max_steps:
+            theta_k, s_k = theta[idx], s[:, idx]
             vectors = s_k.T.to(state.basis) @ state.basis  # (k, dim)
             vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
             if verify:
                 products = op.matmat(vectors.T.contiguous()).T  # (k, dim), one pass over the data
                 residuals = torch.linalg.vector_norm(products - theta_k.to(vectors)[:, None] * vectors, dim=1)
+                residuals = residuals.to(torch.float64).cpu()
+                true = estimates.clone()
+                true[idx] = residuals
+                bounds = eigenvalue_error_bounds(theta, true)
             else:  # the Lanczos estimates, equal to the true residuals up to rounding (full reorthogonalisation)
-                residuals = (state.beta[-1] * s_k[-1]).abs()
-            residuals = residuals.to(torch.float64).cpu()
-            converged = bool((residuals <= threshold).all())
+                residuals = estimates[idx]
+            converged = bool(wanted_converged(theta_k, residuals, bounds[idx], floor).all())
             if converged or m >= max_steps:
                 return EigenResult(
                     eigenvalues=theta_k.clone(),
@@ -232,6 +269,7 @@ def lanczos_eigs(
                     converged=converged,
                     num_hvp=op.num_products,
                     which=which,
+                    error_bounds=bounds[idx].clone(),
                 )
             next_verify = m + k  # the estimates were optimistic: grow further before verifying again
         else:
@@ -249,17 +287,27 @@ def hessian_eigenvalues(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     return_vectors: bool = True,
-    guard: int = 2,
+    guard: int = 1,
+    value_tol: float | None = None,
     **operator_kwargs: Any,
 ) -> EigenResult:
     """Top-``k`` (``which="largest"``) or bottom-``k`` (``"smallest"``) Hessian eigenpairs of the full-data loss.
 
-    ``guard`` Ritz values beyond the ``k`` must converge too (see :func:`lanczos_eigs`). ``operator_kwargs`` go to
+    ``guard`` Ritz values beyond the ``k`` must converge too, and ``value_tol`` stops on the eigenvalues' error
+    bounds instead of the residuals (see :func:`lanczos_eigs`). ``operator_kwargs`` go to
     :class:`HessianOperator` (``train_mode``, ``method``, ``distributed``).
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return lanczos_eigs(
-        op, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed, return_vectors=return_vectors, guard=guard
+        op,
+        k=k,
+        which=which,
+        tol=tol,
+        max_steps=max_steps,
+        seed=seed,
+        return_vectors=return_vectors,
+        guard=guard,
+        value_tol=value_tol,
     )

@@ -33,7 +33,8 @@ class EigenResult:
     ``eigenvalues`` are sorted from the requested end inwards (descending for ``which="largest"``, ascending for
     ``"smallest"``); ``eigenvectors`` holds one unit vector per row (``None`` when not requested); ``residuals`` are
     the true residual norms ``||H y - theta y||`` of the returned pairs, the error estimate (an eigenvalue is within
-    its residual norm of an exact eigenvalue, and much closer when well separated).
+    its residual norm of an exact eigenvalue, and much closer when well separated). ``error_bounds`` (Lanczos only)
+    bound ``|lambda - theta|`` with the gap to the other Ritz values, ``min(r, r^2 / gap)``.
     """
 
     eigenvalues: Tensor
@@ -42,6 +43,7 @@ class EigenResult:
     converged: bool
     num_hvp: int
     which: str
+    error_bounds: Tensor | None = None
 
     def ratio(self, k: int = 5) -> float:
         """``lambda_1 / lambda_k`` (the SAM paper reports ``lambda_max / lambda_5``)."""

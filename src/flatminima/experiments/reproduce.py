@@ -1,0 +1,194 @@
+"""``flatminima reproduce NAME``: one command per claim of the papers, with one output convention.
+
+Each reproduction is a module of :mod:`flatminima.experiments` that defines ``REPRODUCTION``, a
+:class:`Reproduction` whose ``run`` takes a :class:`Context` and returns an :class:`Outcome`. The runner, not the
+module, owns the convention: the table is printed on stdout, and the output folder receives ``results.json`` (the
+named measured and predicted numbers, with the command and settings that made them), ``report.md`` (the title,
+the command, the table, the module's commentary and its figures) and the figures themselves. ``--quick`` runs a
+small version of the same experiment (the one the tests run); the full one takes minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import pkgutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Context",
+    "Outcome",
+    "Reproduction",
+    "available",
+    "markdown_table",
+    "run_reproduction",
+]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a reproduction is asked for: the folder to write its figures into, quick or full, the seeds."""
+
+    output: Path
+    quick: bool
+    seeds: tuple[int, ...]
+    progress: Callable[[str], None] = print
+
+    def figure_path(self, name: str) -> Path:
+        """Where to save a figure called ``name`` (e.g. ``"trajectory.png"``)."""
+        return self.output / name
+
+
+@dataclass
+class Outcome:
+    """What a reproduction measured: a table (headers and rows), named results, commentary and figures.
+
+    ``results`` must hold JSON-serialisable values; measured and predicted quantities side by side under names
+    that say which is which (``measured_rate``, ``predicted_rate``). ``report`` is markdown that follows the table
+    (what was measured, how, and where it differs from the paper); ``figures`` are files in the output folder.
+    """
+
+    headers: list[str]
+    rows: list[list[Any]]
+    results: dict[str, Any]
+    report: str = ""
+    figures: list[Path] = field(default_factory=list)
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """One reproducible claim: its command name, a one-line summary, the paper, and the function that runs it."""
+
+    name: str
+    summary: str
+    paper: str
+    run: Callable[[Context], Outcome]
+    default_seeds: tuple[int, ...] = (0, 1, 2)
+    quick_seeds: tuple[int, ...] = (0,)
+
+
+def available() -> dict[str, Reproduction]:
+    """Every reproduction, by name: the ``REPRODUCTION`` of each module of :mod:`flatminima.experiments`."""
+    import flatminima.experiments as package
+
+    found: dict[str, Reproduction] = {}
+    for module_info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        reproduction = getattr(module, "REPRODUCTION", None)
+        if isinstance(reproduction, Reproduction):
+            if reproduction.name in found:
+                raise RuntimeError(f"two reproductions are called {reproduction.name!r}")
+            found[reproduction.name] = reproduction
+    return dict(sorted(found.items()))
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table, first column left-aligned and the others right-aligned; floats to 4 significant digits."""
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+    ]
+    lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats that JSON cannot hold (nan, inf) become strings; tuples become lists; tensors and numpy scalars
+    become Python numbers."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def run_reproduction(
+    name: str,
+    output: str | Path | None = None,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    command: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Outcome:
+    """Run the reproduction ``name``; print its table and write ``results.json``, ``report.md`` and figures.
+
+    ``output`` defaults to ``runs/reproduce/NAME`` (``NAME-quick`` for a quick run). Files of an earlier run in the
+    same folder are replaced.
+    """
+    reproductions = available()
+    if name not in reproductions:
+        raise ValueError(
+            f"unknown reproduction {name!r}; choose from {', '.join(reproductions)} (flatminima reproduce --list)"
+        )
+    reproduction = reproductions[name]
+    chosen = tuple(seeds) if seeds else (reproduction.quick_seeds if quick else reproduction.default_seeds)
+    folder = Path(output) if output is not None else Path("runs/reproduce") / (f"{name}-quick" if quick else name)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file, not a folder; choose another --output")
+    folder.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    outcome = reproduction.run(Context(output=folder, quick=quick, seeds=chosen, progress=say))
+    seconds = time.perf_counter() - started
+    command = command or f"flatminima reproduce {name}" + (" --quick" if quick else "")
+    table = markdown_table(outcome.headers, outcome.rows)
+    print(table, flush=True)
+    results = {
+        "reproduction": name,
+        "paper": reproduction.paper,
+        "command": command,
+        "quick": quick,
+        "seeds": list(chosen),
+        "seconds": round(seconds, 2),
+        **outcome.results,
+    }
+    _write_atomically(folder / "results.json", json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
+    figures = "\n\n".join(f"![{path.stem}]({path.name})" for path in outcome.figures)
+    report = "\n\n".join(
+        part
+        for part in (
+            f"# {reproduction.summary}",
+            f"{reproduction.paper}. `{command}` ({'quick' if quick else 'full'} run, seeds {list(chosen)}, "
+            f"{seconds:.0f} s).",
+            outcome.caption,
+            table,
+            outcome.report.strip(),
+            figures,
+        )
+        if part
+    )
+    _write_atomically(folder / "report.md", report + "\n")
+    say(f"results.json, report.md and {len(outcome.figures)} figure(s) in {folder}")
+    return outcome

@@ -1,0 +1,78 @@
+"""``flatminima reproduce``: the output convention, and each reproduction's claim checked on its quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from flatminima.cli import main
+from flatminima.experiments.reproduce import available, markdown_table
+from flatminima.experiments.sam_cycle import decay_factor
+
+
+def _quick(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    """Run ``flatminima reproduce NAME --quick`` and check the convention: a table on stdout, results.json with the
+    command, report.md that links its figures, and the figures on disk."""
+    out = tmp_path / name
+    assert main(["reproduce", name, "--quick", "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.lstrip().startswith("|") and "---:" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["reproduction"] == name and results["quick"] is True
+    assert results["command"] == f"flatminima reproduce {name} --quick --output {out}"
+    report = (out / "report.md").read_text()
+    figures = sorted(out.glob("*.png"))
+    assert figures, "a reproduction draws at least one figure"
+    for figure in figures:
+        assert f"]({figure.name})" in report
+    return results
+
+
+def test_list_names_every_reproduction(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in available():
+        assert name in listed
+    assert "sam-cycle" in available()
+
+
+def test_unknown_reproduction_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "no-such-claim"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown reproduction 'no-such-claim'" in err and "--list" in err
+    assert main(["reproduce"]) == 2
+    assert "name a reproduction" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "file"
+    target.write_text("mine")
+    assert main(["reproduce", "sam-cycle", "--quick", "--output", str(target)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+def test_markdown_table_formats_floats_and_nan() -> None:
+    table = markdown_table(["a", "b"], [["x", 0.123456], ["y", math.nan]])
+    assert table.splitlines() == ["| a | b |", "|---|---:|", "| x | 0.1235 |", "| y | n/a |"]
+
+
+def test_sam_cycle_quick_matches_the_closed_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _quick("sam-cycle", tmp_path, capsys)
+    assert results["max_amplitude_rel_error"] <= 1e-6
+    assert results["max_others_norm_final"] <= 1e-9
+    for run in results["runs"]:
+        assert run["sign_alternates"]
+        assert run["amplitude_measured"] == pytest.approx(run["c_predicted"], rel=1e-6)
+        assert run["decay_coordinates_measured"] >= 1
+        assert run["decay_max_abs_error"] <= 1e-3  # the linearised rate f_i, measured on the run
+
+
+def test_decay_factor_is_a_contraction_inside_the_stable_range() -> None:
+    for x in (0.1, 1.0, 1.9):
+        for r in (0.01, 0.5, 0.99):
+            assert abs(decay_factor(x, r, 1.0)) < 1.0
+    assert decay_factor(1.0, 1.0, 1.0) == pytest.approx(-1.0)  # the cycle's own direction is neutral
