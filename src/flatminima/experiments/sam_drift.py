@@ -20,7 +20,7 @@ per step, moves ``y`` by ``O(eta x0^2)`` while it does, and then stops: ``x = 0`
 
 The runs use the library's :class:`~flatminima.SAM` around ``torch.optim.SGD`` (and plain ``torch.optim.SGD``
 for GD) on the parameter ``w = (x, y)`` in float64: the product, not a separate simulator. The derivation is in
-``docs/reproductions/sam-drift.md``.
+``docs/reproductions.md`` (section sam-drift).
 """
 
 from __future__ import annotations
