@@ -76,3 +76,16 @@ def test_decay_factor_is_a_contraction_inside_the_stable_range() -> None:
         for r in (0.01, 0.5, 0.99):
             assert abs(decay_factor(x, r, 1.0)) < 1.0
     assert decay_factor(1.0, 1.0, 1.0) == pytest.approx(-1.0)  # the cycle's own direction is neutral
+
+
+def test_a_module_cannot_overwrite_the_runners_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatminima.experiments import reproduce
+
+    def clashing(ctx: reproduce.Context) -> reproduce.Outcome:
+        return reproduce.Outcome(headers=["a"], rows=[[1]], results={"paper": "mine"})
+
+    fake = reproduce.Reproduction(name="fake", summary="s", paper="p", run=clashing)
+    monkeypatch.setattr(reproduce, "available", lambda: {"fake": fake})
+    with pytest.raises(RuntimeError, match="runner writes itself"):
+        reproduce.run_reproduction("fake", output=tmp_path / "out")
+    assert not (tmp_path / "out" / "results.json").exists()

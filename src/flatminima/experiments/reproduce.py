@@ -168,6 +168,10 @@ def run_reproduction(
     command = command or f"flatminima reproduce {name}" + (" --quick" if quick else "")
     table = markdown_table(outcome.headers, outcome.rows)
     print(table, flush=True)
+    own = {"reproduction", "paper", "command", "quick", "seeds", "seconds"}
+    clashing = sorted(own & set(outcome.results))
+    if clashing:
+        raise RuntimeError(f"reproduction {name!r} returned results named {clashing}, which the runner writes itself")
     results = {
         "reproduction": name,
         "paper": reproduction.paper,
