@@ -140,3 +140,26 @@ def noisy_digits() -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = channel_mean_std(digits.train_images)
     images = normalize(to_float(digits.train_images), mean, std)
     return images, symmetric_label_noise(digits.train_labels, 0.4, 10, seed=0)
+
+
+def noisy_digits_mlp() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """bench_trace.py's workload: an MLP 64-32-10 in float64 trained 5 SGD epochs on the noisy digits (eval mode,
+    no gradients left), and the first 512 examples in 2 batches of 256."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    images, labels = noisy_digits()
+    images = images.flatten(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for index in torch.randperm(images.shape[0], generator=gen).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(images[index].double()), labels[index]).backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, [(images[:256].double(), labels[:256]), (images[256:512].double(), labels[256:512])]

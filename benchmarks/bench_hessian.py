@@ -54,13 +54,16 @@ Batches = list[tuple[Tensor, Tensor]]
 # ---------------------------------------------------------------------------------------------------- workload
 
 
-def digits_workload(n_eval: int, epochs: int, seed: int = 0) -> tuple[nn.Module, Batches, dict[str, Any]]:
-    """small_cnn trained ``epochs`` SGD epochs on the digits; the first ``n_eval`` training images in batches of 128."""
+def digits_workload(
+    n_eval: int, epochs: int, seed: int = 0, model_name: str = "small_cnn"
+) -> tuple[nn.Module, Batches, dict[str, Any]]:
+    """``model_name`` (default small_cnn) trained ``epochs`` SGD epochs on the digits; the first ``n_eval``
+    training images in batches of 128."""
     ds = load_dataset("digits")
     images = normalize(to_float(ds.train_images), ds.mean, ds.std)
     labels = ds.train_labels
     torch.manual_seed(seed)
-    model = build_model("small_cnn", ds.num_classes, images.shape[1], tuple(images.shape[2:]))
+    model = build_model(model_name, ds.num_classes, images.shape[1], tuple(images.shape[2:]))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     model.train()

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import Report, command_line, load_average, local_timestamp, machine, noisy_digits, package_version
+from _common import Report, command_line, load_average, local_timestamp, machine, noisy_digits_mlp, package_version
 from bench_hessian import counting_autograd_grad, digits_workload, rel_err
 from torch import Tensor, nn
 
@@ -600,27 +600,6 @@ def section_eigen(report: Report, seeds: tuple[int, ...], quick: bool) -> None:
 # ---------------------------------------------------------------------------------------------- section 2
 
 
-def mlp_workload() -> tuple[nn.Module, Batches]:
-    """bench_trace.py's workload, rebuilt the same way: MLP 64-32-10 in float64, 5 SGD epochs on the noisy digits,
-    the first 512 examples in 2 batches of 256."""
-    images, labels = noisy_digits()
-    images = images.flatten(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        for index in torch.randperm(images.shape[0], generator=gen).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(images[index].double()), labels[index]).backward()
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    data = [(images[:256].double(), labels[:256]), (images[256:512].double(), labels[256:512])]
-    return model, data
-
-
 @dataclass
 class TraceEstimator:
     """``run(n, seed)`` estimates the trace with about ``n`` products (a multiple of ``step``, at least ``minimum``)."""
@@ -759,7 +738,7 @@ def section_trace(report: Report, quick: bool, clock: str = "wall") -> None:
     t0 = time.perf_counter()
     seeds = range(3 if quick else 10)
     budgets = (24,) if quick else (24, 48, 99)
-    model, data = mlp_workload()
+    model, data = noisy_digits_mlp()
     op = HessianOperator(model, F.cross_entropy, data)
     report(
         f"## 2. Hessian trace: error at equal products and at equal seconds (bench_trace.py's MLP, {op.dim:,} "

@@ -26,10 +26,6 @@ from bench_hessian import digits_workload, rel_err
 from scipy.sparse.linalg import LinearOperator as ScipyOperator
 from scipy.sparse.linalg import eigsh
 
-from flatminima.data import load_dataset
-from flatminima.data.dataset import to_float
-from flatminima.data.transforms import normalize
-from flatminima.models import build_model
 from flatminima.sharpness import HessianOperator, lanczos_eigs, power_iteration_op
 
 TARGET = 1e-3
@@ -82,8 +78,6 @@ def trust(report: Report, seeds: int = 10) -> None:
     """Does a rule return the true top 5? MLPs trained 3 epochs on digits (the case where the unguarded rule skipped
     lambda_5): per rule, how many seeds missed 1e-3 and how many skipped (an error above 5 %, a different
     eigenvalue), with the median products."""
-    ds = load_dataset("digits")
-    images, labels = normalize(to_float(ds.train_images), ds.mean, ds.std), ds.train_labels
     rules: dict[str, dict[str, Any]] = {
         "tol 3e-2, guard 0": dict(tol=3e-2, guard=0),
         "tol 3e-2, guard 1 (default)": dict(tol=3e-2),
@@ -93,19 +87,7 @@ def trust(report: Report, seeds: int = 10) -> None:
     }
     outcomes: dict[str, list[tuple[int, float]]] = {name: [] for name in rules}
     for seed in range(seeds):
-        torch.manual_seed(seed)
-        model = build_model("mlp", ds.num_classes, images.shape[1], tuple(images.shape[2:]))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(3):
-            order = torch.randperm(len(images), generator=gen)
-            for i in range(0, len(images), 64):
-                idx = order[i : i + 64]
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(images[idx]), labels[idx]).backward()
-                opt.step()
-        model.eval()
-        data = [(images[i : i + 128], labels[i : i + 128]) for i in range(0, 512, 128)]
+        model, data, _ = digits_workload(512, 3, seed=seed, model_name="mlp")
         op = HessianOperator(model, F.cross_entropy, data)
         reference = lanczos_eigs(op, k=8, tol=1e-10, max_steps=400, return_vectors=False).eigenvalues[:5]
         for name, options in rules.items():

@@ -16,8 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import Report, load_average, noisy_digits, start_report
-from torch import nn
+from _common import Report, load_average, noisy_digits_mlp, start_report
 
 from flatminima.data import channel_mean_std, load_digits, normalize, to_float
 from flatminima.sharpness import HessianOperator, hutchinson_trace_op, hutchpp_trace_op, xtrace_op
@@ -31,18 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = range(3 if args.quick else 20)
     budgets = (24,) if args.quick else (24, 48, 99)
     report = start_report("flatminima trace estimators benchmark")
-    images, labels = noisy_digits()
-    images = images.flatten(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        for index in torch.randperm(images.shape[0], generator=gen).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(images[index].double()), labels[index]).backward()
-            opt.step()
-    data = [(images[:256].double(), labels[:256]), (images[256:512].double(), labels[256:512])]
+    model, data = noisy_digits_mlp()
     op = HessianOperator(model, F.cross_entropy, data)
     started = time.perf_counter()
     eye = torch.eye(op.dim, dtype=torch.float64)
