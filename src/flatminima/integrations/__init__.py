@@ -1,0 +1,5 @@
+"""Integrations with training frameworks (optional extras): :mod:`.huggingface` (``pip install
+flatminima[huggingface]``) and :mod:`.lightning` (``pip install flatminima[lightning]``).
+
+Each module imports its framework when imported itself, so ``import flatminima`` never needs either.
+"""
