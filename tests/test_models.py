@@ -238,6 +238,8 @@ _REGISTRY_CASES = {
     "resnet56": (10, 1, 8, {}),
     "wrn28_10": (10, 3, 8, {}),
     "wrn16_8": (100, 3, 8, {}),
+    "wrn28_10_nobn": (10, 3, 8, {}),
+    "wrn16_8_nobn": (100, 3, 8, {}),
     "wrn": (10, 3, 16, {"depth": 10, "widen_factor": 1}),
     "small_cnn": (10, 1, 8, {"width": 4}),
     "mlp": (10, 3, (4, 6), {"hidden": (8,)}),
@@ -252,10 +254,12 @@ def test_registry_cases_cover_all_names():
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_build_model_forward(name):
     num_classes, in_channels, image_size, kwargs = _REGISTRY_CASES[name]
-    if name in ("wrn28_10", "wrn16_8"):
-        # too big to run on a CPU in a unit test: only check the architecture
+    if name.startswith(("wrn28_10", "wrn16_8")):
+        # too big to run on a CPU in a unit test: only check the architecture (and that _nobn has no BatchNorm)
         model = build_model(name, num_classes, in_channels, image_size, **kwargs)
         assert isinstance(model, WideResNet) and model.linear.out_features == num_classes
+        has_batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert has_batch_norm == (not name.endswith("_nobn")) == model.batch_norm
         return
     model = build_model(name, num_classes, in_channels, image_size, **kwargs).eval()
     size = image_size if isinstance(image_size, tuple) else (image_size, image_size)

@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flatminima.experiments.reproduce import TRAINING_FIELDS
     from flatminima.train.config import add_arguments
 
     parser = _Parser(prog="flatminima", description="Sharpness-aware training and measurement.")
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")
     reproduce.add_argument("--output", default=None, help="output folder (default: runs/reproduce/NAME)")
+    paper_scale = reproduce.add_argument_group(
+        "training settings",
+        "for the training reproductions (label-noise, m-sharpness, hessian-spectrum): replace the digits defaults, "
+        "e.g. with the paper's setting (each reproduction's report gives the exact command); a setting a "
+        "reproduction does not honour is refused",
+    )
+    add_arguments(paper_scale, TRAINING_FIELDS)
     for sub in (train, demo, sharp, reproduce):
         sub.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
@@ -113,7 +121,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from flatminima.experiments.reproduce import available, run_reproduction
+    from flatminima.experiments.reproduce import TRAINING_FIELDS, available, run_reproduction
 
     if args.list:
         for name, reproduction in available().items():
@@ -123,12 +131,18 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise ValueError(
             "name a reproduction, e.g. flatminima reproduce sam-cycle --quick (flatminima reproduce --list)"
         )
+    overrides = {name: getattr(args, name) for name in TRAINING_FIELDS if getattr(args, name) is not None}
     command = f"flatminima reproduce {args.name}" + " --quick" * args.quick
     if args.seeds:
         command += " --seeds " + " ".join(map(str, args.seeds))
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        command += f" {flag}" if value is True else f" --no-{flag[2:]}" if value is False else f" {flag} {value}"
     if args.output:
         command += f" --output {args.output}"
-    run_reproduction(args.name, output=args.output, quick=args.quick, seeds=args.seeds, command=command)
+    run_reproduction(
+        args.name, output=args.output, quick=args.quick, seeds=args.seeds, command=command, overrides=overrides
+    )
     return 0
 
 

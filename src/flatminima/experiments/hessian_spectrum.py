@@ -26,6 +26,7 @@ trains it too, as an ablation); rho = 0.3, the radius of the library's digits de
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -41,8 +42,9 @@ from flatminima.data import load_dataset
 from flatminima.data.dataset import to_float
 from flatminima.data.transforms import normalize
 from flatminima.experiments.reproduce import Context, Outcome, Reproduction, markdown_table
-from flatminima.models import SmallCNN
+from flatminima.models import SmallCNN, build_model
 from flatminima.optim import SAM
+from flatminima.running_stats import norm_layers
 from flatminima.sharpness import (
     HessianOperator,
     SharpnessTracker,
@@ -57,10 +59,13 @@ __all__ = [
     "PAPER",
     "REPRODUCTION",
     "SAM_RHO",
+    "Recipe",
     "Setting",
     "TrainedRun",
     "digits_tensors",
     "measure_spectrum",
+    "paper_scale",
+    "recipe_from",
     "run",
     "train_to_loss",
 ]
@@ -84,6 +89,38 @@ PAPER: dict[str, dict[str, float]] = {
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What is trained: the data, the network and SGD's settings. The default is the digits setting of the module
+    docstring; ``flatminima reproduce hessian-spectrum --dataset ... --model ...`` replaces fields (see
+    :func:`recipe_from`)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str = "small_cnn"
+    lr: float = LR
+    momentum: float = MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+    batch_size: int = BATCH_SIZE
+    device: str = "cpu"
+
+    @property
+    def is_default(self) -> bool:
+        return self == Recipe()
+
+
+def recipe_from(overrides: dict[str, Any]) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe with the command line's training settings, and the settings that are not the recipe's
+    (``epochs``, ``rho``, ``threads``)."""
+    given = dict(overrides)
+    fields = {name: given.pop(name) for name in list(given) if name in Recipe.__dataclass_fields__}
+    if fields.get("device") == "auto":
+        fields["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if fields.get("dataset", "digits") != "digits" and "model" not in fields:
+        raise ValueError("hessian-spectrum with --dataset needs --model too (the paper's: --model wrn28_10_nobn)")
+    return Recipe(**fields), given
+
+
+@dataclass(frozen=True)
 class Setting:
     """The sizes of one run of the reproduction (full or quick).
 
@@ -92,7 +129,9 @@ class Setting:
     located exactly by replaying); ``track_every``: steps between two tracked lambda_max (a multiple of
     ``check_every``); ``examples``: the fixed training subset the Hessian is taken over; ``trace_probes``:
     Hutchinson probes; ``density_runs`` and ``density_steps``: SLQ's start vectors and Lanczos steps;
-    ``rhos``: the SAM radii trained besides SGD.
+    ``rhos``: the SAM radii trained besides SGD; ``replay``: locate the crossing step exactly by replaying the
+    steps since the last check (one full training loss per step; off at the paper's scale, where the run stops
+    at the first check below the threshold).
     """
 
     threshold: float
@@ -104,6 +143,7 @@ class Setting:
     density_runs: int
     density_steps: int
     rhos: tuple[float, ...]
+    replay: bool = True
 
 
 FULL = Setting(
@@ -130,13 +170,15 @@ QUICK = Setting(
 )
 
 
-def digits_tensors(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The digits split of ``seed`` with clean labels, normalised: train images, train labels, test images, test
-    labels."""
-    data = load_dataset("digits", seed=seed)
-    train = normalize(to_float(data.train_images), data.mean, data.std)
-    test = normalize(to_float(data.test_images), data.mean, data.std)
-    return train, data.train_labels, test, data.test_labels
+def digits_tensors(seed: int, recipe: Recipe = Recipe()) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The recipe's data (digits: the split of ``seed``) with clean labels, normalised, on the recipe's device:
+    train images, train labels, test images, test labels."""
+    extra = {"seed": seed} if recipe.dataset == "digits" else {}
+    data = load_dataset(recipe.dataset, recipe.data_root, **extra)
+    device = torch.device(recipe.device)
+    train = normalize(to_float(data.train_images), data.mean, data.std).to(device)
+    test = normalize(to_float(data.test_images), data.mean, data.std).to(device)
+    return train, data.train_labels.to(device), test, data.test_labels.to(device)
 
 
 def _label(rho: float | None) -> str:
@@ -147,13 +189,25 @@ def _key(rho: float | None) -> str:
     return "sgd" if rho is None else f"sam_rho{rho:g}"
 
 
-def _build(seed: int, rho: float | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _build(
+    seed: int, rho: float | None, recipe: Recipe = Recipe(), images: Tensor | None = None, classes: int = 10
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model (the same initialisation for every optimiser of a seed, drawn without touching the global random
     state) and its optimiser: SGD, or SAM with radius ``rho`` around the same SGD."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SmallCNN(width=WIDTH)
-    options = {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
+        if recipe.model == "small_cnn" and recipe.dataset == "digits":
+            model = SmallCNN(width=WIDTH)
+        else:
+            assert images is not None
+            model = build_model(recipe.model, classes, images.shape[1], tuple(images.shape[2:]))
+    if norm_layers(model):
+        raise ValueError(
+            f"hessian-spectrum compares models without BatchNorm (as the paper): {recipe.model} has BatchNorm; "
+            "use e.g. --model wrn28_10_nobn, wrn16_8_nobn or small_cnn"
+        )
+    model = model.to(recipe.device)
+    options = {"lr": recipe.lr, "momentum": recipe.momentum, "weight_decay": recipe.weight_decay}
     if rho is None:
         return model, torch.optim.SGD(model.parameters(), **options)
     return model, SAM(model.parameters(), torch.optim.SGD, rho=rho, **options)
@@ -201,6 +255,7 @@ def train_to_loss(
     labels: Tensor,
     subset: list[tuple[Tensor, Tensor]],
     setting: Setting,
+    recipe: Recipe = Recipe(),
 ) -> TrainedRun:
     """Train SGD (``rho=None``) or SAM until the full training loss first falls below ``setting.threshold``.
 
@@ -210,9 +265,10 @@ def train_to_loss(
     the run stops at the first step below the threshold. lambda_max is tracked on ``subset`` every ``track_every``
     steps (and at step 0) with a warm-started :class:`SharpnessTracker`.
     """
-    model, optimizer = _build(seed, rho)
+    model, optimizer = _build(seed, rho, recipe, images, int(labels.max()) + 1)
     count = len(labels)
-    per_epoch = count // BATCH_SIZE
+    size = recipe.batch_size
+    per_epoch = count // size
     orders: dict[int, Tensor] = {}
 
     def take_step(step: int) -> None:
@@ -220,7 +276,7 @@ def train_to_loss(
         epoch, index = divmod(step, per_epoch)
         if epoch not in orders:
             orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        batch = orders[epoch][index * BATCH_SIZE : (index + 1) * BATCH_SIZE]
+        batch = orders[epoch][index * size : (index + 1) * size].to(images.device)
 
         def closure() -> Tensor:
             loss = F.cross_entropy(model(images[batch]), labels[batch])
@@ -249,7 +305,7 @@ def train_to_loss(
     loss, accuracy = _loss_and_accuracy(model, images, labels)
     run = TrainedRun(model, rho, 0, 0.0, False, loss, math.nan, accuracy, losses=[(0, loss)])
     track(0, loss)
-    kept = (0, loss, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    kept = (0, loss, *_states(model, optimizer, setting.replay))
     last = setting.max_epochs * per_epoch
     step = 0
     while step < last:
@@ -258,6 +314,10 @@ def train_to_loss(
         if step % setting.check_every and step < last:
             continue
         loss, accuracy = _loss_and_accuracy(model, images, labels)
+        if loss < setting.threshold and not setting.replay:  # the paper's scale: stop at the first check below
+            run.reached, run.loss_before = True, kept[1]
+            run.losses.append((step, loss))
+            break
         if loss < setting.threshold:  # crossed since the kept check: replay from there, one step at a time
             step, before, model_state, optimizer_state = kept
             model.load_state_dict(model_state)
@@ -275,12 +335,19 @@ def train_to_loss(
         run.losses.append((step, loss))
         if step % setting.track_every == 0:
             track(step, loss)
-        kept = (step, loss, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+        kept = (step, loss, *_states(model, optimizer, setting.replay))
     run.step, run.train_loss, run.train_accuracy = step, loss, accuracy
     run.epochs = run.step / per_epoch
     run.seconds_tracking = tracking
     run.seconds_training = time.perf_counter() - started - tracking
     return run
+
+
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool) -> tuple[Any, Any]:
+    """Copies of the model's and the optimiser's states to replay from (None, None when there is no replay)."""
+    if not keep:
+        return None, None
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
 
 
 def measure_spectrum(
@@ -315,16 +382,27 @@ def measure_spectrum(
     return result, spectrum
 
 
+def paper_scale(setting: Setting, recipe: Recipe, train_examples: int) -> Setting:
+    """The setting for a dataset other than digits: the full training loss checked (and lambda_max tracked) once
+    per epoch, and no replay: the run stops at the first epoch whose full training loss is below the threshold."""
+    if recipe.dataset == "digits":
+        return setting
+    per_epoch = max(1, train_examples // recipe.batch_size)
+    return dataclasses.replace(setting, check_every=per_epoch, track_every=per_epoch, replay=False)
+
+
 def _one_seed(
-    seed: int, setting: Setting, say: Callable[[str], None]
-) -> tuple[list[dict[str, Any]], dict[str, SpectralDensity]]:
-    """SGD and SAM (each radius) trained on the seed's split to the threshold, and measured there."""
-    images, labels, test_images, test_labels = digits_tensors(seed)
+    seed: int, setting: Setting, say: Callable[[str], None], recipe: Recipe = Recipe()
+) -> tuple[list[dict[str, Any]], dict[str, SpectralDensity], Setting]:
+    """SGD and SAM (each radius) trained on the seed's split to the threshold, and measured there; and the
+    setting used (:func:`paper_scale`)."""
+    images, labels, test_images, test_labels = digits_tensors(seed, recipe)
+    setting = paper_scale(setting, recipe, len(labels))
     examples = min(setting.examples, len(labels))
     subset = list(zip(images[:examples].split(CHUNK), labels[:examples].split(CHUNK)))
     records, densities = [], {}
     for rho in (None, *setting.rhos):
-        trained = train_to_loss(seed, rho, images, labels, subset, setting)
+        trained = train_to_loss(seed, rho, images, labels, subset, setting, recipe)
         density = rho is None or rho == setting.rhos[0]
         measured, spectrum = measure_spectrum(trained.model, subset, setting, seed, density)
         if spectrum is not None:
@@ -357,7 +435,7 @@ def _one_seed(
             f"{record['lambda_max']:.4g}, lambda_max/lambda_5 {record['ratio']:.3g}, tr(H) {record['trace']:.4g} "
             f"({trained.seconds_training + trained.seconds_tracking + record['seconds_measuring']:.0f} s)"
         )
-    return records, densities
+    return records, densities, setting
 
 
 def _spread(values: list[float]) -> float:
@@ -514,13 +592,19 @@ def _detail_table(records: list[dict[str, Any]]) -> str:
 def run(ctx: Context) -> Outcome:
     """Train SGD and SAM to a common training loss on clean digits, per seed, and compare their Hessian spectra."""
     setting = QUICK if ctx.quick else FULL
+    recipe, rest = recipe_from(dict(ctx.overrides))
+    if "epochs" in rest:
+        setting = dataclasses.replace(setting, max_epochs=rest["epochs"])
+    if "rho" in rest:
+        setting = dataclasses.replace(setting, rhos=(rest["rho"],))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: on a shared 2-core machine a second thread mostly waits
+    # small matrices: on a shared 2-core machine a second thread mostly waits
+    torch.set_num_threads(rest.get("threads") or (1 if recipe.is_default else threads))
     try:
         records: list[dict[str, Any]] = []
         densities: dict[str, list[SpectralDensity]] = {}
         for seed in ctx.seeds:
-            seed_records, seed_densities = _one_seed(seed, setting, ctx.progress)
+            seed_records, seed_densities, setting = _one_seed(seed, setting, ctx.progress, recipe)
             records += seed_records
             for key, density in seed_densities.items():
                 densities.setdefault(key, []).append(density)
@@ -605,15 +689,17 @@ def run(ctx: Context) -> Outcome:
         _plot_tracking(ctx, records, keys, setting.threshold, setting.examples),
         _plot_density(ctx, densities, summaries),
     ]
-    report = _report(setting, records, summaries, keys, sgd_over_sam, loss_gaps, seconds)
+    report = _report(setting, records, summaries, keys, sgd_over_sam, loss_gaps, seconds, recipe)
     results = {
         "setting": {
-            "dataset": "digits (clean labels)",
-            "model": f"SmallCNN width {WIDTH}, no BatchNorm",
-            "lr": LR,
-            "momentum": MOMENTUM,
-            "weight_decay": WEIGHT_DECAY,
-            "batch_size": BATCH_SIZE,
+            "dataset": f"{recipe.dataset} (clean labels)",
+            "model": f"SmallCNN width {WIDTH}, no BatchNorm" if recipe.model == "small_cnn" else recipe.model,
+            "lr": recipe.lr,
+            "momentum": recipe.momentum,
+            "weight_decay": recipe.weight_decay,
+            "batch_size": recipe.batch_size,
+            "device": recipe.device,
+            "exact_crossing": setting.replay,
             "lr_schedule": "constant",
             "threshold": setting.threshold,
             "max_epochs": setting.max_epochs,
@@ -657,6 +743,7 @@ def _report(
     sgd_over_sam: dict[str, list[float]],
     loss_gaps: dict[str, list[float]],
     seconds: dict[str, dict[str, float]],
+    recipe: Recipe = Recipe(),
 ) -> str:
     """The commentary that follows the table: the protocol, the per-seed details, and the comparison with the paper,
     each statement computed from the runs."""
@@ -690,13 +777,22 @@ def _report(
         for k, s in seconds.items()
     )
     ratios = sgd_over_sam[main]
+    stop = (
+        f"Each run stops at the *first step* at which its full training loss (all training examples, clean labels) is "
+        f"below {setting.threshold:g}: the loss is computed every {setting.check_every} steps, and when a check falls "
+        "below the threshold the run goes back to the previous check (its model and optimiser state were kept) and "
+        "replays the steps one at a time (bit-exact)."
+        if setting.replay
+        else f"Each run stops at the first check (once per epoch, every {setting.check_every} steps) at which its full "
+        f"training loss (all training examples, clean labels) is below {setting.threshold:g}, or after "
+        f"{setting.max_epochs} epochs."
+    )
+    model = f"SmallCNN width {WIDTH} on digits" if recipe.is_default else f"{recipe.model} on {recipe.dataset}"
     return f"""
 **How the comparison was made fair.** Both optimisers start from the same initialisation and see the same batches
-(SGD: lr {LR}, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, batch {BATCH_SIZE}, constant lr; SAM: the
-library's `SAM` around that same SGD). Each run stops at the *first step* at which its full training loss (all
-training examples, clean labels) is below {setting.threshold:g}: the loss is computed every {setting.check_every}
-steps, and when a check falls below the threshold the run goes back to the previous check (its model and optimiser
-state were kept) and replays the steps one at a time (bit-exact). The table gives both optimisers' losses at those
+({model}; SGD: lr {recipe.lr:g}, momentum {recipe.momentum:g}, weight decay {recipe.weight_decay:g}, batch
+{recipe.batch_size}, constant lr; SAM: the library's `SAM` around that same SGD). {stop} The table gives both
+optimisers' losses at those
 points, over all training examples and over the {setting.examples} the Hessian is taken on; the per-seed table
 below gives the loss one step earlier too (above the threshold). The largest SGD-SAM difference in training loss
 at the measured points is {largest_gap:.2g}. The cross-entropy Hessian shrinks as the loss goes to zero, so
@@ -731,4 +827,14 @@ REPRODUCTION = Reproduction(
     summary="At matched training loss SAM's Hessian has a smaller lambda_max and lambda_max / lambda_5 than SGD's",
     paper="Foret, Kleiner, Mobahi, Neyshabur, Sharpness-Aware Minimization (ICLR 2021), sec. 4.2",
     run=run,
+    overridable=frozenset(
+        {"dataset", "data_root", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay", "rho", "device"}
+        | {"threads"}
+    ),
+    # the paper trains with a cosine schedule to the end (200 epochs); here the learning rate is constant and the
+    # run stops at the first epoch below the common training loss (or after --epochs)
+    paper_command=(
+        "flatminima reproduce hessian-spectrum --dataset cifar10 --data-root DATA --model wrn28_10_nobn --epochs 200 "
+        "--batch-size 256 --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --rho 0.05 --device cuda"
+    ),
 )

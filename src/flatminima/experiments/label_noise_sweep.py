@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flatminima.experiments.label_noise import DEMO_CONFIG, train_and_measure
-from flatminima.experiments.reproduce import Context, Outcome, Reproduction, markdown_table
+from flatminima.experiments.reproduce import TRAINING_FIELDS, Context, Outcome, Reproduction, markdown_table
 from flatminima.train import TrainConfig, prepare_data
 
 __all__ = [
@@ -47,7 +47,9 @@ __all__ = [
     "RHO_GRID",
     "SELECTION_NOISE",
     "VALIDATION_FRACTION",
+    "base_config",
     "choose_rho",
+    "describe_setting",
     "run",
     "run_trainings",
     "sweep_config",
@@ -83,10 +85,12 @@ def sweep_config(
     output: str | Path,
     rho: float = DEMO_CONFIG.rho,
     validation_fraction: float = 0.0,
+    base: TrainConfig = DEMO_CONFIG,
 ) -> TrainConfig:
-    """The demo's config with the optimiser, noise level, seed, epochs and (for SAM) rho of one run of the sweep."""
+    """``base`` (the demo's config by default) with the optimiser, noise level, seed, epochs and (for SAM) rho of
+    one run of the sweep."""
     return dataclasses.replace(
-        DEMO_CONFIG,
+        base,
         optimizer=optimizer,
         label_noise=noise,
         seed=seed,
@@ -175,6 +179,7 @@ def _plot(
     rho: float,
     validation: dict[float, dict[str, Any]],
     seed: int,
+    setting: str = "digits, SmallCNN",
 ) -> Path:
     """Clean test accuracy (left) and the memorised fraction of the noisy labels (middle) against the noise level;
     SAM's validation accuracy against rho at each noise level (right)."""
@@ -194,7 +199,7 @@ def _plot(
             marker="o",
             capsize=3,
             color=colour,
-            label=f"{label} (digits, SmallCNN)",
+            label=f"{label} ({setting})",
         )
         noisy = [(n, c) for n, c in zip(x, cells) if not math.isnan(c["noisy_fitted_pct_mean"])]
         right.errorbar(
@@ -224,12 +229,26 @@ def _plot(
     right.set_ylim(0, 103)
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
+    if not validation:
+        grid.text(0.5, 0.5, f"rho {rho:g} given:\nno selection runs", ha="center", va="center")
+        grid.set_axis_off()
     for index, (noise, found) in enumerate(sorted(validation.items())):
         colour = plt.cm.viridis(0.85 * index / max(1, len(validation) - 1))  # not SGD's and SAM's colours
         rhos = sorted(found["sam_val_accuracy"])
         values = [100 * found["sam_val_accuracy"][r] for r in rhos]
         grid.plot(rhos, values, marker="o", color=colour, label=f"{100 * noise:g} %")
         grid.axhline(100 * found["sgd_val_accuracy"], color=colour, linestyle=":", linewidth=0.8)
+    if validation:
+        _rho_axes(grid, rho, validation, seed)
+    figure.tight_layout()
+    path = ctx.figure_path("accuracy_and_memorisation.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _rho_axes(grid: Any, rho: float, validation: dict[float, dict[str, Any]], seed: int) -> None:
+    """The axes of the right panel: validation accuracy against rho (log scale)."""
     grid.axvline(rho, color="grey", linestyle="--", linewidth=0.8)
     rhos = sorted({r for found in validation.values() for r in found["sam_val_accuracy"]})
     grid.set_xscale("log")
@@ -240,11 +259,6 @@ def _plot(
     grid.set_ylim(0, 100)
     grid.grid(alpha=0.3)
     grid.legend(fontsize=7, title="noise", title_fontsize=7)
-    figure.tight_layout()
-    path = ctx.figure_path("accuracy_and_memorisation.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
 
 def _stuck_note(runs: Sequence[dict[str, Any]]) -> str:
@@ -261,19 +275,42 @@ def _stuck_note(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def _validation_runs(
-    noise: float, seed: int, epochs: int, rho_grid: Sequence[float], folder: Path
+    noise: float, seed: int, epochs: int, rho_grid: Sequence[float], folder: Path, base: TrainConfig = DEMO_CONFIG
 ) -> list[TrainConfig]:
     """SAM at each rho of the grid, then SGD, at one noise level, with the clean validation split held out."""
     configs = [
-        sweep_config("sam", noise, seed, epochs, folder / f"val-noise{noise:g}-rho{rho:g}", rho, VALIDATION_FRACTION)
+        sweep_config(
+            "sam", noise, seed, epochs, folder / f"val-noise{noise:g}-rho{rho:g}", rho, VALIDATION_FRACTION, base
+        )
         for rho in rho_grid
     ]
     configs.append(
         sweep_config(
-            "sgd", noise, seed, epochs, folder / f"val-noise{noise:g}-sgd", validation_fraction=VALIDATION_FRACTION
+            "sgd", noise, seed, epochs, folder / f"val-noise{noise:g}-sgd", base.rho, VALIDATION_FRACTION, base
         )
     )
     return configs
+
+
+def base_config(overrides: dict[str, Any]) -> TrainConfig:
+    """The demo's config with the training settings given to ``flatminima reproduce`` (rho and epochs are the
+    sweep's own: :func:`run` reads them)."""
+    fields = {k: v for k, v in overrides.items() if k not in ("rho", "epochs")}
+    if "dataset" in fields and "model" not in fields and fields["dataset"] != "digits":
+        raise ValueError("label-noise with --dataset needs --model too (the paper's: --model resnet32)")
+    if fields.get("device") == "cuda" and "threads" not in fields:
+        fields["threads"] = 0
+    return dataclasses.replace(DEMO_CONFIG, **fields)
+
+
+def describe_setting(config: TrainConfig, epochs: int) -> str:
+    """One phrase naming the model, data and optimiser settings of the sweep's runs."""
+    return (
+        f"{config.model} on {config.dataset}, {epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} with "
+        f"a {config.lr_schedule} schedule, momentum {config.momentum:g}, weight decay {config.weight_decay:g}"
+        + (", random crop and flip" if config.augment else "")
+        + (f", cutout {config.cutout}" if config.cutout else "")
+    )
 
 
 def _validation_accuracies(
@@ -290,33 +327,43 @@ def run(ctx: Context) -> Outcome:
     The same validation runs are made at the other noise levels too (the first seed only): they are not used to
     choose anything, and show how the best radius moves with the noise level.
     """
-    epochs = QUICK_EPOCHS if ctx.quick else EPOCHS
+    base = base_config(dict(ctx.overrides))
+    epochs = ctx.overrides.get("epochs", QUICK_EPOCHS if ctx.quick else EPOCHS)
     noise_levels = QUICK_NOISE_LEVELS if ctx.quick else NOISE_LEVELS
     rho_grid = QUICK_RHO_GRID if ctx.quick else RHO_GRID
+    given_rho = ctx.overrides.get("rho")  # a radius given on the command line replaces the selection
     selection_seed = ctx.seeds[0]
-    others = [noise for noise in noise_levels if noise > 0 and noise != SELECTION_NOISE]
+    others = [] if given_rho is not None else [n for n in noise_levels if n > 0 and n != SELECTION_NOISE]
+    workers = 1 if base.device == "cuda" else None  # one GPU: one training at a time
+    validation: dict[float, dict[str, Any]] = {}
+    selection: list[TrainConfig] = []
     with tempfile.TemporaryDirectory(prefix="label-noise-") as scratch:  # the runs' checkpoints are not kept
         folder = Path(scratch)
-        selection = _validation_runs(SELECTION_NOISE, selection_seed, epochs, rho_grid, folder)
-        ctx.progress(
-            f"label-noise: choosing rho among {list(rho_grid)} at {100 * SELECTION_NOISE:g} % noise on a clean "
-            f"validation split ({len(selection)} runs)"
-        )
-        validation = {
-            SELECTION_NOISE: _validation_accuracies(selection, run_trainings(selection, progress=ctx.progress))
-        }
-        rho = validation[SELECTION_NOISE]["best_rho"]
+        if given_rho is None:
+            selection = _validation_runs(SELECTION_NOISE, selection_seed, epochs, rho_grid, folder, base)
+            ctx.progress(
+                f"label-noise: choosing rho among {list(rho_grid)} at {100 * SELECTION_NOISE:g} % noise on a clean "
+                f"validation split ({len(selection)} runs)"
+            )
+            found = run_trainings(selection, workers=workers, progress=ctx.progress)
+            validation[SELECTION_NOISE] = _validation_accuracies(selection, found)
+            rho = validation[SELECTION_NOISE]["best_rho"]
+        else:
+            rho = float(given_rho)
         jobs = [(noise, seed, name) for noise in noise_levels for seed in ctx.seeds for name in ("sgd", "sam")]
         configs = [
-            sweep_config(name, noise, seed, epochs, folder / f"{name}-noise{noise:g}-seed{seed}", rho)
+            sweep_config(name, noise, seed, epochs, folder / f"{name}-noise{noise:g}-seed{seed}", rho, base=base)
             for noise, seed, name in jobs
         ]
-        sensitivity = [_validation_runs(noise, selection_seed, epochs, rho_grid, folder) for noise in others]
+        sensitivity = [_validation_runs(noise, selection_seed, epochs, rho_grid, folder, base) for noise in others]
         ctx.progress(
-            f"label-noise: rho {rho:g} chosen; sweeping noise {list(noise_levels)}, seeds {list(ctx.seeds)} "
-            f"({len(configs)} runs) and the rho grid at the other noise levels ({sum(map(len, sensitivity))} runs)"
+            f"label-noise: rho {rho:g} {'given' if given_rho is not None else 'chosen'}; sweeping noise "
+            f"{list(noise_levels)}, seeds {list(ctx.seeds)} ({len(configs)} runs) and the rho grid at the other "
+            f"noise levels ({sum(map(len, sensitivity))} runs)"
         )
-        results = run_trainings(configs + [c for group in sensitivity for c in group], progress=ctx.progress)
+        results = run_trainings(
+            configs + [c for group in sensitivity for c in group], workers=workers, progress=ctx.progress
+        )
         offset = len(configs)
         for noise, group in zip(others, sensitivity):
             validation[noise] = _validation_accuracies(group, results[offset : offset + len(group)])
@@ -367,35 +414,43 @@ def run(ctx: Context) -> Outcome:
             ]
         )
     validated = sorted(validation)
-    figure = _plot(ctx, noise_levels, per_noise, rho, {noise: validation[noise] for noise in validated}, selection_seed)
-    selection_examples = prepare_data(selection[0]).val_labels.numel()  # type: ignore[union-attr]
+    setting = describe_setting(base, epochs)
+    default = base.dataset == "digits" and base.model == "small_cnn"
+    short = "digits, SmallCNN" if default else f"{base.dataset}, {base.model}"
+    figure = _plot(ctx, noise_levels, per_noise, rho, {n: validation[n] for n in validated}, selection_seed, short)
+    selection_examples = prepare_data(selection[0]).val_labels.numel() if selection else 0  # type: ignore[union-attr]
     whole = prepare_data(configs[0])
-    sizes = f"{whole.train_labels.numel():,} training and {whole.test_labels.numel():,} test"
-    grid_table = markdown_table(
-        ["noise", *(f"SAM rho {r:g}" for r in rho_grid), "SGD", "best rho"],
-        [
-            [
-                f"{100 * noise:g} %" + (" (chooses)" if noise == SELECTION_NOISE else ""),
-                *(f"{100 * validation[noise]['sam_val_accuracy'][r]:.1f}" for r in rho_grid),
-                f"{100 * validation[noise]['sgd_val_accuracy']:.1f}",
-                f"{validation[noise]['best_rho']:g}",
-            ]
-            for noise in validated
-        ],
-    )
-    chosen_line = ", ".join(
-        f"rho {r:g}: {100 * a:.1f} %" for r, a in validation[SELECTION_NOISE]["sam_val_accuracy"].items()
-    )
+    sizes = f"{whole.train_labels.numel():,} training and {whole.test_labels.numel():,} test images"
     report = f"""
-Each row: {len(ctx.seeds)} seed(s) ({", ".join(map(str, ctx.seeds))}); the seed fixes the digits' train/test split,
-the noisy labels, the initialisation and the batch order, the same for SGD and SAM. Setting: the demo's (SmallCNN on
-digits, {sizes} images, {epochs} epochs, batch 32, SGD lr 0.05 with a cosine schedule, momentum
-0.9, weight decay 5e-4; SAM around the same SGD), symmetric noise (each corrupted label replaced by one of the 9 other
-classes). Accuracy is the clean test accuracy after the last epoch (mean ± standard deviation over seeds, in %);
-"noisy fitted" is the fraction of the corrupted training examples the final model assigns their corrupted label
-(memorised), on the training images without augmentation. The paper's columns are Foret et al.'s Table 4
-(ResNet-32 on CIFAR-10, 200 epochs, rho 0.1, 0.05 at 80 % noise).
-
+Each row: {len(ctx.seeds)} seed(s) ({", ".join(map(str, ctx.seeds))}); the seed fixes the train/test split (digits),
+the noisy labels, the initialisation and the batch order, the same for SGD and SAM. Setting: {setting}
+({sizes}; SAM around the same SGD), symmetric noise (each corrupted label replaced by one of the other classes).
+Accuracy is the clean test accuracy after the last epoch (mean ± standard deviation over seeds, in %); "noisy fitted"
+is the fraction of the corrupted training examples the final model assigns their corrupted label (memorised), on the
+training images without augmentation. The paper's columns are Foret et al.'s Table 4 (ResNet-32 on CIFAR-10, 200
+epochs, rho 0.1, 0.05 at 80 % noise).
+"""
+    if given_rho is not None:
+        report += f"""
+**rho** = {rho:g}, given on the command line (--rho): no selection runs were made.
+"""
+    else:
+        grid_table = markdown_table(
+            ["noise", *(f"SAM rho {r:g}" for r in rho_grid), "SGD", "best rho"],
+            [
+                [
+                    f"{100 * noise:g} %" + (" (chooses)" if noise == SELECTION_NOISE else ""),
+                    *(f"{100 * validation[noise]['sam_val_accuracy'][r]:.1f}" for r in rho_grid),
+                    f"{100 * validation[noise]['sgd_val_accuracy']:.1f}",
+                    f"{validation[noise]['best_rho']:g}",
+                ]
+                for noise in validated
+            ],
+        )
+        chosen_line = ", ".join(
+            f"rho {r:g}: {100 * a:.1f} %" for r, a in validation[SELECTION_NOISE]["sam_val_accuracy"].items()
+        )
+        report += f"""
 **How rho was chosen.** Once, before the sweep, without the test set: SAM was trained at {100 * SELECTION_NOISE:g} %
 noise with seed {selection_seed} for {epochs} epochs, for each rho in {list(rho_grid)}, with
 {100 * VALIDATION_FRACTION:g} % of the training set ({selection_examples} examples, stratified) held out with its
@@ -429,7 +484,11 @@ labels; only the {100 * SELECTION_NOISE:g} % row chose rho, the others show how 
             "epochs": epochs,
             "noise_levels": list(noise_levels),
             "rho": rho,
-            "rho_selection": {
+            "setting": setting,
+            "rho_given": given_rho is not None,
+            "rho_selection": None
+            if given_rho is not None
+            else {
                 "noise": SELECTION_NOISE,
                 "seed": selection_seed,
                 "validation_fraction": VALIDATION_FRACTION,
@@ -452,7 +511,7 @@ labels; only the {100 * SELECTION_NOISE:g} % row chose rho, the others show how 
         },
         report=report,
         figures=[figure],
-        caption="SGD vs SAM on digits with symmetric label noise: clean test accuracy and memorised noisy labels.",
+        caption=f"SGD vs SAM ({short}) with symmetric label noise: clean test accuracy and memorised noisy labels.",
     )
 
 
@@ -461,4 +520,10 @@ REPRODUCTION = Reproduction(
     summary="SAM resists label noise: clean test accuracy and memorised noisy labels, SGD vs SAM, noise 0-80 %",
     paper="Foret, Kleiner, Mobahi, Neyshabur, Sharpness-Aware Minimization (ICLR 2021), Table 4",
     run=run,
+    overridable=frozenset(TRAINING_FIELDS),
+    # the paper's rho is 0.1 (0.05 at 80 % noise: rerun that level alone with --rho 0.05)
+    paper_command=(
+        "flatminima reproduce label-noise --dataset cifar10 --data-root DATA --model resnet32 --epochs 200 "
+        "--batch-size 256 --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --augment --rho 0.1 --device cuda"
+    ),
 )

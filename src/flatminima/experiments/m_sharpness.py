@@ -34,26 +34,36 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from flatminima.experiments.label_noise import DEMO_CONFIG
-from flatminima.experiments.reproduce import Context, Outcome, Reproduction
+from flatminima.experiments.reproduce import TRAINING_FIELDS, Context, Outcome, Reproduction
+from flatminima.running_stats import norm_layers
 from flatminima.train import BatchPipeline, TrainConfig, train
 from flatminima.train.prepare import model_for, prepare_data
 
-__all__ = ["METHODS", "REPRODUCTION", "gradient_variance_trace", "run", "train_and_track"]
+__all__ = ["METHODS", "REPRODUCTION", "gradient_variance_trace", "methods_for", "run", "train_and_track"]
 
 BATCH = 32
 SAMPLE = 256  # training examples tr(V) is measured on
 RHO = 0.05  # the SAM paper's default; the demo's 0.3 (and 0.1) leave SAM near chance for the first epochs
 
-# name -> (TrainConfig fields it sets on the demo config, the m of the regulariser (rho / 2m) tr V, or None)
-METHODS: dict[str, tuple[dict[str, Any], int | None]] = {
-    "sgd": ({"optimizer": "sgd"}, None),
-    "msam-4": ({"optimizer": "sam", "group_size": 4}, 4),
-    "msam-8": ({"optimizer": "sam", "group_size": 8}, 8),
-    "msam-16": ({"optimizer": "sam", "group_size": 16}, 16),
-    "sam": ({"optimizer": "sam"}, BATCH),
-    "nsam": ({"optimizer": "nsam", "nsam_sample_size": 128}, None),
-    "rwsam": ({"optimizer": "rwsam", "rwsam_lambda": 1.0}, BATCH),
-}
+Methods = dict[str, tuple[dict[str, Any], int | None]]
+
+
+def methods_for(batch: int) -> Methods:
+    """name -> (the TrainConfig fields it sets on the demo config, the m of its regulariser (rho / 2m) tr V, or
+    None): SGD, m-SAM for each m of 4, 8, 16, 64 that divides the batch and is smaller, SAM (m = the batch), n-SAM
+    and RW-SAM."""
+    groups = [m for m in (4, 8, 16, 64) if m < batch and batch % m == 0]
+    return {
+        "sgd": ({"optimizer": "sgd"}, None),
+        **{f"msam-{m}": ({"optimizer": "sam", "group_size": m}, m) for m in groups},
+        "sam": ({"optimizer": "sam"}, batch),
+        "nsam": ({"optimizer": "nsam", "nsam_sample_size": 128}, None),
+        "rwsam": ({"optimizer": "rwsam", "rwsam_lambda": 1.0}, batch),
+    }
+
+
+#: the methods at the reproduction's own batch size, 32
+METHODS: Methods = methods_for(BATCH)
 
 
 def gradient_variance_trace(model: nn.Module, params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> float:
@@ -89,7 +99,8 @@ def train_and_track(config: TrainConfig, every: int) -> dict[str, Any]:
 
     A module-level function, so that worker processes can run it. Returns the final record, the per-epoch test
     accuracy, the training seconds per epoch (the measurement's own time taken out) and the measurements
-    ``[{"epoch", "trace_v"}]``.
+    ``[{"epoch", "trace_v"}]``: none for a model with BatchNorm, whose per-example gradients are not defined in
+    training mode (one example has no batch statistics).
     """
     data = prepare_data(config)
     pipeline = BatchPipeline(data.dataset, config, torch.device("cpu"))
@@ -104,12 +115,17 @@ def train_and_track(config: TrainConfig, every: int) -> dict[str, Any]:
     def measure(optimizer: torch.optim.Optimizer, epoch: int) -> None:
         started = time.perf_counter()
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        trace = gradient_variance_trace(skeleton, dict(zip(names, params, strict=True)), inputs, targets)
+        device = params[0].device
+        weights = dict(zip(names, params, strict=True))
+        trace = gradient_variance_trace(skeleton, weights, inputs.to(device), targets.to(device))
         state["measured"].append({"epoch": epoch, "trace_v": trace})
         state["cost"][epoch] = state["cost"].get(epoch, 0.0) + time.perf_counter() - started
 
+    measurable = not norm_layers(skeleton)
+
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if type(optimizer) is not torch.optim.SGD:  # the base step of every method here; not SAM's wrapper
+        # the base step of every method here, not the SAM wrapper
+        if not measurable or type(optimizer) is not torch.optim.SGD:
             return
         if state["steps"] == 0:
             measure(optimizer, 0)  # after the first step: close enough to the start, and the same for all
@@ -141,7 +157,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _plot(ctx: Context, summary: dict[str, dict[str, Any]], noises: tuple[float, ...], names: list[str]) -> list[Path]:
+def _plot(
+    ctx: Context,
+    summary: dict[str, dict[str, Any]],
+    noises: tuple[float, ...],
+    names: list[str],
+    methods: Methods = METHODS,
+    batch: int = BATCH,
+) -> list[Path]:
     """Clean test accuracy against m (SGD, n-SAM and RW-SAM as lines), and the regulariser along training."""
     import matplotlib
 
@@ -149,19 +172,19 @@ def _plot(ctx: Context, summary: dict[str, dict[str, Any]], noises: tuple[float,
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(noises), figsize=(5 * len(noises), 4), squeeze=False)
-    ms = [name for name in names if METHODS[name][1] is not None and name != "rwsam"]
+    ms = [name for name in names if methods[name][1] is not None and name != "rwsam"]
     for axis, noise in zip(axes[0], noises):
         cells = summary[f"{noise:g}"]
-        xs = [METHODS[name][1] for name in ms]
+        xs = [methods[name][1] for name in ms]
         ys = [100 * cells[name]["test_accuracy_mean"] for name in ms]
         es = [100 * cells[name]["test_accuracy_std"] for name in ms]
-        axis.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="m-SAM (m = 32 is SAM)")
+        axis.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"m-SAM (m = {batch} is SAM)")
         for name, style in (("sgd", "k--"), ("nsam", "g:"), ("rwsam", "r-.")):
             if name in cells:
                 axis.axhline(100 * cells[name]["test_accuracy_mean"], color=style[0], linestyle=style[1:], label=name)
         axis.set_xscale("log", base=2)
         axis.set_xticks(xs, [str(x) for x in xs])
-        axis.set_xlabel(f"m (batch {BATCH})")
+        axis.set_xlabel(f"m (batch {batch})")
         axis.set_ylabel("clean test accuracy %")
         axis.set_title(f"label noise {100 * noise:.0f} %")
         axis.legend(fontsize=8)
@@ -178,7 +201,7 @@ def _plot(ctx: Context, summary: dict[str, dict[str, Any]], noises: tuple[float,
             epochs = [point["epoch"] for point in curve]
             style = {"marker": ".", "label": name, "color": f"C{index}"}  # one colour per method in both rows
             axes[0][column].plot(epochs, [point["trace_v_mean"] for point in curve], **style)
-            if METHODS[name][1] is not None:
+            if methods[name][1] is not None:
                 axes[1][column].plot(epochs, [point["regulariser_mean"] for point in curve], **style)
         axes[0][column].set_yscale("log")
         axes[0][column].set_ylabel("tr(V) on the fixed sample")
@@ -198,19 +221,27 @@ def _plot(ctx: Context, summary: dict[str, dict[str, Any]], noises: tuple[float,
 def run(ctx: Context) -> Outcome:
     """Train every (noise, method, seed) in two worker processes; tabulate accuracy, cost and regulariser."""
     noises = (0.4,) if ctx.quick else (0.0, 0.4)
-    names = ["sgd", "msam-4", "sam"] if ctx.quick else list(METHODS)
-    epochs = 3 if ctx.quick else 12
-    every = 1 if ctx.quick else 3
-    rho = RHO
+    given = dict(ctx.overrides)
+    batch = given.pop("batch_size", BATCH)
+    rho = given.pop("rho", RHO)
+    epochs = given.pop("epochs", 3 if ctx.quick else 12)
+    if given.get("device") == "cuda" and "threads" not in given:
+        given["threads"] = 0
+    base = dataclasses.replace(DEMO_CONFIG, **given)
+    methods = methods_for(batch)
+    smallest = next((name for name in methods if name.startswith("msam-")), None)
+    names = ["sgd", *([smallest] if smallest else []), "sam"] if ctx.quick else list(methods)
+    every = 1 if ctx.quick else max(1, epochs // 4)
+    workers = 1 if base.device == "cuda" else 2  # one GPU: one training at a time
     scratch = tempfile.TemporaryDirectory(prefix="m-sharpness-")
     jobs = []
     for noise in noises:
         for name in names:
             for seed in ctx.seeds:
                 config = dataclasses.replace(
-                    DEMO_CONFIG,
-                    **METHODS[name][0],
-                    batch_size=BATCH,
+                    base,
+                    **methods[name][0],
+                    batch_size=batch,
                     rho=rho,
                     label_noise=noise,
                     epochs=epochs,
@@ -220,8 +251,8 @@ def run(ctx: Context) -> Outcome:
                     overwrite=True,
                 )
                 jobs.append((noise, name, seed, config))
-    ctx.progress(f"m-sharpness: {len(jobs)} trainings of {epochs} epochs in 2 worker processes")
-    with scratch, ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    ctx.progress(f"m-sharpness: {len(jobs)} trainings of {epochs} epochs in {workers} worker process(es)")
+    with scratch, ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(train_and_track, config, every) for *_, config in jobs]
         runs = []
         for (noise, name, seed, _), future in zip(jobs, futures):
@@ -236,7 +267,7 @@ def run(ctx: Context) -> Outcome:
         )
         for name in names:
             cell = [r for r in runs if r["noise"] == noise and r["method"] == name]
-            m = METHODS[name][1]
+            m = methods[name][1]
             accuracy, accuracy_std = _mean_std([r["test_accuracy"] for r in cell])
             seconds = statistics.mean(r["seconds_per_epoch"] for r in cell)
             curve = []
@@ -257,10 +288,10 @@ def run(ctx: Context) -> Outcome:
                 "test_accuracy_std": accuracy_std,
                 "seconds_per_epoch": seconds,
                 "cost_relative_to_sam": seconds / sam_seconds,
-                "trace_v_final": curve[-1]["trace_v_mean"],
-                "regulariser_final": curve[-1]["regulariser_mean"],
+                "trace_v_final": curve[-1]["trace_v_mean"] if curve else None,
+                "regulariser_final": curve[-1]["regulariser_mean"] if curve else None,
                 "regulariser_mean_second_half": statistics.mean(p["regulariser_mean"] for p in late)
-                if m is not None
+                if m is not None and curve
                 else None,
                 "regulariser_curve": curve,
             }
@@ -278,16 +309,17 @@ def run(ctx: Context) -> Outcome:
                     f"{100 * cell['test_accuracy_mean']:.2f} ± {100 * cell['test_accuracy_std']:.2f}",
                     f"{cell['seconds_per_epoch']:.2f}",
                     f"{cell['cost_relative_to_sam']:.2f}",
-                    f"{cell['trace_v_final']:.3g}",
+                    "n/a" if cell["trace_v_final"] is None else f"{cell['trace_v_final']:.3g}",
                     "n/a" if cell["regulariser_final"] is None else f"{cell['regulariser_final']:.3g}",
                 ]
             )
-    figures = _plot(ctx, summary, noises, names)
+    figures = _plot(ctx, summary, noises, names, methods, batch)
+    model = "the demo's small CNN on the embedded digits" if not ctx.overrides else f"{base.model} on {base.dataset}"
     report = f"""
-Each row: {len(ctx.seeds)} seed(s) of the demo's small CNN on the embedded digits, {epochs} epochs, batch
-{BATCH}, SGD momentum 0.9, lr {DEMO_CONFIG.lr} (cosine), weight decay {DEMO_CONFIG.weight_decay}, rho {rho} for
-every SAM variant; the labels of the training set {", ".join(f"{100 * n:.0f} %" for n in noises)} wrong
-(symmetric noise), test labels clean. m-SAM is `--optimizer sam --group-size m`; SAM is m = {BATCH} (the batch).
+Each row: {len(ctx.seeds)} seed(s) of {model}, {epochs} epochs, batch
+{batch}, SGD momentum {base.momentum:g}, lr {base.lr:g} ({base.lr_schedule}), weight decay {base.weight_decay:g}, rho
+{rho} for every SAM variant; the labels of the training set {", ".join(f"{100 * n:.0f} %" for n in noises)} wrong
+(symmetric noise), test labels clean. m-SAM is `--optimizer sam --group-size m`; SAM is m = {batch} (the batch).
 n-SAM takes its perturbation from an independent sample of 128 training examples; RW-SAM weights the examples
 of the batch by softmax(lambda s_i), lambda 1. Accuracy is the clean test accuracy at the last epoch, mean ± std
 over seeds. s / epoch is the median training time of an epoch (evaluation and the tr(V) measurement taken out),
@@ -295,6 +327,11 @@ in 2 concurrent single-thread workers, so relative cost is what to read, not the
 mean_i ||g_i - g_bar||^2 of the per-example cross-entropy gradients on the first {SAMPLE} training examples (as
 trained, noisy labels included), at the last epoch; the regulariser is (rho / 2m) tr(V) with each method's own m
 (n/a for SGD and n-SAM, which have no such term in Luo et al.'s drift).
+"""
+    if not runs[0]["measured"]:
+        report += """
+tr(V) was not measured: the model has BatchNorm, whose per-example gradients are not defined in training mode (one
+example has no batch statistics); the accuracy columns stand alone.
 """
     return Outcome(
         headers=[
@@ -309,7 +346,7 @@ trained, noisy labels included), at the last epoch; the regulariser is (rho / 2m
         ],
         rows=rows,
         results={
-            "batch_size": BATCH,
+            "batch_size": batch,
             "rho": rho,
             "epochs": epochs,
             "measure_every_epochs": every,
@@ -330,4 +367,10 @@ REPRODUCTION = Reproduction(
     summary="m-sharpness: smaller m in m-SAM, the regulariser (rho / 2m) tr(V), and RW-SAM's cost",
     paper="Foret et al., SAM (ICLR 2021), sec. 4.1; Luo et al., Unveiling m-Sharpness (NeurIPS 2025)",
     run=run,
+    overridable=frozenset(TRAINING_FIELDS),
+    # Fig. 3 of the SAM paper: m in {1, 4, 16, 64, 256} on CIFAR-10; at batch 256 this runs m = 4, 8, 16, 64, 256
+    paper_command=(
+        "flatminima reproduce m-sharpness --dataset cifar10 --data-root DATA --model wrn16_8 --epochs 200 "
+        "--batch-size 256 --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --augment --rho 0.05 --device cuda"
+    ),
 )

@@ -6,6 +6,12 @@ module, owns the convention: the table is printed on stdout, and the output fold
 named measured and predicted numbers, with the command and settings that made them), ``report.md`` (the title,
 the command, the table, the module's commentary and its figures) and the figures themselves. ``--quick`` runs a
 small version of the same experiment (the one the tests run); the full one takes minutes on a 2-core CPU.
+
+The training reproductions also take the paper's own scale: flags such as ``--dataset cifar10 --data-root DATA
+--model resnet32 --epochs 200 --device cuda`` reach the reproduction as :attr:`Context.overrides`, fields of
+:class:`~flatminima.train.TrainConfig` that replace its digits defaults. Each reproduction declares which fields it
+honours (:attr:`Reproduction.overridable`) and the exact command of the paper's setting
+(:attr:`Reproduction.paper_command`); a flag it does not honour is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import pkgutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "TRAINING_FIELDS",
     "Context",
     "Outcome",
     "Reproduction",
@@ -33,14 +40,35 @@ __all__ = [
 ]
 
 
+#: The :class:`~flatminima.train.TrainConfig` fields ``flatminima reproduce`` accepts as flags (the paper-scale
+#: settings); each reproduction honours a subset, :attr:`Reproduction.overridable`.
+TRAINING_FIELDS: tuple[str, ...] = (
+    "dataset",
+    "data_root",
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "augment",
+    "cutout",
+    "rho",
+    "device",
+    "threads",
+)
+
+
 @dataclass(frozen=True)
 class Context:
-    """What a reproduction is asked for: the folder to write its figures into, quick or full, the seeds."""
+    """What a reproduction is asked for: the folder to write its figures into, quick or full, the seeds, and the
+    training settings given on the command line (``overrides``: TrainConfig field -> value; empty by default)."""
 
     output: Path
     quick: bool
     seeds: tuple[int, ...]
     progress: Callable[[str], None] = print
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def figure_path(self, name: str) -> Path:
         """Where to save a figure called ``name`` (e.g. ``"trajectory.png"``)."""
@@ -74,6 +102,10 @@ class Reproduction:
     run: Callable[[Context], Outcome]
     default_seeds: tuple[int, ...] = (0, 1, 2)
     quick_seeds: tuple[int, ...] = (0,)
+    #: the :data:`TRAINING_FIELDS` this reproduction honours (empty: it trains nothing configurable)
+    overridable: frozenset[str] = frozenset()
+    #: the exact command that runs the paper's own setting (on a GPU), or "" when there is none
+    paper_command: str = ""
 
 
 def available() -> dict[str, Reproduction]:
@@ -137,6 +169,21 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def _check_overrides(reproduction: Reproduction, overrides: Mapping[str, Any]) -> None:
+    """Refuse training settings the reproduction does not honour (never ignore a flag the user gave)."""
+    unknown = sorted(set(overrides) - set(TRAINING_FIELDS))
+    if unknown:
+        raise ValueError(f"not a training setting of flatminima reproduce: {unknown}; choose from {TRAINING_FIELDS}")
+    refused = sorted(set(overrides) - reproduction.overridable)
+    if refused:
+        flags = ", ".join("--" + f.replace("_", "-") for f in refused)
+        accepted = ", ".join("--" + f.replace("_", "-") for f in sorted(reproduction.overridable))
+        raise ValueError(
+            f"reproduction {reproduction.name!r} does not take {flags}"
+            + (f"; it takes {accepted}" if accepted else "; it trains no network, so it takes no training settings")
+        )
+
+
 def run_reproduction(
     name: str,
     output: str | Path | None = None,
@@ -144,11 +191,13 @@ def run_reproduction(
     seeds: Sequence[int] | None = None,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run the reproduction ``name``; print its table and write ``results.json``, ``report.md`` and figures.
 
-    ``output`` defaults to ``runs/reproduce/NAME`` (``NAME-quick`` for a quick run). Files of an earlier run in the
-    same folder are replaced.
+    ``output`` defaults to ``runs/reproduce/NAME`` (``NAME-quick`` for a quick run, ``NAME-DATASET`` when the
+    dataset is overridden). Files of an earlier run in the same folder are replaced. ``overrides`` are training
+    settings (TrainConfig fields) the reproduction must honour; one it does not honour is an error.
     """
     reproductions = available()
     if name not in reproductions:
@@ -156,19 +205,22 @@ def run_reproduction(
             f"unknown reproduction {name!r}; choose from {', '.join(reproductions)} (flatminima reproduce --list)"
         )
     reproduction = reproductions[name]
+    overrides = dict(overrides or {})
+    _check_overrides(reproduction, overrides)
     chosen = tuple(seeds) if seeds else (reproduction.quick_seeds if quick else reproduction.default_seeds)
-    folder = Path(output) if output is not None else Path("runs/reproduce") / (f"{name}-quick" if quick else name)
+    default_folder = name + (f"-{overrides['dataset']}" if "dataset" in overrides else "") + ("-quick" if quick else "")
+    folder = Path(output) if output is not None else Path("runs/reproduce") / default_folder
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output {folder} is a file, not a folder; choose another --output")
     folder.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
-    outcome = reproduction.run(Context(output=folder, quick=quick, seeds=chosen, progress=say))
+    outcome = reproduction.run(Context(output=folder, quick=quick, seeds=chosen, progress=say, overrides=overrides))
     seconds = time.perf_counter() - started
     command = command or f"flatminima reproduce {name}" + (" --quick" if quick else "")
     table = markdown_table(outcome.headers, outcome.rows)
     print(table, flush=True)
-    own = {"reproduction", "paper", "command", "quick", "seeds", "seconds"}
+    own = {"reproduction", "paper", "command", "quick", "seeds", "seconds", "overrides", "paper_command"}
     clashing = sorted(own & set(outcome.results))
     if clashing:
         raise RuntimeError(f"reproduction {name!r} returned results named {clashing}, which the runner writes itself")
@@ -179,6 +231,8 @@ def run_reproduction(
         "quick": quick,
         "seeds": list(chosen),
         "seconds": round(seconds, 2),
+        "overrides": overrides,
+        "paper_command": reproduction.paper_command,
         **outcome.results,
     }
     _write_atomically(folder / "results.json", json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
@@ -192,6 +246,7 @@ def run_reproduction(
             outcome.caption,
             table,
             outcome.report.strip(),
+            f"The paper's own setting (on a GPU): `{reproduction.paper_command}`" if reproduction.paper_command else "",
             figures,
         )
         if part

@@ -39,6 +39,8 @@ MODEL_NAMES: tuple[str, ...] = (
     "resnet56",
     "wrn28_10",
     "wrn16_8",
+    "wrn28_10_nobn",
+    "wrn16_8_nobn",
     "wrn",
     "small_cnn",
     "mlp",
@@ -69,9 +71,14 @@ def build_model(
     convolutional networks with global pooling ignore it, the MLP uses it for its input width and the small
     CNN needs it square.  For ``"two_layer_cnn"`` it is ``(P, d)``, the number and dimension of the patches
     (``in_channels`` is ignored), and ``num_classes`` must be 2.  ``"wrn"`` takes ``depth`` and
-    ``widen_factor`` keyword arguments; any other ``kwargs`` go to the model's constructor.
+    ``widen_factor`` keyword arguments; any other ``kwargs`` go to the model's constructor. ``"wrn28_10_nobn"``
+    and ``"wrn16_8_nobn"`` are the WideResNets without BatchNorm (``batch_norm=False``), as in the SAM paper's
+    Hessian-spectrum experiment.
     """
     key = name.lower()
+    if key.endswith("_nobn") and key[: -len("_nobn")] in ("wrn28_10", "wrn16_8"):
+        key = key[: -len("_nobn")]
+        kwargs = {**kwargs, "batch_norm": False}
     height, width = _pair(image_size)
     if key in ("resnet20", "resnet32", "resnet56"):
         return cifar_resnet(int(key[6:]), num_classes=num_classes, in_channels=in_channels, **kwargs)

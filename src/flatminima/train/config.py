@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,10 @@ class TrainConfig:
     )
     data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
     model: str = _option(
-        "small_cnn", "resnet20/32/56, wrn28_10, wrn16_8, small_cnn, mlp, two_layer_cnn (signal_noise only)", MODELS
+        "small_cnn",
+        "resnet20/32/56, wrn28_10, wrn16_8 (with _nobn: without BatchNorm), small_cnn, mlp, two_layer_cnn "
+        "(signal_noise only)",
+        MODELS,
     )
     optimizer: str = _option("sam", optimizer_help, optimizer_names)
     base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
@@ -244,13 +247,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (``--batch-size``); defaults are None so that only flags given override the YAML."""
-    parser.add_argument("--config", help="YAML file of field: value; flags given here override it")
+def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One flag per field (``--batch-size``); defaults are None so that only flags given override the YAML.
+
+    ``names`` limits the flags to those fields (and leaves out ``--config``), for commands that take a few.
+    """
+    if names is None:
+        parser.add_argument("--config", help="YAML file of field: value; flags given here override it")
     for field_ in dataclasses.fields(TrainConfig):
+        if names is not None and field_.name not in names:
+            continue
         flag = "--" + field_.name.replace("_", "-")
         kind = _base_type(field_)
-        help_text = f"{_help(field_)} (default: {field_.default})".replace("%", "%%")
+        default = f"default: {field_.default}" if names is None else "default: the reproduction's"
+        help_text = f"{_help(field_)} ({default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
