@@ -1,0 +1,293 @@
+"""SAM under the Hugging Face ``transformers.Trainer`` and in a plain Accelerate loop (``pip install
+flatminima[huggingface]``).
+
+The Trainer does one forward-backward per micro-batch (``training_step``), then clips and calls
+``optimizer.step()``, which Accelerate forwards as ``SAM.step(None)``: SAM's two passes do not fit. Here:
+
+- :class:`SAMTrainer` runs each optimizer step as SAM's: the Trainer's own passes at ``w`` over the step's k
+  micro-batches (their inputs are kept until the step), the ascent from their accumulated gradient, the same k
+  micro-batches again at ``w + e`` (same loss scaling, ``num_items_in_batch`` included), ``w`` restored exactly;
+  then the Trainer clips that gradient and its ``optimizer.step()`` takes SAM's descent step
+  (:meth:`SAM.second_step`), through Accelerate's GradScaler under fp16.
+- :func:`sam_step` is one SAM step in your own Accelerate loop.
+
+Supported: one process or DDP (``accelerate launch`` / ``torchrun``), fp32, bf16 autocast, fp16 with Accelerate's
+GradScaler. Refused with an error: DeepSpeed, FSDP, XLA and Megatron-LM, whose engines own the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+try:
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "flatminima.integrations.huggingface needs transformers and accelerate: pip install 'flatminima[huggingface]'"
+    ) from error
+
+from flatminima.optim import scaler as amp
+from flatminima.optim.sam import SAM
+
+__all__ = ["SAMTrainer", "sam_step", "unwrap_sam"]
+
+# Backends whose engines own the optimizer step or shard parameters in ways SAM's weight swap does not cover.
+_UNSUPPORTED = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def unwrap_sam(optimizer: Optimizer) -> SAM:
+    """The :class:`SAM` inside ``optimizer`` (itself, or what ``accelerator.prepare`` wrapped); TypeError if none."""
+    inner = optimizer
+    while isinstance(inner, AcceleratedOptimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, SAM):
+        raise TypeError(
+            f"expected a flatminima.SAM (or the AcceleratedOptimizer wrapping one); got {type(optimizer).__name__}"
+            + (f" wrapping {type(inner).__name__}" if inner is not optimizer else "")
+            + ". Build it as SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=...)."
+        )
+    return inner
+
+
+def sam_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Optimizer,
+    loss_fn: LossFn,
+    *batches: Any,
+    max_grad_norm: float | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """One SAM step in a plain Accelerate loop: ``loss = sam_step(accelerator, model, optimizer, loss_fn, batch)``.
+
+    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (the optimizer wraps a :class:`SAM`);
+    ``loss_fn(model, batch)`` runs the forward pass and returns the scalar loss. Pass several batches to accumulate
+    micro-batches: the ascent uses the gradient of all of them at ``w`` and the descent the gradient of all of them
+    at ``w + e``. ``reduction="mean"`` minimises the mean of their losses, ``"sum"`` their sum (for losses already
+    normalised over the whole step, e.g. by a token count). Do not wrap the call in ``accelerator.accumulate``: the
+    call is the whole step, gradients zeroed before and after.
+
+    ``max_grad_norm`` clips the descent direction (after unscaling under fp16). Under fp16 the first gradient is
+    unscaled before the ascent, an inf/NaN step is skipped by the GradScaler (``optimizer.step_was_skipped`` is
+    set, so a prepared scheduler does not advance) and the scaler is updated. Under DDP the last micro-batch of
+    each pass all-reduces (one perturbation for the global batch). Returns the loss at ``w``, detached.
+    """
+    if not batches:
+        raise ValueError("sam_step needs at least one batch: sam_step(accelerator, model, optimizer, loss_fn, batch).")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
+    _check_backend(accelerator)
+    sam = unwrap_sam(optimizer)
+    scaler = _active(accelerator.scaler)
+    # accelerator.backward divides by its gradient_accumulation_steps; this call owns the accumulation instead
+    weight = accelerator.gradient_accumulation_steps / (len(batches) if reduction == "mean" else 1)
+
+    def passes() -> Tensor:
+        total: Tensor | float = 0.0
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1  # DDP all-reduces once, on the last micro-batch
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss * weight if weight != 1 else loss)
+            total = total + loss.detach()
+        return total / len(batches) if reduction == "mean" else total
+
+    sam.zero_grad()
+    loss = passes()  # at w
+    try:
+        if sam.first_step(zero_grad=False, grad_scaler=scaler):
+            sam.zero_grad()
+            passes()  # at w + e
+    finally:
+        sam.restore()
+    if max_grad_norm is not None:
+        sam.apply_descent_rule(scaler)  # clip the final direction, as SharpnessAwareStep does
+        if scaler is not None and not amp.already_unscaled(scaler, sam):
+            scaler.unscale_(sam)
+        params = [p for group in sam.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    skipped = _descend(sam, scaler)
+    if isinstance(optimizer, AcceleratedOptimizer):
+        optimizer._is_overflow = skipped  # what AcceleratedOptimizer.step records, read by AcceleratedScheduler
+    sam.zero_grad()
+    return loss
+
+
+class SAMTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose optimizer steps are SAM steps; same constructor, plus three keywords.
+
+    Either pass the optimizer, ``optimizers=(SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=...),
+    scheduler_or_None)`` (a scheduler built on the SAM object, or None for the one ``TrainingArguments`` asks
+    for), or let the Trainer build its usual optimizer from ``TrainingArguments`` (``optim``, ``learning_rate``,
+    ``weight_decay`` groups...) and wrap it in SAM with ``sam_rho`` (default 0.05), ``sam_adaptive`` (ASAM) and
+    ``sam_kwargs`` (any other :class:`SAM` option: ``p``, ``perturbation``, ``descent``, ``cadence``,
+    ``nonfinite``...).
+
+    Each optimizer step: the Trainer's passes at ``w`` over the k = ``gradient_accumulation_steps`` micro-batches
+    (the loss logged is this one), the ascent from their accumulated gradient, the same k micro-batches at
+    ``w + e`` with the same loss scaling, ``w`` restored exactly before ``training_step`` returns, then the
+    Trainer's clipping (``max_grad_norm``) of ``g(w + e)`` and its ``optimizer.step()``, which is SAM's descent
+    step. The inputs of the step's micro-batches are kept until its last one. BatchNorm running statistics come
+    from the passes at ``w`` only. Under fp16 the first gradient is unscaled before the ascent and an overflow in
+    either pass skips the step (no perturbation is left behind, the LR scheduler does not advance).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sam_rho: float | None = None,
+        sam_adaptive: bool | None = None,
+        sam_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = dict(sam_kwargs or {})
+        if sam_rho is not None:
+            options["rho"] = sam_rho
+        if sam_adaptive is not None:
+            options["adaptive"] = sam_adaptive
+        self.sam_options = options
+        self._sam_micro_batches: list[tuple[Any, Any]] = []
+        self._sam_ready = False
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None:
+            if options:
+                raise ValueError(
+                    "sam_rho, sam_adaptive and sam_kwargs configure the SAM that SAMTrainer builds from "
+                    "TrainingArguments; with optimizers=(SAM(...), ...) set these options on your SAM instead."
+                )
+            unwrap_sam(self.optimizer)
+        _check_backend(self.accelerator)
+
+    # ------------------------------------------------------------------ the Trainer's seams
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._sam_micro_batches = []
+        self._sam_ready = False
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._sam_micro_batches = []
+            if self.optimizer is not None:
+                with contextlib.suppress(TypeError):
+                    unwrap_sam(self.optimizer).restore()  # never leave w + e behind, whatever stopped the loop
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Optimizer:
+        """The Trainer's optimizer from ``TrainingArguments``, wrapped in :class:`SAM` (unless one was given)."""
+        build = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if build and not isinstance(optimizer, SAM):
+            self.optimizer = SAM(None, optimizer, **self.sam_options)
+        unwrap_sam(self.optimizer)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> Any:
+        if optimizer is None and self.optimizer is not None:
+            self._route_optimizer_step()  # before the scheduler wraps optimizer.step
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
+        """The Trainer's forward-backward at ``w``; on the step's last micro-batch, SAM's ascent and second pass."""
+        sam = self._prepare_sam(model)
+        self._sam_micro_batches.append((inputs, num_items_in_batch))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self.accelerator.sync_gradients:
+            return loss
+        micro_batches, self._sam_micro_batches = self._sam_micro_batches, []
+        scaler = _active(self.accelerator.scaler)
+        # g(w) of all k micro-batches is in .grad. Not moved (cadence, declined ascent, fp16 overflow, nonfinite
+        # "skip"): .grad keeps g(w), and optimizer.step() takes the plain step or lets the scaler skip it.
+        if not sam.first_step(zero_grad=False, grad_scaler=scaler):
+            return loss
+        sam.zero_grad()
+        try:
+            for index, (batch, items) in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    super().training_step(model, batch, items)  # same scaling as at w; its loss is not logged
+        finally:
+            sam.restore()  # w exactly, before the Trainer clips, calls callbacks or raises
+        if scaler is None:
+            sam.apply_descent_rule()  # so that the Trainer clips the final direction (a no-op for SAM's rule)
+        return loss
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare_sam(self, model: nn.Module) -> SAM:
+        sam = self._route_optimizer_step()
+        if not self._sam_ready:
+            scaler = _active(self.accelerator.scaler)
+            if scaler is not None and not sam.descent.is_identity and self.args.max_grad_norm > 0:
+                raise ValueError(
+                    f"with fp16 (a GradScaler) the Trainer would clip g(w + e) before the descent rule "
+                    f"{sam.descent!r} combines it with g(w); set max_grad_norm=0, or train in bf16 or fp32."
+                )
+            if getattr(self, "is_distributed_loading_by_transformers", False):
+                raise NotImplementedError("SAMTrainer does not support models sharded at load time (tp_plan/FSDP).")
+            sam.watch_running_stats(self.accelerator.unwrap_model(model))
+            self._sam_ready = True
+        return sam
+
+    def _route_optimizer_step(self) -> SAM:
+        """Make the Trainer's ``optimizer.step()`` SAM's descent step (the prepared optimizer's class, once)."""
+        optimizer = self.optimizer
+        sam = unwrap_sam(optimizer)
+        if isinstance(optimizer, AcceleratedOptimizer) and not isinstance(optimizer, _SAMAcceleratedOptimizer):
+            if type(optimizer) is not AcceleratedOptimizer:
+                raise TypeError(f"SAMTrainer cannot drive the optimizer wrapper {type(optimizer).__name__}.")
+            if "step" in vars(optimizer):
+                raise RuntimeError(
+                    "a learning-rate scheduler was built on the prepared optimizer before SAMTrainer could route its "
+                    "step() to SAM; build the scheduler on the SAM object, or let the Trainer build it."
+                )
+            if optimizer.scaler is not self.accelerator.scaler:
+                raise NotImplementedError("SAMTrainer supports Accelerate's own GradScaler only (not MS-AMP).")
+            optimizer.__class__ = _SAMAcceleratedOptimizer
+        return sam
+
+
+class _SAMAcceleratedOptimizer(AcceleratedOptimizer):
+    """Accelerate's optimizer wrapper whose ``step()`` (no closure) is SAM's descent step, GradScaler included."""
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Any:
+        if closure is not None:
+            return super().step(closure)
+        if self.gradient_state.sync_gradients:
+            self._is_overflow = _descend(unwrap_sam(self.optimizer), _active(self.scaler))
+        return None
+
+
+def _descend(sam: SAM, scaler: torch.amp.GradScaler | None) -> bool:
+    """SAM's second step (weights already restored); returns whether the GradScaler skipped it."""
+    if scaler is None:
+        sam.second_step()
+        return False
+    before = scaler.get_scale()
+    sam.second_step(grad_scaler=scaler)  # the scaler unscales (unless clipping did), checks and steps or skips
+    scaler.update()
+    return scaler.get_scale() < before  # update() lowers the scale exactly when it found inf/NaN
+
+
+def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    return scaler if amp.is_active(scaler) else None
+
+
+def _check_backend(accelerator: Accelerator) -> None:
+    kind = accelerator.distributed_type
+    name = str(getattr(kind, "value", kind))
+    if name in _UNSUPPORTED:
+        raise NotImplementedError(
+            f"SAM with Accelerate's {name} backend is not supported: its engine owns the optimizer step. "
+            "Use one process or DDP (MULTI_GPU / MULTI_CPU)."
+        )
