@@ -146,3 +146,54 @@ def test_dual_norm_rejects_p_below_one(bad: float) -> None:
 def test_adaptive_rejects_negative_eta() -> None:
     with pytest.raises(ValueError, match="eta"):
         Adaptive(eta=-0.1)
+
+
+def _davda54_asam_steps(model: torch.nn.Module, batches, rho: float, lr: float, momentum: float) -> None:
+    """An independent float64 re-implementation of davda54/sam's ASAM step (``adaptive=True``), with SGD:
+    ``e_w = rho * |w|^2 * g / (||(|w| * g)|| + 1e-12)``, i.e. ``T_w^2 g / ||T_w g||`` with ``T_w = |w|``."""
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    for x, y in batches:
+        base.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            grad_norm = torch.norm(torch.stack([(torch.abs(p) * p.grad).norm(p=2) for p in params]), p=2)
+            scale = rho / (grad_norm + 1e-12)
+            old = [p.data.clone() for p in params]
+            for p in params:
+                p.add_(torch.pow(p, 2) * p.grad * scale)
+        base.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p, w in zip(params, old):
+                p.data = w
+        base.step()
+
+
+def test_asam_with_eta_zero_matches_the_reference_implementation() -> None:
+    """``adaptive=True, adaptive_eta=0`` is davda54/sam's (and pytorch_optimizer's) ASAM: T_w = |w|. Over 6 steps
+    the weights agree to 3e-13, the effect of davda54's ``+ 1e-12`` in the denominator (1e-16 without it). The
+    default ``adaptive_eta=0.01`` (the ASAM paper's eta) is a different step, far outside the tolerance."""
+    from tests.conftest import make_mlp
+
+    gen = torch.Generator().manual_seed(21)
+    batches = [
+        (torch.randn(16, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(6)
+    ]
+    rho, lr, momentum = 0.5, 0.1, 0.9
+    reference = make_mlp(seed=5, dtype=torch.float64)
+    _davda54_asam_steps(reference, batches, rho, lr, momentum)
+    results = {}
+    for eta in (0.0, 0.01):
+        model = make_mlp(seed=5, dtype=torch.float64)
+        opt = flatminima.SAM(
+            model.parameters(), torch.optim.SGD, rho=rho, adaptive=True, adaptive_eta=eta, lr=lr, momentum=momentum
+        )
+        for x, y in batches:
+            opt.step(lambda x=x, y=y, m=model: (torch.nn.functional.cross_entropy(m(x), y).backward(), 0.0)[1])
+        results[eta] = model
+    for p, q in zip(results[0.0].parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    apart = max((p - q).abs().max().item() for p, q in zip(results[0.01].parameters(), reference.parameters()))
+    assert apart > 1e-6

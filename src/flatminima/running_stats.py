@@ -4,11 +4,14 @@ SAM runs forward twice per step. Left alone, normalisation layers would update t
 in both passes, the second time with statistics of the *perturbed* network. The SAM paper's code keeps the
 statistics of the first, unperturbed pass. The tools here do that without copying a buffer: while frozen, a
 layer's ``track_running_stats`` is off, so in training mode it normalises with the batch statistics (exactly as
-before) but writes nothing, ``num_batches_tracked`` included.
+before) but writes nothing, ``num_batches_tracked`` included. Inside a ``torch.compile``'d module, which no
+forward hook reaches, :func:`freeze_everywhere` copies the statistics instead and puts them back after the pass.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,8 +21,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "AveragedRunningStats",
+    "FrozenPass",
     "RunningStatsFreezer",
     "RunningStatsSnapshot",
+    "compiled_module_inner",
     "freeze_everywhere",
     "frozen",
     "norm_layers",
@@ -83,25 +88,63 @@ class RunningStatsFreezer:
             self._saved = None
 
 
+class FrozenPass:
+    """What :func:`freeze_everywhere` saw: ``modules_ran`` is False when no ``nn.Module`` was called in eager mode
+    inside the block (a model without modules, or one called from inside a ``torch.compile``'d function, where
+    no hook can reach its layers)."""
+
+    def __init__(self) -> None:
+        self.modules_ran = False
+
+
+def compiled_module_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper (dynamo's ``OptimizedModule``) runs, else None."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing was compiled
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return module._orig_mod if optimized is not None and isinstance(module, optimized) else None
+
+
 @contextmanager
-def freeze_everywhere() -> Iterator[None]:
+def freeze_everywhere() -> Iterator[FrozenPass]:
     """Freeze every normalisation layer that runs forward inside the block, whatever model it belongs to.
 
     For ``SAM.step(closure)`` when no model was handed to the optimiser: a global forward pre-hook switches
     each layer off as it is called; all are switched back when the block ends, even if the forward raised.
+
+    A compiled module (``torch.compile(model)``) runs its layers inside a graph that no hook reaches (dynamo
+    does not re-trace for a hook added later). When the hook meets one, it takes a
+    :class:`RunningStatsSnapshot` of the BatchNorm layers inside it instead, and the block's end puts those
+    statistics back: the same result as frozen layers (in training mode the layers normalise with the batch
+    statistics either way), with no recompilation.
     """
+    report = FrozenPass()
     switched: list[nn.Module] = []
+    snapshots: list[RunningStatsSnapshot] = []
+    compiled: set[int] = set()
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
+        if not isinstance(module, torch.fx.GraphModule):  # what a compiler backend runs is no model's module
+            report.modules_ran = True
+        inner = compiled_module_inner(module)
+        if inner is not None:
+            if id(module) not in compiled:
+                compiled.add(id(module))
+                snapshots.append(RunningStatsSnapshot(norm_layers(inner)))
+            return
         if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
             module.track_running_stats = False
             switched.append(module)
 
     handle = nn.modules.module.register_module_forward_pre_hook(pre_hook)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch warns that a global hook also fires for the compiled wrapper: this one expects it
+            warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks")
+            yield report
     finally:
         handle.remove()
+        for snapshot in reversed(snapshots):  # the earliest snapshot holds the statistics from before the block
+            snapshot.rollback()
         for layer in switched:
             layer.track_running_stats = True
 

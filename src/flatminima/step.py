@@ -13,6 +13,10 @@ unperturbed ones are computed in fresh tensors), so m-SAM needs no buffer beyond
 DistributedDataParallel: by default the first pass runs under ``no_sync``, so each rank perturbs with its own
 gradient and only the second pass all-reduces; this is m-SAM with m = the per-rank batch, as in the original
 code. ``sync_perturbation=True`` all-reduces the first pass too (one perturbation for the global batch).
+
+FSDP2 (``fully_shard``): every backward pass reduce-scatters the gradient, so the first pass's gradient is the
+global batch's and the step is plain SAM on the global batch (as ``sync_perturbation=True`` under DDP). m-SAM
+groups and batch rules, which need per-rank perturbations, are refused.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class SharpnessAwareStep:
     """One SAM (or m-SAM) step on a batch: ``loss = step(inputs, targets)``.
 
     Args:
-        model: the model, plain or wrapped in DistributedDataParallel.
+        model: the model, plain, wrapped in DistributedDataParallel, or sharded by FSDP2's ``fully_shard``.
         loss_fn: ``loss_fn(outputs, targets)``, per-example losses (``reduction="none"``) or their mean.
         optimizer: a :class:`SAM` over the model's parameters (any rules, any cadence).
         group_size: m of m-SAM; ``None`` (or >= the batch) is plain SAM.
@@ -180,6 +184,12 @@ class SharpnessAwareStep:
             )
         if not isinstance(optimizer, SAM):
             raise TypeError(f"optimizer must be a flatminima.SAM; got {type(optimizer).__name__}.")
+        if optimizer.sharded and (group_size is not None or special):
+            what = "m-SAM (group_size)" if group_size is not None else f"the batch rule {batch_rule!r}"
+            raise ValueError(
+                f"{what} needs a perturbation per rank, but with FSDP's sharded parameters every backward pass "
+                "reduce-scatters the gradient across ranks; use plain SAM (group_size=None, no batch rule)."
+            )
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size (m of m-SAM) must be >= 1 or None for plain SAM; got {group_size}.")
         if accumulation_steps < 1:

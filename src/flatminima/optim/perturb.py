@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from flatminima.optim.norms import flat_norm, global_max, global_norm, tensor_norms
+from flatminima.optim.norms import flat_norm, global_max, global_norm, global_sum, tensor_norms
 from flatminima.optim.rules import AscentRule, PerturbationRule
 
 __all__ = [
@@ -41,6 +41,8 @@ class DualNorm(AscentRule):
     all of rho on the largest ``|g_i|`` (split evenly among exact ties). The norm is global, over all tensors
     passed together. A zero gradient gives a zero perturbation, never NaN.
     """
+
+    shard_aware = True
 
     def __init__(self, p: float = 2.0) -> None:
         p = float(p)
@@ -82,7 +84,7 @@ class DualNorm(AscentRule):
         magnitudes = torch._foreach_abs(grads)
         top = global_max(magnitudes)
         hits = [(m == top) & (top > 0) for m in magnitudes]
-        count = torch.stack([h.sum().to(top.device) for h in hits]).sum().clamp_min(1)
+        count = global_sum([h.sum().to(top.device) for h in hits]).clamp_min(1)
         torch._foreach_sign_(grads)
         for grad, hit in zip(grads, hits):
             grad.mul_(hit).mul_(rho / count.to(grad))
@@ -95,7 +97,7 @@ class DualNorm(AscentRule):
         torch._foreach_div_(ratios, torch.where(top > 0, top, torch.ones_like(top)))
         weights = torch._foreach_pow(ratios, q - 1.0)  # |g|^(q-1), scaled
         torch._foreach_mul_(ratios, weights)  # now |g|^q, scaled
-        total = torch.stack([r.sum().to(top.device) for r in ratios]).sum()
+        total = global_sum([r.sum().to(top.device) for r in ratios])
         denominator = total.pow(1.0 / self.p)
         scale = torch.where(denominator > 0, rho / denominator, torch.zeros_like(denominator))
         torch._foreach_sign_(grads)
@@ -105,6 +107,8 @@ class DualNorm(AscentRule):
 
 class Unnormalized(AscentRule):
     """USAM: ``e = rho g``, the unnormalised step the theory papers analyse (no division by ||g||)."""
+
+    shard_aware = True
 
     def __repr__(self) -> str:
         return "Unnormalized()"
@@ -123,7 +127,8 @@ class Adaptive(AscentRule):
     """ASAM: apply ``inner`` in the space scaled by ``T_w = |w| + eta`` and map the result back.
 
     With ``g' = T_w g`` the inner rule gives ``e'``, and ``e = T_w e'``; for ``inner = DualNorm(2)`` this is
-    ``e = rho T_w^2 g / ||T_w g||`` (Kwon et al. 2021), invariant to rescaling a layer's weights.
+    ``e = rho T_w^2 g / ||T_w g||`` (Kwon et al. 2021), invariant to rescaling a layer's weights. ``eta = 0.01``
+    is the ASAM paper's; ``eta = 0`` is davda54/sam's and pytorch_optimizer's ``T_w = |w|`` (docs/variants.md).
     """
 
     def __init__(self, inner: PerturbationRule | None = None, eta: float = 0.01) -> None:
@@ -133,6 +138,7 @@ class Adaptive(AscentRule):
         self.eta = float(eta)
         self.needs_gradient = getattr(self.inner, "needs_gradient", True)
         self.scales_with_rho = getattr(self.inner, "scales_with_rho", True)
+        self.shard_aware = getattr(self.inner, "shard_aware", False)  # the scaling itself is elementwise
 
     def __repr__(self) -> str:
         return f"Adaptive({self.inner!r}, eta={self.eta})"

@@ -56,10 +56,15 @@ class AscentRule:
       (one global norm, as in the paper); a rule that says ``False`` gets one call per distinct ``rho``.
     - :meth:`linear_coefficient`: for rules where ``e = c * g`` with a scalar ``c``, that ``c``; the optimiser
       then forms ``w + e`` in one fused operation (and on a flat buffer) without writing ``e`` anywhere.
+    - ``shard_aware``: the rule is right on sharded parameters (FSDP2), where it is handed each rank's local
+      shards: it is elementwise, or takes every total over tensors through :mod:`flatminima.optim.norms`'s
+      ``global_norm`` / ``global_max`` / ``global_sum``, which then combine the shards of all ranks. SAM refuses
+      sharded parameters with a rule that does not declare it.
     """
 
     needs_gradient: bool = True
     scales_with_rho: bool = True
+    shard_aware: bool = False
 
     def perturb_(
         self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
@@ -84,10 +89,12 @@ class DescentRule:
     holds one extra copy of the gradients (or, when the first gradients are released with ``zero_grad``, just
     the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (:meth:`declines_ascent`).
     ``needs_learning_rates``: pass each parameter's learning rate to :meth:`direction_` (``lrs=``).
+    ``shard_aware``: as for :class:`AscentRule` (the rule then gets local shards on sharded parameters).
     """
 
     needs_first_gradient: bool = False
     needs_learning_rates: bool = False
+    shard_aware: bool = False
 
     def declines_ascent(self, first_grads: list[Tensor]) -> bool:
         """Whether, given ``g(w)``, this step should skip the ascent and step along ``g(w)`` (asked only of rules
@@ -119,6 +126,8 @@ class DescentRule:
 
 class PerturbedGradient(DescentRule):
     """SAM's descent: step along ``g(w + e)`` as it is (Foret et al. 2021, eq. 3, Hessian term dropped)."""
+
+    shard_aware = True
 
     @property
     def is_identity(self) -> bool:

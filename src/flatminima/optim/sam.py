@@ -13,16 +13,22 @@ Per-group options (plain values, so a ``state_dict`` loads with ``torch.load(wei
 
 - ``rho``: radius (0 or ``perturb=False`` excludes the group from the perturbation, e.g. norms and biases);
 - ``p``: the L_p ball of the ascent (:class:`~flatminima.optim.perturb.DualNorm`);
-- ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`);
+- ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`), ``T_w = |w| + eta``
+  with the ASAM paper's ``eta = 0.01`` by default; ``adaptive_eta=0`` is the reference code's (davda54/sam,
+  pytorch_optimizer) ``T_w = |w|`` (docs/variants.md);
 - ``normalize``: ``False`` gives USAM, ``e = rho g`` (:class:`~flatminima.optim.perturb.Unnormalized`).
 
 Groups whose rules coincide are normalised together (one global norm, as in the paper); a rule passed as
 ``perturbation=`` replaces these for every group.
+
+Sharded parameters (FSDP2's ``fully_shard``, DTensors) are perturbed shard by shard, with the norms taken over all
+ranks' shards (:mod:`flatminima.optim.sharded`): the step is SAM's on the whole model and the global batch.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -34,9 +40,10 @@ from torch.optim import Optimizer
 from flatminima import running_stats
 from flatminima.optim import functional as F
 from flatminima.optim import scaler as amp
+from flatminima.optim import sharded
 from flatminima.optim.flat import FlatLayout
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
-from flatminima.optim.norms import flat_norm, tensor_norms
+from flatminima.optim.norms import flat_norm, global_norm, reduced_over, tensor_norms
 from flatminima.optim.perturb import Adaptive, DualNorm, Unnormalized
 from flatminima.optim.rules import AscentRule, Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient
 
@@ -60,14 +67,19 @@ class SAM(Optimizer):
         base_optimizer: a ``torch.optim.Optimizer`` subclass (built here with ``**base_kwargs``) or an instance.
         rho: radius of the neighbourhood; 0 reproduces the base optimiser bit for bit.
         p: the ascent's L_p ball, ``1 <= p <= inf``.
-        adaptive: ASAM, the ball taken in the space scaled by ``|w| + adaptive_eta``.
+        adaptive: ASAM, the ball taken in the space scaled by ``T_w = |w| + adaptive_eta``.
+        adaptive_eta: ASAM's eta; 0.01 (the ASAM paper's) by default. The reference implementations
+            (davda54/sam, pytorch_optimizer) use ``T_w = |w|``: pass ``adaptive_eta=0`` to match them (with the
+            default the perturbation differs by about 10 % of its size; docs/variants.md).
         normalize: ``False`` for USAM (``e = rho g``).
         perturbation: an ascent rule for all groups (:class:`~flatminima.optim.rules.AscentRule`, or any object
             with ``perturb_``); overrides ``p``, ``adaptive``, ``normalize``.
         descent: the descent rule (default :class:`~flatminima.optim.rules.PerturbedGradient`: SAM's).
         cadence: which steps ascend (default :class:`~flatminima.optim.rules.EveryStep`).
         model: the model being trained. Given once here, its BatchNorm running statistics are kept from the
-            first pass with no extra call in the training loop.
+            first pass with no extra call in the training loop. Without it, ``step(closure)`` finds the layers
+            as they run (compiled modules included, but not a model called from inside a ``torch.compile``'d
+            function: pass ``model=`` then; docs/compile-fsdp.md).
         nonfinite: what to do when a gradient holds inf or NaN: ``"raise"`` (default) a ``FloatingPointError``,
             ``"skip"`` the step (weights and optimiser state untouched), ``"ignore"`` to check nothing. The check
             costs one device-to-host sync per pass; ``"ignore"`` removes it (a GradScaler, when passed, does its
@@ -76,7 +88,8 @@ class SAM(Optimizer):
             maths is a few single operations instead of a few per tensor: much faster for models of many small
             tensors, on a CPU especially. Gradients are then zeroed in place, as ``set_to_none=False`` does,
             and parameters must share one device and dtype. Steps that do not fit (a parameter without
-            gradient, per-group rho, a rule not linear in ``g``, a GradScaler) take the general path.
+            gradient, per-group rho, a rule not linear in ``g``, a GradScaler) take the general path. Not with
+            sharded (FSDP) parameters.
         **base_kwargs: options of the base optimiser (``lr``, ``momentum``, ``weight_decay``...).
     """
 
@@ -134,6 +147,17 @@ class SAM(Optimizer):
         self.defaults.update(base.defaults)
         self._flat: FlatLayout | None = None
         self._flat_saved: Tensor | None = None
+        self._copied: list[Tensor] = []  # local shards now holding w + e (sharded parameters)
+        self._copied_from: list[Tensor] = []  # copies of their w
+        self._warned_blind = False
+        self._shard_groups = sharded.shard_groups(p for g in self.param_groups for p in g["params"])
+        if self._shard_groups is not None:
+            if flatten:
+                raise ValueError(
+                    "flatten=True re-points the parameters into one buffer, which FSDP's sharded parameters do not "
+                    "allow; use flatten=False with fully_shard."
+                )
+            self._check_shardable()
         if flatten:
             self._flat = FlatLayout([p for g in self.param_groups for p in g["params"]])
             self._flat_saved = torch.empty_like(self._flat.weights)
@@ -147,7 +171,12 @@ class SAM(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between a ``first_step`` that moved the weights and ``second_step`` / ``restore``."""
-        return bool(self._perturbed) or self._flat_perturbed
+        return bool(self._perturbed) or bool(self._copied) or self._flat_perturbed
+
+    @property
+    def sharded(self) -> bool:
+        """True when the parameters are sharded DTensors (FSDP2's ``fully_shard``)."""
+        return self._shard_groups is not None
 
     @property
     def ascent_due(self) -> bool:
@@ -193,7 +222,12 @@ class SAM(Optimizer):
         lowers its scale, as for any overflow.
         """
         if self.is_perturbed:
-            raise RuntimeError("keep_first_gradient() must come before first_step(): the weights are perturbed.")
+            self._abandon_step()
+            raise RuntimeError(
+                "keep_first_gradient() must come before first_step(), but the weights were perturbed (at w + e); "
+                "they are restored to w and this step is abandoned. Call it after the batch's backward pass at w."
+            )
+        self._check_scaler(grad_scaler)
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         kept = [p.grad.clone() for p in params]
         self._first_grads = (params, kept)
@@ -201,7 +235,7 @@ class SAM(Optimizer):
         if amp.is_active(grad_scaler):
             finite = amp.unscale_first_gradient(grad_scaler, kept)
         else:
-            finite = not self.guard.checks or self.guard.first_gradient_ok(torch.stack(tensor_norms(kept)).tolist())
+            finite = not self.guard.checks or self.guard.first_gradient_ok(self._host_norms(kept))
             if not finite:  # nonfinite="skip"
                 self._skip_descent = True
                 return False
@@ -228,10 +262,12 @@ class SAM(Optimizer):
         Returns whether the weights were moved.
         """
         if self.is_perturbed:
+            self._abandon_step()
             raise RuntimeError(
-                "first_step() was called twice without second_step(): the weights are still perturbed. "
-                "Call second_step() (or restore()) after the second backward pass."
+                "first_step() was called twice without second_step(): the weights were still at w + e; they are "
+                "restored to w and this step is abandoned. Call second_step() after the second backward pass."
             )
+        self._check_scaler(grad_scaler)
         self._skip_descent = False
         if not self._first_kept:
             self._first_grads = None
@@ -273,6 +309,9 @@ class SAM(Optimizer):
         still advances).
         """
         self.restore()
+        if self.sharded and amp.is_active(grad_scaler):
+            self._abandon_step()
+            self._check_scaler(grad_scaler)
         self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
         try:
             if self._skip_descent:
@@ -291,12 +330,21 @@ class SAM(Optimizer):
                 self.zero_grad()
             self.steps += 1
         finally:
-            self._skip_descent = False
-            self._ascended = False
-            self._first_grads = None
-            self._direction_ready = False
-            self._first_kept = False
-            self._declined = False
+            self._reset_step()
+
+    def _reset_step(self) -> None:
+        """Forget what this step kept (the step counter is the caller's business)."""
+        self._skip_descent = False
+        self._ascended = False
+        self._first_grads = None
+        self._direction_ready = False
+        self._first_kept = False
+        self._declined = False
+
+    def _abandon_step(self) -> None:
+        """Back to ``w`` (exactly) with BatchNorm unfrozen, and nothing of this step kept: before a misuse error."""
+        self.restore()
+        self._reset_step()
 
     def apply_descent_rule(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Turn ``.grad`` into the descent direction (once per step; ``second_step`` calls it if you did not).
@@ -316,22 +364,33 @@ class SAM(Optimizer):
             by_param = dict(zip(map(id, self._first_grads[0]), self._first_grads[1]))
             first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
+        lrs = None
         if self.descent.needs_learning_rates:
             lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
             lrs = [float(lr_of[id(p)]) for p in params]
-            self.descent.direction_(params, grads, first, states, self._ascended, lrs=lrs)
-        else:
-            self.descent.direction_(params, grads, first, states, self._ascended)
+        grads = [p.grad for p in params]
+        if self.sharded:  # a shard-aware rule works on the local shards, its totals reduced over all ranks
+            params, grads = sharded.locals_of(params), sharded.locals_of(grads)
+            first = sharded.locals_of(first) if first is not None else None
+        with self._reducing():
+            if lrs is not None:
+                self.descent.direction_(params, grads, first, states, self._ascended, lrs=lrs)
+            else:
+                self.descent.direction_(params, grads, first, states, self._ascended)
         self._direction_ready = True
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Give each parameter back its own tensor ``w`` (untouched, so exact); a no-op when not perturbed."""
+        """Give each parameter back its own tensor ``w`` (untouched, so exact; sharded parameters get their saved
+        shards copied back, also exact); a no-op when not perturbed. BatchNorm layers frozen by ``first_step``
+        are switched back on."""
         if self._perturbed:
             for param, weights in zip(self._perturbed, self._restore_from):
                 param.data = weights
             self._perturbed, self._restore_from = [], []
+        if self._copied:
+            torch._foreach_copy_(self._copied, self._copied_from)
+            self._copied, self._copied_from = [], []
         if self._flat_perturbed:
             self._flat.weights.copy_(self._flat_saved)
             self._flat_perturbed = False
@@ -347,10 +406,19 @@ class SAM(Optimizer):
         SAM clears the gradients before each call of ``closure`` (at ``w``, then at ``w + e``), so closures
         written for torch.optim work whether or not they zero the gradients themselves. Returns the loss at
         ``w`` (at ``w + e`` when the rules need no gradient at ``w`` and that pass is skipped). With
-        ``grad_scaler``, the closure must backpropagate ``grad_scaler.scale(loss)``.
+        ``grad_scaler``, the closure must backpropagate ``grad_scaler.scale(loss)``. Called between
+        ``first_step`` and ``second_step`` (with or without a closure), it restores ``w`` and raises.
         """
         if closure is amp.BASE_STEP:  # GradScaler.step calling back from second_step
             return self.base_optimizer.step()
+        if self.is_perturbed:
+            self._abandon_step()
+            raise RuntimeError(
+                f"SAM.step({'' if closure is None else 'closure'}) was called between first_step() and "
+                "second_step(), with the weights at w + e; they are restored to w and this step is abandoned. "
+                "Finish a step begun with first_step() by calling second_step() after the second backward pass "
+                "(not step()), or use step(closure) alone."
+            )
         if closure is None:
             raise RuntimeError(
                 "SAM.step() needs a closure that runs forward and backward and returns the loss, e.g. "
@@ -367,11 +435,13 @@ class SAM(Optimizer):
             self.first_step(zero_grad=True, grad_scaler=grad_scaler, first_pass=first_pass)
             if not self._skip_descent and not self._declined:
                 try:
-                    with torch.enable_grad(), self._second_pass_running_stats(first_pass):
+                    with torch.enable_grad(), self._second_pass_running_stats(first_pass) as seen:
                         second = closure()
                 except BaseException:
-                    self.restore()
+                    self._abandon_step()  # w exactly, BatchNorm as after the first pass
                     raise
+                if seen is not None and not seen.modules_ran:
+                    self._warn_blind(second)
                 loss = second if loss is None else loss
         self.second_step(grad_scaler=grad_scaler)
         return loss
@@ -411,7 +481,13 @@ class SAM(Optimizer):
         for key in _GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         _check_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        groups = sharded.shard_groups([*params, *(p for g in self.param_groups for p in g["params"])])
+        if groups is not None:
+            self._check_shardable([*self.param_groups, param_group])
         self.base_optimizer.add_param_group(param_group)
+        self._shard_groups = groups
 
     # ------------------------------------------------------------------ internals: the ascent
 
@@ -427,12 +503,14 @@ class SAM(Optimizer):
             self._rules[key] = rule
         return rule
 
-    def _buckets(self) -> list[F.Bucket]:
-        """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule.
+    def _buckets(self) -> tuple[list[F.Bucket], list[Tensor]]:
+        """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the
+        real gradients among them. Sharded parameters are handed over as their local shards.
 
         Rules that scale with rho share one normalisation across groups; others get one bucket per rho.
         """
         buckets: dict[Any, F.Bucket] = {}
+        real: list[Tensor] = []
         for group in self.param_groups:
             rho = group["rho"]
             if not group["perturb"] or rho == 0:
@@ -442,29 +520,34 @@ class SAM(Optimizer):
             if getattr(rule, "needs_gradient", True):
                 params = [p for p in group["params"] if p.grad is not None]
                 _check_dense(params)
-                grads = [p.grad for p in params]
+                grads = sharded.locals_of(p.grad for p in params)
+                real.extend(grads)
             else:
                 params = [p for p in group["params"] if p.requires_grad]
-                grads = [torch.zeros_like(p) for p in params]
+                grads = [torch.zeros_like(sharded.local(p)) for p in params]
             if not params:
                 continue
             key = rule if getattr(rule, "scales_with_rho", True) else (rule, rho)
-            buckets.setdefault(key, F.Bucket(rule)).add(params, grads, rho)
-        return list(buckets.values())
+            buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho)
+        return list(buckets.values()), real
 
     def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
         """Swap each parameter's tensor for ``w + e``, keeping ``w`` itself; no change if the gradient is not finite.
 
-        Restoring is then a pointer swap: exact, and free. A GradScaler that finds inf/NaN leaves the weights
-        at ``w`` and skips the step itself.
+        Restoring is then a pointer swap: exact, and free (sharded parameters: ``w + e`` is written into the
+        local shards and ``w`` copied back, also exact). A GradScaler that finds inf/NaN leaves the weights at
+        ``w`` and skips the step itself.
         """
-        buckets = self._buckets()
-        grads = [g for b in buckets for g, p in zip(b.grads, b.params) if p.grad is g]  # real gradients only
+        buckets, grads = self._buckets()  # grads: the real gradients only
         if not buckets:
             return
         scaled = amp.is_active(grad_scaler)
         if scaled and grads and not amp.unscale_first_gradient(grad_scaler, grads):
             return  # inf/NaN: no perturbation; the scaler skips this step in second_step
+        with self._reducing():
+            self._perturb_buckets(buckets, grads, zero_grad, scaled)
+
+    def _perturb_buckets(self, buckets: list[F.Bucket], grads: list[Tensor], zero_grad: bool, scaled: bool) -> None:
         norms = tensor_norms([g for b in buckets for g in b.grads])
         totals: list[Tensor] | list[float] = F.bucket_norms(buckets, norms)
         if self.guard.checks or _host_sync_is_free(norms):
@@ -480,7 +563,13 @@ class SAM(Optimizer):
             bucket_norms = norms[offset : offset + len(bucket.params)]
             offset += len(bucket.params)
             moved.extend(F.perturbed_weights(bucket, total, bucket_norms, in_place=in_place))
-        self._perturbed = [p for b in buckets for p in b.params]
+        params = [p for b in buckets for p in b.params]
+        if self.sharded:  # FSDP gathers the weights from the shards' storage: write w + e there, keep w aside
+            self._copied_from = [p.clone() for p in params]
+            self._copied = params
+            torch._foreach_copy_(params, moved)
+            return
+        self._perturbed = params
         self._restore_from = [p.data for p in self._perturbed]
         for param, weights in zip(self._perturbed, moved):
             param.data = weights
@@ -544,13 +633,81 @@ class SAM(Optimizer):
     def _descent_gradient_ok(self, grads: list[Tensor]) -> bool:
         if self._flat is not None and self._flat.gradients_are_views():
             return self.guard.descent_gradient_ok([self._flat.grads])
+        if self.sharded:
+            with self._reducing():
+                return self.guard.descent_gradient_ok(sharded.locals_of(grads))
         return self.guard.descent_gradient_ok(grads)
 
-    def _second_pass_running_stats(self, first_pass: bool) -> AbstractContextManager[None]:
+    def _host_norms(self, grads: list[Tensor]) -> list[float]:
+        """Norms of ``grads`` read back for the guard: per tensor, or the total over all ranks' shards."""
+        if not self.sharded:
+            return torch.stack(tensor_norms(grads)).tolist() if grads else []
+        with self._reducing():
+            return [global_norm(tensor_norms(sharded.locals_of(grads))).item()] if grads else []
+
+    def _reducing(self) -> AbstractContextManager[None]:
+        """The block in which norms and sums run over all ranks' shards (sharded parameters), else a no-op."""
+        return reduced_over(self._shard_groups) if self._shard_groups is not None else nullcontext()
+
+    def _check_scaler(self, grad_scaler: torch.amp.GradScaler | None) -> None:
+        if self.sharded and amp.is_active(grad_scaler):
+            raise ValueError(
+                "a GradScaler with sharded (FSDP) parameters is not supported: its inf/NaN check would differ "
+                "between ranks. Use bfloat16 autocast without a GradScaler, or float32."
+            )
+
+    def _check_shardable(self, groups: list[dict[str, Any]] | None = None) -> None:
+        """Sharded parameters: every rule in use must work on local shards (declare ``shard_aware``)."""
+        groups = self.param_groups if groups is None else groups
+        rules = {self._rule_for(g) for g in groups}  # rho = 0 now may grow (a rho schedule): all are checked
+        for rule in rules:
+            if not getattr(rule, "shard_aware", False):
+                raise ValueError(
+                    f"the ascent rule {rule!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
+                    "parameters (its totals would cover this rank's shard only). The built-in DualNorm (any p), "
+                    "Adaptive and Unnormalized rules can."
+                )
+        if not (self.descent.is_identity or getattr(self.descent, "shard_aware", False)):
+            raise ValueError(
+                f"the descent rule {self.descent!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
+                "parameters; use SAM's own descent (PerturbedGradient) with fully_shard."
+            )
+
+    def _warn_blind(self, loss: Any) -> None:
+        """The perturbed pass called no nn.Module eagerly: warn if the loss came through a compiled graph (a model
+        run inside a torch.compile'd function), not for a model without modules."""
+        if self._warned_blind or not _through_compiled_graph(loss):
+            return
+        self._warned_blind = True
+        warnings.warn(
+            "SAM.step(closure): the closure's second (perturbed) pass called no nn.Module outside compiled code, "
+            "as when the model runs inside a torch.compile'd function; SAM then cannot reach its BatchNorm layers, "
+            "whose running statistics the perturbed pass would update. If the model has BatchNorm, build SAM "
+            "with model=model (or compile the module itself: torch.compile(model)).",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of step(), past torch.optim's wrapper
+        )
+
+    def _second_pass_running_stats(self, first_pass: bool) -> AbstractContextManager[running_stats.FrozenPass | None]:
         """Closure pattern: freeze via the model if known (already done by first_step), else globally."""
         if self._running_stats.watching or not first_pass:
             return nullcontext()
         return running_stats.freeze_everywhere()
+
+
+def _through_compiled_graph(loss: Any, limit: int = 10_000) -> bool:
+    """Whether ``loss``'s autograd graph holds a node of a compiled (AOT autograd) graph; looks at ``limit`` nodes
+    at most (the graph of a model without modules, the only one asked about, is small)."""
+    stack, seen = [getattr(loss, "grad_fn", None)], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("CompiledFunction"):
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _linear_coefficient(rule: Any, rho: float, norm: Tensor | float) -> Tensor | float | None:

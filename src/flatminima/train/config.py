@@ -116,6 +116,11 @@ class TrainConfig:
         ("raise", "skip"),
     )
     progress: bool = _option(True, "show a progress bar")
+    fsdp: bool = _option(
+        False,
+        "under torchrun: shard weights, gradients and optimiser state across the processes with FSDP2's "
+        "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient (docs/compile-fsdp.md)",
+    )
 
     def validate(self) -> None:
         """Clear errors for nonsense values, naming the field and what it accepts."""
@@ -155,6 +160,7 @@ class TrainConfig:
             (self.rwsam_z_group_size >= 0, "rwsam_z_group_size must be >= 0 (0: one z per batch)"),
             (self.ahn_epsilon >= 0, "ahn_epsilon must be >= 0 (inf: always perturb)"),
             (math.isfinite(self.ahn_eta_prime) and self.ahn_eta_prime >= 0, "ahn_eta_prime must be finite and >= 0"),
+            *self._fsdp_checks(),
         ]
         for field_ in dataclasses.fields(self):
             choices = _choices(field_)
@@ -163,6 +169,33 @@ class TrainConfig:
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors) + ".")
+
+    def _fsdp_checks(self) -> list[tuple[bool, str]]:
+        """What --fsdp does not combine with (every backward pass reduce-scatters the gradient across ranks)."""
+        if not self.fsdp:
+            return []
+        from flatminima.optim import optimizer_spec
+
+        batch_rule = self.optimizer in optimizer_names() and optimizer_spec(self.optimizer).batch_rule is not None
+        return [
+            (
+                self.group_size is None,
+                "fsdp does not combine with group_size: under FSDP every pass's gradient is the global batch's, so "
+                "there are no per-group perturbations (drop --group-size or --fsdp)",
+            ),
+            (
+                not batch_rule,
+                f"fsdp does not combine with optimizer {self.optimizer}, whose passes see examples chosen per rank "
+                "(use sam, asam, usam, sgd or adamw with --fsdp)",
+            ),
+            (self.amp != "fp16", "fsdp does not combine with amp fp16 (a GradScaler); use --amp bf16 or none"),
+            (
+                not self.weight_decay_in_loss,
+                "fsdp does not combine with weight_decay_in_loss (the penalty would read sharded weights); use the "
+                "optimiser's weight decay",
+            ),
+            (not self.track_sharpness, "fsdp does not combine with track_sharpness (it needs the whole model)"),
+        ]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
