@@ -131,3 +131,42 @@ def test_exception_in_second_pass_restores_w_and_keeps_first_pass_statistics(wit
         assert torch.equal(getattr(model[1], name), getattr(probe[1], name)), name
     opt.step(_closure(model))
     assert int(model[1].num_batches_tracked) == 2 and opt.steps == 1
+
+
+def _overflowing_closure(model: nn.Module, scaler: torch.amp.GradScaler, calls: list[int]):
+    x, y = make_batch(2)
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        loss = cross_entropy(model(x), y) * float("inf")  # every gradient entry inf or NaN
+        scaler.scale(loss).backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("pattern", ["closure", "two-step"])
+def test_an_overflowing_first_gradient_under_a_grad_scaler_is_kept_for_the_scaler(pattern: str) -> None:
+    """fp16 overflow in g(w): no perturbation, no second pass, and the inf stays in .grad (even with
+    zero_grad=True) so that the scaler skips the step and backs off. Before, first_step(zero_grad=True) cleared
+    it, and only a second pass that happened to overflow again kept the step from going ahead along g(w)."""
+    model = make_mlp(seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    weights = [p.detach().clone() for p in model.parameters()]
+    calls: list[int] = []
+    closure = _overflowing_closure(model, scaler, calls)
+    if pattern == "closure":
+        opt.step(closure, grad_scaler=scaler)
+    else:
+        opt.zero_grad()
+        closure()
+        assert opt.first_step(zero_grad=True, grad_scaler=scaler) is False
+        assert opt.ascent_declined and not opt.is_perturbed
+        assert all(p.grad is not None and not torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.second_step(grad_scaler=scaler)
+    scaler.update()
+    assert len(calls) == 1  # no pass at w + e
+    assert not opt.is_perturbed and not opt.ascent_declined
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert scaler.get_scale() == 2.0**9 and not opt.state  # skipped: no momentum buffer either

@@ -197,8 +197,10 @@ class SAM(Optimizer):
 
     @property
     def ascent_declined(self) -> bool:
-        """True when the descent rule declined this step's ascent at ``g(w)`` (:meth:`DescentRule.declines_ascent`):
-        ``.grad`` then holds ``g(w)`` and ``second_step`` takes a plain step; no second pass is needed."""
+        """True when this step's ascent was declined at ``g(w)``: by the descent rule
+        (:meth:`DescentRule.declines_ascent`), or because ``g(w)`` overflowed under a GradScaler. ``.grad`` then
+        holds ``g(w)`` and ``second_step`` takes a plain step (under a GradScaler that finds the overflow: no step,
+        and the scale backs off); no second pass is needed."""
         return self._declined
 
     @property
@@ -284,8 +286,11 @@ class SAM(Optimizer):
             plan = self._flat_plan(grad_scaler)
             if plan is not None:
                 self._perturb_flat(*plan)
-            else:
-                self._perturb(zero_grad, grad_scaler)
+            elif not self._perturb(zero_grad, grad_scaler):
+                # the scaled g(w) overflowed: keep it in .grad (not zeroed) and decline the ascent, so that no
+                # second pass runs and the scaler, finding the inf/NaN in second_step, skips the step and backs off
+                self._declined = True
+                return False
         self._ascended = self.is_perturbed
         if due and not self._skip_descent and first_pass and (self._ascended or self._has_gradient()):
             # the unperturbed first pass set the statistics; the second keeps them. Without a gradient (and no
@@ -531,21 +536,22 @@ class SAM(Optimizer):
             buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho)
         return list(buckets.values()), real
 
-    def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
+    def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
         """Swap each parameter's tensor for ``w + e``, keeping ``w`` itself; no change if the gradient is not finite.
 
         Restoring is then a pointer swap: exact, and free (sharded parameters: ``w + e`` is written into the
-        local shards and ``w`` copied back, also exact). A GradScaler that finds inf/NaN leaves the weights at
-        ``w`` and skips the step itself.
+        local shards and ``w`` copied back, also exact). Returns False when a GradScaler's first gradient holds
+        inf/NaN: the weights stay at ``w``, and the scaler skips the step itself.
         """
         buckets, grads = self._buckets()  # grads: the real gradients only
         if not buckets:
-            return
+            return True
         scaled = amp.is_active(grad_scaler)
         if scaled and grads and not amp.unscale_first_gradient(grad_scaler, grads):
-            return  # inf/NaN: no perturbation; the scaler skips this step in second_step
+            return False  # inf/NaN: no perturbation; the scaler skips this step in second_step
         with self._reducing():
             self._perturb_buckets(buckets, grads, zero_grad, scaled)
+        return True
 
     def _perturb_buckets(self, buckets: list[F.Bucket], grads: list[Tensor], zero_grad: bool, scaled: bool) -> None:
         norms = tensor_norms([g for b in buckets for g in b.grads])
