@@ -18,18 +18,14 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from flatminima import SAM, EveryKSteps  # noqa: E402
 from flatminima.integrations.lightning import SharpnessAwareMixin  # noqa: E402
+from tests.conftest import make_mlp  # noqa: E402
 
 RHO, LR, MOMENTUM = 0.1, 0.2, 0.9
 BATCH, N_BATCHES = 8, 5
 
 
 def make_model(batch_norm: bool = False, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(6, 16)]
-    if batch_norm:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.Tanh(), nn.Linear(16, 3)]
-    return nn.Sequential(*layers).to(dtype)
+    return make_mlp(seed=seed, dtype=dtype, batch_norm=batch_norm)  # conftest's MLP, in float64 by default
 
 
 def make_batches(dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
