@@ -42,7 +42,7 @@ from flatminima.variants import GibbsReweighting
 @dataclass
 class Plan:
     rounds: int = 5
-    steps: int = 6  # timed steps per case per round
+    steps: int = 10  # timed steps per case per round (a multiple of LookSAM's k = 5 and periodic SAM's k = 2)
     score_batches: int = 20
     train_epochs: int = 5
 
@@ -88,6 +88,12 @@ def cases(work: Workload) -> list[tuple[str, dict]]:
         ("ahn-sa (Alg. 2), epsilon = inf: always perturbs", {"optimizer": "ahn-sa"}),
         ("ahn-rs, epsilon = 0: plain gradient steps", {"optimizer": "ahn-rs", "ahn_epsilon": 0.0}),
         ("ahn-sa, epsilon = 0: plain gradient steps", {"optimizer": "ahn-sa", "ahn_epsilon": 0.0}),
+        ("GSAM (alpha default)", {"optimizer": "gsam"}),
+        ("LookSAM, k = 5 (one SAM step in 5)", {"optimizer": "looksam"}),
+        ("Momentum-SAM (one pass, at w + e)", {"optimizer": "momentum-sam"}),
+        ("Friendly SAM", {"optimizer": "friendly-sam"}),
+        ("periodic SAM, k = 2", {"optimizer": "periodic-sam", "sam_every": 2}),
+        ("random SAM, p = 0.5", {"optimizer": "random-sam", "sam_probability": 0.5}),
     ]
     return rows
 

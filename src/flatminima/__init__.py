@@ -16,7 +16,18 @@ from flatminima.optim import (
     Unnormalized,
 )
 from flatminima.step import PlainStep, SharpnessAwareStep
-from flatminima.variants import AscentSample, GibbsReweighting, OrthogonalEscape, RandomSign, SingleExample
+from flatminima.variants import (
+    AscentSample,
+    FriendlyAscent,
+    GibbsReweighting,
+    GSAMDescent,
+    LookSAMDescent,
+    MomentumAscent,
+    OrthogonalEscape,
+    RandomCadence,
+    RandomSign,
+    SingleExample,
+)
 
 __version__ = "0.1.0"
 
@@ -31,11 +42,16 @@ __all__ = [
     "DualNorm",
     "EveryKSteps",
     "EveryStep",
+    "FriendlyAscent",
+    "GSAMDescent",
     "GibbsReweighting",
+    "LookSAMDescent",
+    "MomentumAscent",
     "OrthogonalEscape",
     "PerturbationRule",
     "PerturbedGradient",
     "PlainStep",
+    "RandomCadence",
     "RandomDirection",
     "RandomSign",
     "SharpnessAwareStep",

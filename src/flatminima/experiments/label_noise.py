@@ -56,6 +56,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rwsam-1": {"optimizer": "rwsam", "rwsam_lambda": 1.0},
     "ahn-rs": {"optimizer": "ahn-rs"},
     "ahn-sa": {"optimizer": "ahn-sa"},
+    # the SAM family (docs/variants.md), each with its own default options and the demo's rho
+    "gsam": {"optimizer": "gsam"},
+    "looksam": {"optimizer": "looksam"},
+    "momentum-sam": {"optimizer": "momentum-sam"},
+    "friendly-sam": {"optimizer": "friendly-sam"},
+    "periodic-sam": {"optimizer": "periodic-sam"},
+    "random-sam": {"optimizer": "random-sam"},
 }
 
 

@@ -9,7 +9,14 @@ from flatminima.optim.registry import (
     optimizer_spec,
     register_optimizer,
 )
-from flatminima.optim.rho_scheduler import RhoScheduler
+from flatminima.optim.rho_scheduler import (
+    RhoScheduler,
+    constant_rho,
+    cosine_rho,
+    linear_warmup_rho,
+    lr_proportional_rho,
+    step_rho,
+)
 from flatminima.optim.rules import (
     AscentRule,
     Cadence,
@@ -37,7 +44,12 @@ __all__ = [
     "RandomDirection",
     "RhoScheduler",
     "Unnormalized",
+    "constant_rho",
+    "cosine_rho",
+    "linear_warmup_rho",
+    "lr_proportional_rho",
     "optimizer_names",
     "optimizer_spec",
     "register_optimizer",
+    "step_rho",
 ]

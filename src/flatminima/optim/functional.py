@@ -8,6 +8,7 @@ decides *which* maths runs; here is the maths: the foreach path (lists of tensor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,17 +21,23 @@ __all__ = ["Bucket", "apply_rule_", "bucket_norms", "linear_coefficients", "pert
 
 @dataclass
 class Bucket:
-    """Tensors perturbed by one rule under one normalisation: ``rhos`` holds (count, rho) per param group."""
+    """Tensors perturbed by one rule under one normalisation: ``rhos`` holds (count, rho) per param group;
+    ``states`` the parameters' optimiser-state dicts, for a rule that declares ``needs_state`` (else None)."""
 
     rule: AscentRule
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     rhos: list[tuple[int, float]] = field(default_factory=list)
+    states: list[dict[str, Any]] | None = None
 
-    def add(self, params: list[Tensor], grads: list[Tensor], rho: float) -> None:
+    def add(
+        self, params: list[Tensor], grads: list[Tensor], rho: float, states: list[dict[str, Any]] | None = None
+    ) -> None:
         self.params.extend(params)
         self.grads.extend(grads)
         self.rhos.append((len(params), rho))
+        if states is not None:
+            self.states = [*(self.states or []), *states]
 
 
 def bucket_norms(buckets: list[Bucket], norms: list[Tensor]) -> list[Tensor]:
@@ -48,13 +55,16 @@ def apply_rule_(
     grads: list[Tensor],
     rhos: list[tuple[int, float]],
     norms: list[Tensor] | None,
+    states: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Overwrite ``grads`` with ``e``, one rho per param group inside the bucket (the rule must scale with rho)."""
+    """Overwrite ``grads`` with ``e``, one rho per param group inside the bucket (the rule must scale with rho);
+    ``states`` go to the rule as ``states=`` when given (rules that declare ``needs_state``)."""
+    extra = {} if states is None else {"states": states}
     distinct = {rho for _, rho in rhos}
     if len(distinct) == 1:
-        rule.perturb_(params, grads, distinct.pop(), norms)
+        rule.perturb_(params, grads, distinct.pop(), norms, **extra)
         return
-    rule.perturb_(params, grads, 1.0, norms)
+    rule.perturb_(params, grads, 1.0, norms, **extra)
     start = 0
     for count, rho in rhos:
         torch._foreach_mul_(grads[start : start + count], rho)
@@ -73,13 +83,13 @@ def perturbed_weights(
     """New tensors holding ``w + e`` for one bucket; the parameters' own tensors are left untouched.
 
     Rules linear in ``g`` take one fused ``w + c g`` per tensor (two passes when ``c`` stays on the device).
-    Other rules write ``e`` into the gradients when ``in_place`` allows it (they are discarded afterwards), into
-    copies otherwise, and add ``w``.
+    Other rules, and every rule that keeps state, write ``e`` into the gradients when ``in_place`` allows it (they
+    are discarded afterwards), into copies otherwise, and add ``w``.
     """
-    coefficients = linear_coefficients(bucket, total_norm)
+    coefficients = None if bucket.states is not None else linear_coefficients(bucket, total_norm)
     if coefficients is None:
         work = bucket.grads if in_place else [g.clone() for g in bucket.grads]
-        apply_rule_(bucket.rule, bucket.params, work, bucket.rhos, norms)
+        apply_rule_(bucket.rule, bucket.params, work, bucket.rhos, norms, bucket.states)
         torch._foreach_add_(work, bucket.params)
         return work
     moved: list[Tensor] = []

@@ -60,20 +60,38 @@ class AscentRule:
       shards: it is elementwise, or takes every total over tensors through :mod:`flatminima.optim.norms`'s
       ``global_norm`` / ``global_max`` / ``global_sum``, which then combine the shards of all ranks. SAM refuses
       sharded parameters with a rule that does not declare it.
+    - ``needs_state``: the rule reads or keeps per-parameter state (a running mean of gradients; the base
+      optimiser's momentum buffer). SAM then passes ``states=``, the parameters' optimiser-state dicts aligned
+      with ``params`` (the base optimiser's own, so what the rule stores there is saved by ``state_dict`` and
+      restored by ``load_state_dict``), and calls :meth:`perturb_` on every ascent (``first_step``), never the
+      fused linear or flat path, each parameter in one call. Under sharded parameters the dicts are those of
+      the DTensor parameters (their tensors DTensors: take ``.to_local()``).
+    - ``state_keys``: the keys such a rule writes into the states (prefix them with the rule's name). SAM hides
+      them from the base optimiser during its step, so that one that initialises its state lazily when the
+      dict is empty (Adam) still does so on its first step.
     """
 
     needs_gradient: bool = True
     scales_with_rho: bool = True
     shard_aware: bool = False
+    needs_state: bool = False
+    state_keys: tuple[str, ...] = ()
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        states: list[dict[str, Any]] | None = None,
     ) -> None:
         """Overwrite ``grads`` with ``e`` at radius ``rho``.
 
         ``grads`` holds ``g(w)`` (or zeros when ``needs_gradient`` is False) and may be overwritten freely: the
         optimiser hands over tensors it owns. ``grad_norms``, when given, holds the L2 norm of each gradient
-        tensor (computed once for the finiteness check); a rule that needs them reuses them.
+        tensor (computed once for the finiteness check); a rule that needs them reuses them. ``states``: the
+        parameters' optimiser-state dicts, passed only to rules that declare ``needs_state``.
         """
         raise NotImplementedError
 
@@ -90,11 +108,14 @@ class DescentRule:
     the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (:meth:`declines_ascent`).
     ``needs_learning_rates``: pass each parameter's learning rate to :meth:`direction_` (``lrs=``).
     ``shard_aware``: as for :class:`AscentRule` (the rule then gets local shards on sharded parameters).
+    ``state_keys``: as for :class:`AscentRule`, the keys the rule writes into ``states``, hidden from the base
+    optimiser during its step (Adam initialises a parameter's state only when the dict is empty).
     """
 
     needs_first_gradient: bool = False
     needs_learning_rates: bool = False
     shard_aware: bool = False
+    state_keys: tuple[str, ...] = ()
 
     def declines_ascent(self, first_grads: list[Tensor]) -> bool:
         """Whether, given ``g(w)``, this step should skip the ascent and step along ``g(w)`` (asked only of rules

@@ -328,7 +328,7 @@ class SAM(Optimizer):
                 self.apply_descent_rule()
                 grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
                 if self._descent_gradient_ok(grads):
-                    self.base_optimizer.step()
+                    self._base_step()
                 else:
                     zero_grad = True
             if zero_grad:
@@ -336,6 +336,23 @@ class SAM(Optimizer):
             self.steps += 1
         finally:
             self._reset_step()
+
+    def _base_step(self) -> Any:
+        """The base optimiser's step, with the keys the rules keep in its state (``state_keys``) taken out for its
+        duration: one that initialises a parameter's state when the dict is empty (Adam) then still does."""
+        keys = (*getattr(self.perturbation, "state_keys", ()), *getattr(self.descent, "state_keys", ()))
+        if not keys:
+            return self.base_optimizer.step()
+        hidden = {}
+        for param, state in self.state.items():
+            held = {key: state.pop(key) for key in keys if key in state}
+            if held:
+                hidden[param] = held
+        try:
+            return self.base_optimizer.step()
+        finally:
+            for param, held in hidden.items():
+                self.state[param].update(held)
 
     def _reset_step(self) -> None:
         """Forget what this step kept (the step counter is the caller's business)."""
@@ -415,7 +432,7 @@ class SAM(Optimizer):
         ``first_step`` and ``second_step`` (with or without a closure), it restores ``w`` and raises.
         """
         if closure is amp.BASE_STEP:  # GradScaler.step calling back from second_step
-            return self.base_optimizer.step()
+            return self._base_step()
         if self.is_perturbed:
             self._abandon_step()
             raise RuntimeError(
@@ -512,7 +529,8 @@ class SAM(Optimizer):
         """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the
         real gradients among them. Sharded parameters are handed over as their local shards.
 
-        Rules that scale with rho share one normalisation across groups; others get one bucket per rho.
+        Rules that scale with rho share one normalisation across groups; others get one bucket per rho. Rules that
+        declare ``needs_state`` are handed the parameters' optimiser-state dicts too.
         """
         buckets: dict[Any, F.Bucket] = {}
         real: list[Tensor] = []
@@ -533,7 +551,8 @@ class SAM(Optimizer):
             if not params:
                 continue
             key = rule if getattr(rule, "scales_with_rho", True) else (rule, rho)
-            buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho)
+            states = [self.state[p] for p in params] if getattr(rule, "needs_state", False) else None
+            buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho, states)
         return list(buckets.values()), real
 
     def _perturb(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
@@ -592,7 +611,9 @@ class SAM(Optimizer):
         rule = self._rule_for(groups[0])
         if any(self._rule_for(g) is not rule for g in groups[1:]):
             return None
-        if not getattr(rule, "needs_gradient", True) or _linear_coefficient(rule, rho, 1.0) is None:
+        if not getattr(rule, "needs_gradient", True) or getattr(rule, "needs_state", False):
+            return None
+        if _linear_coefficient(rule, rho, 1.0) is None:
             return None
         _check_dense(flat.params)  # before adopt_gradients, which cannot copy a sparse gradient
         if not flat.weights_in_place() or not flat.adopt_gradients():

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from flatminima.batch_rules import BatchRule
 from flatminima.optim import OptimizerRequest, RhoScheduler, optimizer_spec
+from flatminima.optim.rho_scheduler import cosine_rho, lr_proportional_rho, step_rho
 from flatminima.train.config import TrainConfig
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+# the step schedules (of lr and of rho) multiply by STEP_GAMMA at these fractions of the training after warm-up
+STEP_MILESTONES = (0.3, 0.6, 0.8)
+STEP_GAMMA = 0.2
 
 
 def optimizer_request(
@@ -86,31 +90,68 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = _progress(step, warmup, total)
         if config.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         if config.lr_schedule == "step":
-            return 0.2 ** sum(progress >= milestone for milestone in (0.3, 0.6, 0.8))
+            return STEP_GAMMA ** sum(progress >= milestone for milestone in STEP_MILESTONES)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _progress(step: int, warmup: int, total: int) -> float:
+    """The fraction of the training after warm-up that ``step`` has reached (negative during warm-up)."""
+    return (step - warmup) / max(1, total - warmup)
+
+
 def rho_factor(config: TrainConfig, epoch_progress: float) -> float:
-    """The multiplier of rho at a fractional epoch: 1, or growing linearly from 0 over the warm-up epochs."""
+    """The shape ``s`` of the constant and linear rho schedules at a fractional epoch: 1, or growing linearly from
+    0 over the warm-up epochs (rho is ``rho_min + (rho - rho_min) s``). The other schedules are per step (and the
+    lr schedule reads the learning rate): :func:`build_rho_scheduler` builds them."""
+    if config.rho_schedule not in ("constant", "linear"):
+        raise ValueError(
+            f"rho_factor covers the constant and linear rho schedules; {config.rho_schedule!r} is per step: use "
+            "build_rho_scheduler(config, optimizer, steps_per_epoch).get_last_rho()"
+        )
     if config.rho_schedule == "linear" and config.warmup_epochs > 0:
         return min(1.0, epoch_progress / config.warmup_epochs)
     return 1.0
 
 
 def rho_at(config: TrainConfig, epoch_progress: float) -> float:
-    """rho for a fractional epoch (what :func:`build_rho_scheduler` sets before each step)."""
-    return config.rho * rho_factor(config, epoch_progress)
+    """rho for a fractional epoch under the constant or linear schedule (what :func:`build_rho_scheduler` sets
+    before each step)."""
+    return config.rho_min + (config.rho - config.rho_min) * rho_factor(config, epoch_progress)
 
 
 def build_rho_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> RhoScheduler:
-    """Per-iteration rho: step ``s`` uses ``rho_at(config, s / steps_per_epoch)``."""
-    return RhoScheduler(optimizer, lambda step: rho_factor(config, step / steps_per_epoch))
+    """Per-iteration rho, moving each group's rho between ``config.rho_min`` and its own rho:
+
+    - constant / linear: step ``s`` uses ``rho_at(config, s / steps_per_epoch)``;
+    - cosine: a half cosine down to ``rho_min`` over the steps after the lr warm-up (:func:`cosine_rho`);
+    - step: x0.2 toward ``rho_min`` where the lr's step schedule drops (:func:`step_rho`);
+    - lr: ``rho_min + (rho - rho_min) lr_t / config.lr`` (:func:`lr_proportional_rho`, lr_min = 0). It reads the
+      groups' lr, so build it after :func:`build_scheduler` and step it after the LR scheduler (the loop does).
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.rho_schedule == "cosine":
+        return cosine_rho(optimizer, max(1, total), config.rho_min, warmup_steps=min(warmup, max(1, total)))
+    if config.rho_schedule == "step":
+        milestones = [_first_step_at(m, warmup, total) for m in STEP_MILESTONES]
+        return step_rho(optimizer, milestones, STEP_GAMMA, config.rho_min)
+    if config.rho_schedule == "lr":
+        return lr_proportional_rho(optimizer, lr_max=config.lr, lr_min=0.0, rho_min=config.rho_min)
+    return RhoScheduler(optimizer, lambda step: rho_factor(config, step / steps_per_epoch), config.rho_min)
+
+
+def _first_step_at(milestone: float, warmup: int, total: int) -> int:
+    """The first step whose progress (as the lr's step schedule computes it) reaches ``milestone``."""
+    step = max(warmup, 0)
+    while _progress(step, warmup, total) < milestone:
+        step += 1
+    return step
 
 
 def build_loss(config: TrainConfig, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:

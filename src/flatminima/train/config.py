@@ -20,11 +20,13 @@ from flatminima.data.registry import DATASETS
 from flatminima.models import MODEL_NAMES as MODELS
 from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
+from flatminima.variants.friendly_sam import SUBTRACT
 from flatminima.variants.rwsam import SCORES
 
 __all__ = ["RESUMABLE", "TrainConfig", "add_arguments", "config_from_args"]
 
 SCHEDULES = ("cosine", "step", "constant")
+RHO_SCHEDULES = ("constant", "linear", "cosine", "step", "lr")
 
 
 Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]
@@ -63,7 +65,14 @@ class TrainConfig:
     optimizer: str = _option("sam", optimizer_help, optimizer_names)
     base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
     rho: float = _option(0.05, "SAM radius")
-    rho_schedule: str = _option("constant", "constant, or linear: rho grows from 0 over warmup_epochs")
+    rho_schedule: str = _option(
+        "constant",
+        "constant; linear: rho grows from rho_min over warmup_epochs; cosine: a cosine from rho to rho_min (after "
+        "the lr warm-up); step: x0.2 toward rho_min at 30/60/80 % as the lr's step schedule; lr: rho_min + (rho - "
+        "rho_min) lr_t / lr, GSAM's rho proportional to the learning rate",
+        RHO_SCHEDULES,
+    )
+    rho_min: float = _option(0.0, "the rho the linear, cosine, step and lr rho schedules start from or decay to")
     p: float = _option(2.0, "the L_p ball of the SAM ascent (2 = SAM, inf = sign)")
     group_size: int | None = _option(None, "m of m-SAM: each group of m examples gets its own perturbation")
     nsam_sample_size: int = _option(512, "nsam: examples in the ascent sample (0: the whole training set)")
@@ -73,9 +82,19 @@ class TrainConfig:
     rwsam_z_group_size: int = _option(0, "rwsam: a fresh sign vector z per group of k examples (0: one per batch)")
     rwsam_weighted_descent: bool = _option(False, "rwsam: weight the descent pass too")
     rwsam_score: str = _option("difference", "rwsam: score by finite difference, or exact gradient norms", SCORES)
+    gsam_alpha: float = _option(0.01, "gsam: weight alpha of the surrogate-gap term (0: SAM; the paper's for ResNets)")
+    looksam_k: int = _option(5, "looksam: a full SAM step every k steps, one pass reusing g_v in between (1 is SAM)")
+    looksam_alpha: float = _option(0.7, "looksam: weight alpha of the reused sharpness component g_v")
     ahn_epsilon: float = _option(float("inf"), "ahn-rs/ahn-sa: perturb only when ||grad|| <= epsilon (inf: always)")
     ahn_eta_prime: float = _option(0.1, "ahn-rs/ahn-sa: step eta' of the perturbation, as a multiple of lr")
+    fsam_sigma: float = _option(1.0, "friendly-sam: sigma, how much of the gradient's running mean to remove")
+    fsam_lambda: float = _option(0.6, "friendly-sam: lambda, decay of the running mean (EMA) of the gradients")
+    fsam_subtract: str = _option(
+        "updated", "friendly-sam: remove the mean updated with this gradient (the paper) or the previous one", SUBTRACT
+    )
     ahn_eta_prime_absolute: bool = _option(False, "ahn-rs/ahn-sa: eta' is absolute, not a multiple of lr")
+    sam_every: int = _option(2, "periodic-sam: the SAM step on every k-th step, plain base steps between (1: SAM)")
+    sam_probability: float = _option(0.5, "random-sam: probability of the SAM step on each step (RST; 1: SAM)")
     lr: float = _option(0.1, "peak learning rate")
     lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 % of training) or constant", SCHEDULES)
     warmup_epochs: int = _option(0, "linear learning-rate warm-up, in epochs")
@@ -152,14 +171,28 @@ class TrainConfig:
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.cutout >= 0, "cutout must be >= 0"),
-            (self.rho_schedule in ("constant", "linear"), "rho_schedule must be constant or linear"),
+            (
+                math.isfinite(self.rho_min) and 0 <= self.rho_min <= self.rho,
+                f"rho_min must be a finite number in [0, rho] (rho = {self.rho:g})",
+            ),
+            (
+                self.rho_min == 0 or self.rho_schedule != "constant",
+                "rho_min has no effect with rho_schedule constant (use linear, cosine, step or lr)",
+            ),
             (self.nsam_sample_size >= 0, "nsam_sample_size must be >= 0 (0: the whole training set)"),
             (self.nsam_refresh_every >= 0, "nsam_refresh_every must be >= 0 (0: one fixed sample)"),
             (math.isfinite(self.rwsam_lambda) and self.rwsam_lambda >= 0, "rwsam_lambda must be finite and >= 0"),
             (math.isfinite(self.rwsam_delta) and self.rwsam_delta > 0, "rwsam_delta must be finite and > 0"),
             (self.rwsam_z_group_size >= 0, "rwsam_z_group_size must be >= 0 (0: one z per batch)"),
+            (math.isfinite(self.gsam_alpha) and self.gsam_alpha >= 0, "gsam_alpha must be finite and >= 0"),
+            (self.looksam_k >= 1, "looksam_k must be >= 1 (1: every step is a full SAM step)"),
+            (math.isfinite(self.looksam_alpha) and self.looksam_alpha >= 0, "looksam_alpha must be finite and >= 0"),
             (self.ahn_epsilon >= 0, "ahn_epsilon must be >= 0 (inf: always perturb)"),
             (math.isfinite(self.ahn_eta_prime) and self.ahn_eta_prime >= 0, "ahn_eta_prime must be finite and >= 0"),
+            (math.isfinite(self.fsam_sigma) and self.fsam_sigma >= 0, "fsam_sigma must be finite and >= 0"),
+            (0 <= self.fsam_lambda <= 1, "fsam_lambda must be in [0, 1]"),
+            (self.sam_every >= 1, "sam_every must be >= 1 (1: the SAM step on every step)"),
+            (0 <= self.sam_probability <= 1, "sam_probability must be in [0, 1] (1: SAM, 0: the base optimiser)"),
             *self._fsdp_checks(),
         ]
         for field_ in dataclasses.fields(self):

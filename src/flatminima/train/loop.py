@@ -156,6 +156,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     count = data.train_images.shape[0]
     per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
     scheduler = build_scheduler(config, optimizer, per_epoch)
+    # after the LR scheduler, which sets the lr of step 0 that the lr-proportional rho schedule reads
     rho_scheduler = build_rho_scheduler(config, optimizer, per_epoch) if spec.sharpness_aware else None
     autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
@@ -228,7 +229,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
                     f"{config.lr:g}), or pass --nonfinite skip to skip such steps"
                 ) from None
             scheduler.step()
-            if rho_scheduler is not None:
+            if rho_scheduler is not None:  # after the lr's: rho_schedule lr reads the lr of the next step
                 rho_scheduler.step()
             if tracker is not None:
                 record = tracker.maybe_measure(model, epoch * per_epoch + index + 1)
