@@ -59,6 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the SAM family (docs/variants.md), each with its own default options and the demo's rho
     "gsam": {"optimizer": "gsam"},
     "looksam": {"optimizer": "looksam"},
+    "looksam-0.1": {"optimizer": "looksam", "looksam_alpha": 0.1},
     "momentum-sam": {"optimizer": "momentum-sam"},
     "friendly-sam": {"optimizer": "friendly-sam"},
     "periodic-sam": {"optimizer": "periodic-sam"},
