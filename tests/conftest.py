@@ -81,3 +81,9 @@ def resumed_equals_straight(tmp_path, monkeypatch, config) -> bool:
     monkeypatch.undo()
     resumed = train(dataclasses.replace(config, output=str(tmp_path / "killed"), resume=True)).model
     return all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def quick_train_args(tmp_path, *extra: str, batch_size: int = 128) -> list[str]:
+    """``flatminima train`` arguments for a one-epoch run on digits in ``tmp_path / "run"``, then ``extra``."""
+    fast = ["--epochs", "1", "--batch-size", str(batch_size), "--threads", "1", "--no-progress", "--lr", "0.05"]
+    return ["train", *fast, "--output", str(tmp_path / "run"), *extra]

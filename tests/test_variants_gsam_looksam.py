@@ -20,7 +20,7 @@ from flatminima import SAM, SharpnessAwareStep
 from flatminima.optim.rules import EveryKSteps
 from flatminima.variants.gsam import GSAMDescent
 from flatminima.variants.looksam import STATE_KEY, LookSAMDescent
-from tests.conftest import resumed_equals_straight
+from tests.conftest import quick_train_args, resumed_equals_straight
 
 LR, MOMENTUM, RHO, STEPS = 0.1, 0.9, 0.05, 8
 
@@ -434,8 +434,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, variant: st
 
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:
-    fast = ["--epochs", "1", "--batch-size", "128", "--threads", "1", "--no-progress", "--lr", "0.05"]
-    return ["train", *fast, "--output", str(tmp_path / "run"), *extra]
+    return quick_train_args(tmp_path, *extra, batch_size=128)
 
 
 @pytest.mark.parametrize(

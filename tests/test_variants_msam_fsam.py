@@ -21,7 +21,7 @@ from flatminima import SAM, SharpnessAwareStep
 from flatminima.variants.friendly_sam import STATE_KEY, FriendlyAscent
 from flatminima.variants.momentum_sam import MomentumAscent
 from tests._gloo import WORLD_SIZE, ddp_data, ddp_mlp, run_on_gloo
-from tests.conftest import resumed_equals_straight
+from tests.conftest import quick_train_args, resumed_equals_straight
 
 LR, MOMENTUM, STEPS = 0.1, 0.9, 6
 MSAM_RHO, FSAM_RHO = 0.5, 0.05
@@ -410,8 +410,7 @@ def test_momentum_sam_on_fsdp_matches_one_unsharded_process(tmp_path: Path) -> N
 
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:
-    fast = ["--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--lr", "0.05"]
-    return ["train", *fast, "--output", str(tmp_path / "run"), *extra]
+    return quick_train_args(tmp_path, *extra, batch_size=64)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import flatminima.variants.periodic  # noqa: F401  (registers periodic-sam and r
 from flatminima import SAM, SharpnessAwareStep
 from flatminima.optim import EveryKSteps
 from flatminima.variants.periodic import RandomCadence, periodic_sam, random_sam, uniform_draw
-from tests.conftest import resumed_equals_straight
+from tests.conftest import quick_train_args, resumed_equals_straight
 
 LR, MOMENTUM, WD, RHO, STEPS = 0.1, 0.9, 5e-4, 0.05, 9
 
@@ -268,8 +268,7 @@ def test_a_state_dict_saved_mid_run_resumes_bit_for_bit(kind: str) -> None:
 
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:
-    fast = ["--epochs", "1", "--batch-size", "128", "--threads", "1", "--no-progress", "--lr", "0.05"]
-    return ["train", *fast, "--output", str(tmp_path / "run"), *extra]
+    return quick_train_args(tmp_path, *extra, batch_size=128)
 
 
 @pytest.mark.parametrize(
