@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from flatminima import __version__
 from flatminima.cli import main
+from flatminima.experiments.label_noise import QUICK_EPOCHS
 
 
 def test_sharpness_command_measures_a_trained_checkpoint(tmp_path: Path, capsys) -> None:
@@ -50,3 +55,20 @@ def test_demo_prints_table_with_noisy_labels_fitted(tmp_path: Path, capsys) -> N
     assert "noisy labels fitted %" in out and "clean test acc %" in out and "SAM - SGD" in out
     assert "lambda_max" not in out  # sharpness is hessian-spectrum's subject, not the demo's
     assert (tmp_path / "demo" / "test_accuracy.png").is_file() and (tmp_path / "demo" / "results.md").is_file()
+
+
+def test_demo_quick_runs_three_epochs_and_writes_table_and_figure(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "demo"
+    assert main(["demo", "--quick", "--variants", "sgd", "--no-progress", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "clean test acc %" in out and "--quick" in out
+    lines = (output / "sgd-seed0" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["epoch"] == QUICK_EPOCHS == 3
+    assert (output / "test_accuracy.png").is_file() and (output / "results.md").is_file()
+
+
+def test_version_flag_prints_the_package_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flatminima {__version__}"

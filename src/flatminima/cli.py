@@ -24,17 +24,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flatminima import __version__
     from flatminima.experiments.reproduce import TRAINING_FIELDS
     from flatminima.train.config import add_arguments
 
     parser = _Parser(prog="flatminima", description="Sharpness-aware training and measurement.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (every config field is also a flag)")
     add_arguments(train)
     demo = commands.add_parser("demo", help="SGD vs SAM on digits with 40 %% label noise: a table and a figure")
     demo.add_argument("--output", default="runs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average over (default: 0)")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 60)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 60, 3 with --quick)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 epochs per run (seconds): checks that everything runs and writes the table and figure; the "
+        "comparison itself needs the full run",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument(
         "--variants",
@@ -162,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flatminima.experiments.label_noise import format_table, run_label_noise_demo
+    from flatminima.experiments.label_noise import QUICK_EPOCHS, format_table, run_label_noise_demo
 
     if args.epochs is not None and args.epochs < 1:
         raise ValueError("--epochs must be >= 1")
@@ -175,10 +183,13 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         variants=tuple(args.variants),
         workers=args.workers,
+        quick=args.quick,
     )
     names = " vs ".join(name.upper() for name in args.variants)
     print(f"{names} on digits, 40 % symmetric label noise on the training labels (clean test labels):\n")
     print(format_table(finals))
+    if args.quick and args.epochs is None:
+        print(f"\n--quick: {QUICK_EPOCHS} epochs, a check that the demo runs; the comparison needs the full run")
     print(f"\nfigure and table in {args.output}/")
     return 0
 

@@ -1,0 +1,124 @@
+"""Release packaging: the sdist and the wheel build from the repository, and the wheel works on its own.
+
+The wheel is installed into a fresh virtual environment that borrows this interpreter's site-packages (torch,
+numpy, ... are not downloaded again) but has its own site-packages first, so ``flatminima`` there is the wheel's,
+not this checkout's editable install; its console script then runs ``--version`` and ``demo --quick`` from a folder
+outside the repository.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import site
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flatminima import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "flatminima"
+
+pytest.importorskip("build", reason="the packaging test needs the build package (pip install -e '.[dev]')")
+
+
+def _package_files() -> set[str]:
+    """Every file of the package in the source tree, relative to src/ (no caches)."""
+    return {
+        path.relative_to(PACKAGE.parent).as_posix()
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")
+    }
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist, and the wheel built from it (python -m build).
+
+    Without build isolation (nothing downloaded) when this environment's setuptools can build the wheel by itself
+    (>= 70.1, which has bdist_wheel built in); otherwise build fetches pyproject's build requirements.
+    """
+    out = tmp_path_factory.mktemp("dist")
+    try:
+        version = tuple(int(part) for part in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        version = (0, 0)
+    isolation = ["--no-isolation"] if version >= (70, 1) else []
+    _run([sys.executable, "-m", "build", *isolation, "--outdir", str(out), str(ROOT)], cwd=out, timeout=300)
+    return out
+
+
+def test_sdist_holds_what_a_build_needs(dist: Path) -> None:
+    (sdist,) = dist.glob("*.tar.gz")
+    assert sdist.name == f"flatminima-{__version__}.tar.gz"
+    top = f"flatminima-{__version__}/"
+    with tarfile.open(sdist) as archive:
+        names = {name.removeprefix(top) for name in archive.getnames()}
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "PKG-INFO"):
+        assert needed in names
+    missing = {f"src/{name}" for name in _package_files()} - names
+    assert not missing, f"package files missing from the sdist: {sorted(missing)}"
+    assert not any(name.startswith("tests/") for name in names)  # MANIFEST.in: they need docs/ and examples/
+
+
+def test_wheel_holds_the_package_its_data_and_the_entry_point(dist: Path) -> None:
+    (wheel,) = dist.glob("*.whl")
+    assert wheel.name == f"flatminima-{__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = f"flatminima-{__version__}.dist-info/"
+        metadata = archive.read(info + "METADATA").decode()
+        entry_points = archive.read(info + "entry_points.txt").decode()
+    missing = _package_files() - names  # every .py and every data file under src/flatminima
+    assert not missing, f"package files missing from the wheel (package-data?): {sorted(missing)}"
+    assert f"\nVersion: {__version__}\n" in metadata  # pyproject's dynamic version is __version__
+    assert "flatminima = flatminima.cli:main" in entry_points
+    for extra in ("dev", "docs", "huggingface", "lightning", "examples"):
+        assert f"Provides-Extra: {extra}\n" in metadata
+
+
+def test_wheel_installs_and_runs_outside_the_repository(dist: Path, tmp_path: Path) -> None:
+    (wheel,) = dist.glob("*.whl")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    venv_site = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path).stdout.strip()
+    )
+    # This interpreter's site-packages (torch, numpy, pip, ...) after the venv's own: --system-site-packages would
+    # give the base interpreter's, which are not these when the tests run inside a virtual environment.
+    borrowed = [path for path in [*site.getsitepackages(), site.getusersitepackages()] if Path(path).is_dir()]
+    lines = "".join(f"import site; site.addsitedir({path!r})\n" for path in borrowed)
+    (venv_site / "zz_borrowed_site_packages.pth").write_text(lines)
+    install = [str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--force-reinstall"]
+    _run([*install, "--disable-pip-version-check", str(wheel)], cwd=tmp_path)
+
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import flatminima, importlib.metadata as m; print(flatminima.__file__, m.version('flatminima'))",
+        ],
+        cwd=tmp_path,
+    ).stdout.split()
+    assert Path(where[0]).resolve().is_relative_to(venv.resolve()), f"flatminima imported from {where[0]}"
+    assert where[1] == __version__
+
+    script = str(venv / "bin" / "flatminima")
+    assert _run([script, "--version"], cwd=tmp_path).stdout.strip() == f"flatminima {__version__}"
+    demo = tmp_path / "demo"
+    out = _run([script, "demo", "--quick", "--no-progress", "--output", str(demo)], cwd=tmp_path).stdout
+    assert "clean test acc %" in out and "SAM - SGD" in out
+    assert (demo / "test_accuracy.png").stat().st_size > 1000 and "| SAM |" in (demo / "results.md").read_text()
