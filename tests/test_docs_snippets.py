@@ -44,12 +44,33 @@ mean_loss_fn = torch.nn.CrossEntropyLoss()
 per_example_loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
 data = (torch.randn(64, 6), torch.randint(0, 3, (64,)))
 """,
+    "integrations-huggingface.md": """
+import torch
+import transformers
+from torch import nn
+
+
+class TinyClassifier(nn.Module):  # what a Hugging Face model returns: an output with .loss
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+torch.manual_seed(0)
+model = TinyClassifier()
+train = [{"x": torch.randn(8), "labels": torch.tensor(i % 2)} for i in range(64)]
+loader = torch.utils.data.DataLoader(train, batch_size=16)
+""",
 }
 
-# The pages whose Python examples run here. Hugging Face and Lightning are left out: their examples are whole
-# training scripts on your model and data (a Trainer, a GPU precision); tests/test_integration_*.py test the same
-# calls on tiny models.
-PAGES = ["index.md", "guide-training.md", "variants.md", "sharpness.md"]
+# The pages whose Python examples run here. Lightning is left out: its example is a whole training script on your
+# model and data with a GPU precision; tests/test_integration_lightning.py tests the same calls on tiny models.
+PAGES = ["index.md", "guide-training.md", "variants.md", "sharpness.md", "integrations-huggingface.md"]
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
