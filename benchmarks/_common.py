@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 import flatminima
 
@@ -163,3 +164,25 @@ def noisy_digits_mlp() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.
     for p in model.parameters():
         p.grad = None
     return model, [(images[:256].double(), labels[:256]), (images[256:512].double(), labels[256:512])]
+
+
+# ---------------------------------------------------------------- peer comparisons in float64 (peer_*.py)
+
+
+def float64_batches(steps: int) -> list[tuple[Tensor, Tensor]]:
+    """``steps`` batches of 32 float64 inputs of width 10 and labels in 0..2 (seeded): the peer comparisons' data."""
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(32, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen))
+        for _ in range(steps)
+    ]
+
+
+def weights(model: nn.Module) -> list[Tensor]:
+    """A copy of the model's parameters."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def max_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    """The largest absolute difference between two lists of tensors."""
+    return max((s - t).abs().max().item() for s, t in zip(a, b, strict=True))

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import float64_batches, max_diff, weights
 from torch import Tensor, nn
 
 from flatminima import SAM
@@ -38,22 +39,6 @@ LR, MOMENTUM, RHO, MSAM_RHO, WD = 0.1, 0.9, 0.05, 0.5, 5e-4
 def net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-
-
-def batches(steps: int) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(32, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen))
-        for _ in range(steps)
-    ]
-
-
-def weights(model: nn.Module) -> list[Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def max_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    return max((s - t).abs().max().item() for s, t in zip(a, b, strict=True))
 
 
 def closure_of(model: nn.Module, x: Tensor, y: Tensor, passes: list[int], penalty: float = 0.0) -> Callable[[], Tensor]:
@@ -76,7 +61,7 @@ def train_ours(
     model, passes = net(), []
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MOMENTUM,
               weight_decay=0.0 if wd_in_loss else wd, perturbation=rule)  # fmt: skip
-    for x, y in batches(steps):
+    for x, y in float64_batches(steps):
         opt.step(closure_of(model, x, y, passes, wd if wd_in_loss else 0.0))
     return weights(model), len(passes)
 
@@ -85,7 +70,7 @@ def train_peer(steps: int, cls: type, wd: float = 0.0, **options: Any) -> tuple[
     """A davda54-style SAM class (pytorch_optimizer's, F-SAM's): backward at w, then step(closure)."""
     model, passes = net(), []
     opt = cls(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, weight_decay=wd, **options)
-    for x, y in batches(steps):
+    for x, y in float64_batches(steps):
         closure = closure_of(model, x, y, passes)
         opt.zero_grad()
         closure()
@@ -116,7 +101,7 @@ def peer_norm_in_float64() -> Iterator[None]:
 def train_sgd(steps: int, wd: float = 0.0) -> list[Tensor]:
     model, passes = net(), []
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=wd)
-    for x, y in batches(steps):
+    for x, y in float64_batches(steps):
         opt.zero_grad()
         closure_of(model, x, y, passes)()
         opt.step()
@@ -127,7 +112,7 @@ def train_official_msam(steps: int, cls: type, wd: float = 0.0) -> tuple[list[Te
     model, passes = net(), []
     opt = cls(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=wd, rho=MSAM_RHO)
     opt.move_up_to_momentumAscent()
-    for x, y in batches(steps):
+    for x, y in float64_batches(steps):
         opt.zero_grad()
         closure_of(model, x, y, passes)()
         opt.step()

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import float64_batches, max_diff, weights
 from torch import Tensor, nn
 
 from flatminima import SAM
@@ -53,22 +54,6 @@ class Net(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(x)
         return out if self.dead is None else out + 0.0 * self.dead.sum()
-
-
-def batches(steps: int) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(32, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen))
-        for _ in range(steps)
-    ]
-
-
-def weights(model: nn.Module) -> list[Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def max_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    return max((s - t).abs().max().item() for s, t in zip(a, b, strict=True))
 
 
 class Counter:
@@ -278,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps
-    data = batches(steps)
+    data = float64_batches(steps)
     lines: list[str] = []
 
     def say(text: str = "") -> None:

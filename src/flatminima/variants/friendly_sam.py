@@ -33,10 +33,12 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.catalog import build_sam
-from flatminima.optim.norms import global_norm, tensor_norms
+from flatminima.optim.perturb import DualNorm
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
 from flatminima.optim.rules import AscentRule
 from flatminima.optim.sam import SAM
+
+_SPHERE = DualNorm(2.0)  # SAM's L2 ascent: scale to radius rho
 
 __all__ = ["STATE_KEY", "SUBTRACT", "FriendlyAscent"]
 
@@ -113,8 +115,7 @@ class FriendlyAscent(AscentRule):
                 d = torch._foreach_sub(gs, means, alpha=self.sigma)  # d = g - sigma m_{t-1}
                 torch._foreach_lerp_(means, gs, weight)
                 torch._foreach_copy_(gs, d)
-        norm = global_norm(tensor_norms(grads))
-        torch._foreach_mul_(grads, torch.where(norm > 0, rho / norm, torch.zeros_like(norm)))
+        _SPHERE.perturb_(params, grads, rho)  # e = rho d / ||d|| (0 for d = 0), the norm over all ranks' shards
 
 
 # ---------------------------------------------------------------- command line

@@ -40,11 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatminima.optim.norms import global_norm, tensor_norms
+from flatminima.optim.perturb import DualNorm
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
 from flatminima.optim.rules import AscentRule
 from flatminima.optim.sam import SAM
 from flatminima.optim.sharded import local
+
+_SPHERE = DualNorm(2.0)  # SAM's L2 ascent: scale to radius rho
 
 __all__ = ["MomentumAscent"]
 
@@ -111,8 +113,8 @@ class MomentumAscent(AscentRule):
         if found:
             targets, buffers = zip(*found)
             torch._foreach_copy_(list(targets), list(buffers))
-        norm = global_norm(tensor_norms(grads))  # every rank takes this collective, with or without buffers
-        torch._foreach_mul_(grads, torch.where(norm > 0, -rho / norm, torch.zeros_like(norm)))
+        # e = -rho v / ||v|| (0 without buffers); every rank takes the norm's collective, with or without buffers
+        _SPHERE.perturb_(params, grads, -rho)
 
 
 # ---------------------------------------------------------------- command line
