@@ -2,7 +2,9 @@
 
 Each page's ```python blocks run in order in one namespace. A block preceded by the line ``<!-- no-test -->``
 is skipped (used only for blocks that need a GPU, a dataset or torchrun). A page whose examples use a model or
-data they do not define gets a hidden setup from ``SETUP`` below, run before its first block.
+data they do not define gets a hidden setup from ``SETUP`` below: run before its first block, or, given as
+``{block index: code}``, before the blocks it names (``AFTER_LAST`` runs after the last one). Pages in
+``ISOLATED`` (a process group, a registered optimiser name) run in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -20,8 +22,49 @@ DOCS = ROOT / "docs"
 NO_TEST = "<!-- no-test -->"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
+AFTER_LAST = -1
+_TINY_CLASSIFIER = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+loss_fn = torch.nn.CrossEntropyLoss()
+x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+train_set = torch.utils.data.TensorDataset(torch.randn(64, 8), y.repeat(2))
+train_loader = torch.utils.data.DataLoader(train_set, batch_size=16)
+def closure():
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return loss
+"""
+# The FSDP2 example on one gloo process: fully_shard needs a process group, not a second process.
+_FSDP_SETUP = """
+import tempfile
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(dir="."), rank=0, world_size=1)
+class LayeredNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)])
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+torch.manual_seed(0)
+model = LayeredNet()
+x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+def closure():
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+"""
+_FSDP_CHECK = """
+from torch.distributed.tensor import DTensor
+assert all(isinstance(param, DTensor) for param in model.parameters())
+assert opt.state_dict()["sam_steps"] == 1
+dist.destroy_process_group()
+"""
+
 # Hidden setup for pages whose examples take a model and data as given.
-SETUP = {
+SETUP: dict[str, str | dict[int, str]] = {
     "variants.md": """
 import torch
 torch.manual_seed(0)
@@ -68,9 +111,26 @@ loader = torch.utils.data.DataLoader(train, batch_size=16)
 """,
 }
 
-# The pages whose Python examples run here. Lightning is left out: its example is a whole training script on your
-# model and data with a GPU precision; tests/test_integration_lightning.py tests the same calls on tiny models.
-PAGES = ["index.md", "guide-training.md", "variants.md", "sharpness.md", "integrations-huggingface.md"]
+SETUP.update(
+    {
+        "integrations-lightning.md": _TINY_CLASSIFIER,
+        "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER},
+        "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
+    }
+)
+
+# Every page with Python examples runs here (test_every_page_with_python_is_run checks that none is left out).
+PAGES = [
+    "index.md",
+    "guide-training.md",
+    "variants.md",
+    "sharpness.md",
+    "integrations-huggingface.md",
+    "integrations-lightning.md",
+    "compile-fsdp.md",
+    "architecture.md",
+]
+ISOLATED = {"compile-fsdp.md", "architecture.md"}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -89,19 +149,42 @@ def test_block_extraction_honours_no_test():
     assert python_blocks(text) == [(2, "x = 1\n")]
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_examples_run(page, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples that write files (figures) write them here
+def run_page(page: str) -> None:
+    """Run the page's python blocks in order in one namespace, with its hidden setup; name a failing block."""
     blocks = python_blocks((DOCS / page).read_text(encoding="utf-8"))
     assert blocks, f"{page} has no runnable python block"
+    setup = SETUP.get(page, {})
+    setup = {0: setup} if isinstance(setup, str) else setup
     namespace: dict = {"__name__": f"docs_{page.replace('.', '_').replace('-', '_')}"}
-    if page in SETUP:
-        exec(compile(SETUP[page], f"<setup for {page}>", "exec"), namespace)
-    for line, code in blocks:
+    steps = []
+    for index, (line, code) in enumerate(blocks):
+        if index in setup:
+            steps.append((f"<setup before block {index} of {page}>", setup[index]))
+        steps.append((f"docs/{page}:{line}", code))
+    if AFTER_LAST in setup:
+        steps.append((f"<check after the last block of {page}>", setup[AFTER_LAST]))
+    for where, code in steps:
         try:
-            exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
+            exec(compile(code, where, "exec"), namespace)
         except Exception as err:  # name the block that failed
-            raise AssertionError(f"the python block at docs/{page} line {line} failed: {err!r}") from err
+            raise AssertionError(f"{where} failed: {err!r}") from err
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files (figures, runs) write them here
+    if page not in ISOLATED:
+        run_page(page)
+        return
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), page], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_every_page_with_python_is_run():
+    with_python = {path.name for path in DOCS.rglob("*.md") if python_blocks(path.read_text(encoding="utf-8"))}
+    assert with_python <= set(PAGES), f"pages whose python examples no test runs: {sorted(with_python - set(PAGES))}"
 
 
 README_COMMANDS = (
@@ -128,9 +211,6 @@ def test_readme_links_resolve():
 
 
 def test_mkdocs_build_strict(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("material")
-    pytest.importorskip("mkdocstrings_handlers.python")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
         cwd=ROOT,
@@ -140,3 +220,7 @@ def test_mkdocs_build_strict(tmp_path):
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+if __name__ == "__main__":  # an ISOLATED page, in its own interpreter: python tests/test_docs_snippets.py PAGE
+    run_page(sys.argv[1])
