@@ -33,10 +33,13 @@ def test_sharpness_command_measures_a_trained_checkpoint(tmp_path: Path, capsys)
             "32",
             "--output",
             str(tmp_path / "sharp"),
+            "--device",
+            "cpu",
         ]
     )
     assert code == 0
     out = capsys.readouterr().out
+    assert "128 training examples, measured on cpu" in out
     for row in ("top-3 eigenvalues (Lanczos)", "trace (Hutchinson)", "32-sharpness, worst case", "average case"):
         assert row in out
     assert "converged" in out

@@ -77,6 +77,9 @@ def test_device_cuda_without_a_gpu(tmp_path: Path, capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     _assert_one_line(*_run(capsys, _train(tmp_path, "--device", "cuda")), "device cuda was asked for")
+    assert main(_train(tmp_path)) == 0
+    measure = ["sharpness", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--device", "cuda"]
+    _assert_one_line(*_run(capsys, measure), "device=cuda was asked for but torch sees no CUDA device")
 
 
 @pytest.mark.parametrize(

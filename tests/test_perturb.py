@@ -148,6 +148,17 @@ def test_adaptive_rejects_negative_eta() -> None:
         Adaptive(eta=-0.1)
 
 
+def test_adaptive_refuses_a_rule_with_optimizer_state() -> None:
+    """Momentum-SAM's and Friendly SAM's rules read their own state, which T_w would not scale: refused up front
+    (before, SAM saw no ``needs_state`` on the wrapper and the inner rule failed at the first step)."""
+    from flatminima.variants.friendly_sam import FriendlyAscent
+    from flatminima.variants.momentum_sam import MomentumAscent
+
+    for inner in (MomentumAscent(), FriendlyAscent()):
+        with pytest.raises(ValueError, match=r"Adaptive cannot wrap .*optimiser state"):
+            Adaptive(inner)
+
+
 def _davda54_asam_steps(model: torch.nn.Module, batches, rho: float, lr: float, momentum: float) -> None:
     """An independent float64 re-implementation of davda54/sam's ASAM step (``adaptive=True``), with SGD:
     ``e_w = rho * |w|^2 * g / (||(|w| * g)|| + 1e-12)``, i.e. ``T_w^2 g / ||T_w g||`` with ``T_w = |w|``."""

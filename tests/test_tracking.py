@@ -72,3 +72,52 @@ def test_train_tracks_without_changing_the_run(tmp_path: Path) -> None:
     steps = [m["step"] for r in records for m in r["sharpness"]]
     assert steps == [4, 8, 12, 16, 20]  # 10 steps per epoch (1347 // 128)
     assert all(r["lambda_max"] > 0 and "trace" in r["sharpness"][-1] for r in records)
+
+
+def _symmetric(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
+    basis, _ = torch.linalg.qr(
+        torch.randn(
+            len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+    )
+    return basis @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ basis.T
+
+
+def test_lambda_max_where_the_largest_magnitude_is_negative() -> None:
+    """Power iteration alone returns -5 (the largest magnitude); lambda_max is 3: the shifted second run finds it."""
+    from flatminima.sharpness import largest_eigenvalue_op, power_iteration_op
+
+    matrix = _symmetric([-5.0, -1.0, 0.5, 2.0, 3.0])
+    dominant = power_iteration_op(matrix, tol=1e-12, max_iter=5000)
+    assert dominant.eigenvalues[0].item() == pytest.approx(-5.0, abs=1e-8)
+    top = largest_eigenvalue_op(matrix, tol=1e-12, max_iter=5000)
+    assert top.eigenvalues[0].item() == pytest.approx(3.0, abs=1e-8) and top.which == "largest"
+    vector = top.eigenvectors[0]
+    assert torch.linalg.vector_norm(matrix @ vector - 3.0 * vector) < 1e-4
+    assert top.residuals[0].item() == pytest.approx(
+        torch.linalg.vector_norm(matrix @ vector - top.eigenvalues[0] * vector).item(), abs=1e-12
+    )
+    assert top.num_hvp > dominant.num_hvp  # both runs counted
+    positive = _symmetric([-1.0, 0.5, 4.0])  # the largest magnitude is lambda_max: one run, the same answer
+    one, two = power_iteration_op(positive, tol=1e-10), largest_eigenvalue_op(positive, tol=1e-10)
+    assert torch.equal(one.eigenvalues, two.eigenvalues) and one.num_hvp == two.num_hvp
+
+
+class _Quadratic(nn.Module):
+    """Loss 0.5 w^T A w (through ``loss_fn``): its Hessian is A, whatever the data."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(dim, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.expand(x.shape[0], -1)
+
+
+def test_tracker_reports_lambda_max_at_a_saddle() -> None:
+    matrix = _symmetric([-4.0, 0.1, 1.5], seed=3)
+    model = _Quadratic(3)
+    data = (torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2))
+    loss_fn = lambda outputs, targets: 0.5 * torch.einsum("bi,ij,bj->b", outputs, matrix, outputs).mean()  # noqa: E731
+    record = SharpnessTracker(loss_fn, data, every=1, tol=1e-10, max_iter=2000).measure(model, 1)
+    assert record.lambda_max == pytest.approx(1.5, abs=1e-6)

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     sharp.add_argument("--m", type=int, default=32, help="m of m-sharpness (default: 32)")
     sharp.add_argument("--rho", type=float, default=0.05, help="radius of m-sharpness (default: 0.05)")
     sharp.add_argument("--output", default=None, help="folder for the figures (default: beside the checkpoint)")
+    sharp.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to measure (default: auto)"
+    )
     reproduce = commands.add_parser(
         "reproduce", help="reproduce a claim of the papers: a table, results.json, a report"
     )
@@ -212,6 +215,7 @@ def _sharpness(args: argparse.Namespace) -> int:
     from flatminima.sharpness.report import sharpness_report
     from flatminima.train.checkpoint import load_checkpoint
     from flatminima.train.config import TrainConfig
+    from flatminima.train.loop import device_for
     from flatminima.train.prepare import model_for, prepare_data
 
     counts = {"--examples": args.examples, "--k": args.k, "--m": args.m, "--trace-probes": args.trace_probes}
@@ -230,6 +234,8 @@ def _sharpness(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(state["config"])
     if args.data_root:
         config.data_root = args.data_root
+    config.device = args.device
+    device = device_for(config)
     data = prepare_data(config)
     model = model_for(config, data.dataset)
     try:
@@ -244,6 +250,7 @@ def _sharpness(args: argparse.Namespace) -> int:
     if images.ndim == 4:
         images = normalize(images, data.dataset.mean, data.dataset.std)
     labels = data.train_labels[: args.examples]
+    model, images, labels = model.to(device), images.to(device), labels.to(device)
     output = Path(args.output) if args.output else path.parent / "sharpness"
     torch.manual_seed(0)
     report = sharpness_report(
@@ -256,7 +263,10 @@ def _sharpness(args: argparse.Namespace) -> int:
         m=args.m,
         rho=args.rho,
     )
-    print(f"{config.model} trained with {config.optimizer} on {config.dataset}; {labels.numel()} training examples")
+    print(
+        f"{config.model} trained with {config.optimizer} on {config.dataset}; {labels.numel()} training examples, "
+        f"measured on {device}"
+    )
     print(report.table())
     print(f"figures in {output}/")
     return 0

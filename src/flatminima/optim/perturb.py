@@ -135,6 +135,12 @@ class Adaptive(AscentRule):
         if not eta >= 0.0:
             raise ValueError(f"Adaptive needs eta >= 0 (T_w = |w| + eta); got eta={eta}.")
         self.inner = inner if inner is not None else DualNorm(2.0)
+        if getattr(self.inner, "needs_state", False):
+            raise ValueError(
+                f"Adaptive cannot wrap {self.inner!r}: it reads or keeps optimiser state (a momentum buffer, a "
+                "running mean of gradients) in the unscaled coordinates, which the scaling by T_w = |w| + eta would "
+                "not reach. Use the rule without Adaptive."
+            )
         self.eta = float(eta)
         self.needs_gradient = getattr(self.inner, "needs_gradient", True)
         self.scales_with_rho = getattr(self.inner, "scales_with_rho", True)

@@ -19,8 +19,8 @@ The layout, one concept per module:
 from flatminima.sharpness.density import spectral_density, spectral_density_op
 from flatminima.sharpness.hvp import HessianOperator
 from flatminima.sharpness.lanczos import LanczosDecomposition, hessian_eigenvalues, lanczos, lanczos_eigs
-from flatminima.sharpness.operator import DenseOperator, LinearOperator, MatvecOperator, as_operator
-from flatminima.sharpness.power import power_iteration, power_iteration_op
+from flatminima.sharpness.operator import DenseOperator, LinearOperator, MatvecOperator, ShiftedOperator, as_operator
+from flatminima.sharpness.power import largest_eigenvalue_op, power_iteration, power_iteration_op
 from flatminima.sharpness.results import EigenResult, SpectralDensity, TraceResult, mean_stderr
 from flatminima.sharpness.trace import (
     hutchinson_trace,
@@ -39,6 +39,7 @@ __all__ = [
     "LanczosDecomposition",
     "LinearOperator",
     "MatvecOperator",
+    "ShiftedOperator",
     "SpectralDensity",
     "TraceResult",
     "as_operator",
@@ -49,6 +50,7 @@ __all__ = [
     "hutchpp_trace_op",
     "lanczos",
     "lanczos_eigs",
+    "largest_eigenvalue_op",
     "mean_stderr",
     "power_iteration",
     "power_iteration_op",

@@ -16,7 +16,15 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["CountingOperator", "DenseOperator", "LinearOperator", "MatvecOperator", "OperatorLike", "as_operator"]
+__all__ = [
+    "CountingOperator",
+    "DenseOperator",
+    "LinearOperator",
+    "MatvecOperator",
+    "OperatorLike",
+    "ShiftedOperator",
+    "as_operator",
+]
 
 
 @runtime_checkable
@@ -132,6 +140,32 @@ class CountingOperator:
         out = self.operator.matmat(matrix)
         self.num_products += int(matrix.shape[1])
         return out
+
+
+class ShiftedOperator:
+    """``A - shift I`` from ``A``'s products: the same eigenvectors, every eigenvalue moved by ``-shift`` (power
+    iteration on it finds lambda_max when ``shift`` is ``A``'s most negative eigenvalue)."""
+
+    def __init__(self, operator: LinearOperator, shift: float) -> None:
+        self.operator, self.shift = operator, float(shift)
+
+    @property
+    def dim(self) -> int:
+        return self.operator.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.operator.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.operator.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.operator.matvec(v) - self.shift * v.to(device=self.device, dtype=self.dtype)
+
+    def matmat(self, matrix: Tensor) -> Tensor:
+        return self.operator.matmat(matrix) - self.shift * matrix.to(device=self.device, dtype=self.dtype)
 
 
 def as_operator(operator: OperatorLike) -> LinearOperator:

@@ -1,7 +1,9 @@
-"""Power iteration for the largest-magnitude Hessian eigenvalue: the PyHessian-style baseline for Lanczos."""
+"""Power iteration for the largest-magnitude Hessian eigenvalue (the PyHessian-style baseline for Lanczos), and
+for lambda_max, the largest one, also where the largest in magnitude is negative."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -9,11 +11,11 @@ from torch import Tensor, nn
 
 from flatminima.sharpness.hvp import HessianOperator
 from flatminima.sharpness.losses import LossFn
-from flatminima.sharpness.operator import CountingOperator, OperatorLike, as_operator
+from flatminima.sharpness.operator import CountingOperator, OperatorLike, ShiftedOperator, as_operator
 from flatminima.sharpness.probes import random_vectors
 from flatminima.sharpness.results import EigenResult
 
-__all__ = ["power_iteration", "power_iteration_op"]
+__all__ = ["largest_eigenvalue_op", "power_iteration", "power_iteration_op"]
 
 
 def power_iteration_op(
@@ -64,6 +66,35 @@ def power_iteration_op(
         converged=converged,
         num_hvp=op.num_products,
         which="magnitude",
+    )
+
+
+def largest_eigenvalue_op(
+    op: OperatorLike,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    seed: int = 0,
+    v0: Tensor | None = None,
+) -> EigenResult:
+    """lambda_max, the largest (algebraic) eigenvalue of ``op``, by power iteration.
+
+    Power iteration finds the eigenvalue of largest magnitude. When that one is negative (a saddle: early in
+    training, or at a large learning rate), a second run on ``op - s I``, with ``s`` that negative eigenvalue,
+    whose spectrum lies in ``[0, lambda_max - s]``, finds ``lambda_max - s``; its vector and residual are
+    ``lambda_max``'s. ``num_hvp`` counts both runs; ``tol`` is relative to the shifted value in the second.
+    """
+    op = as_operator(op)
+    first = power_iteration_op(op, tol=tol, max_iter=max_iter, seed=seed, v0=v0)
+    shift = first.eigenvalues[0].item()
+    if shift >= 0:
+        return replace(first, which="largest")
+    second = power_iteration_op(ShiftedOperator(op, shift), tol=tol, max_iter=max_iter, seed=seed, v0=v0)
+    return replace(
+        second,
+        eigenvalues=second.eigenvalues + shift,
+        converged=first.converged and second.converged,
+        num_hvp=first.num_hvp + second.num_hvp,
+        which="largest",
     )
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from flatminima.sharpness.checks import positive_int
 from flatminima.sharpness.hvp import HessianOperator
 from flatminima.sharpness.losses import LossFn
-from flatminima.sharpness.power import power_iteration_op
+from flatminima.sharpness.power import largest_eigenvalue_op
 from flatminima.sharpness.trace import hutchinson_trace_op
 
 __all__ = ["SharpnessRecord", "SharpnessTracker"]
@@ -83,7 +83,7 @@ class SharpnessTracker:
         op = HessianOperator(model, self.loss_fn, self.data, train_mode=self.train_mode, distributed=False)
         if self.vector is not None and self.vector.shape != (op.dim,):
             self.vector = None  # the model changed shape: start cold
-        result = power_iteration_op(op, tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=self.vector)
+        result = largest_eigenvalue_op(op, tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=self.vector)
         self.vector = result.eigenvectors[0].detach().clone()
         record = SharpnessRecord(
             step=step,

@@ -64,7 +64,8 @@ class TrainResult:
         return self.history[-1]
 
 
-def _device(config: TrainConfig, local_rank: int) -> torch.device:
+def device_for(config: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device ``config.device`` names (``auto``: this rank's GPU if torch sees one, else the CPU)."""
     if config.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -131,7 +132,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     output = Path(config.output)
     checkpoint_path = output / "checkpoint.pt"
     _check_output(config, output, checkpoint_path, ctx.is_main)
-    device = _device(config, ctx.local_rank)
+    device = device_for(config, ctx.local_rank)
     data = prepare_data(config, dataset)
     _check_data_fits(config, data, ctx)
     torch.manual_seed(config.seed)
