@@ -3,8 +3,9 @@
 Each page's ```python blocks run in order in one namespace. A block preceded by the line ``<!-- no-test -->``
 is skipped (used only for blocks that need a GPU, a dataset or torchrun). A page whose examples use a model or
 data they do not define gets a hidden setup from ``SETUP`` below: run before its first block, or, given as
-``{block index: code}``, before the blocks it names (``AFTER_LAST`` runs after the last one). Pages in
-``ISOLATED`` (a process group, a registered optimiser name) run in a fresh interpreter.
+``{key: code}``, before the blocks each key names (a block index, or a text: the first block containing it;
+``AFTER_LAST`` runs after the last one). Pages in ``ISOLATED`` (a process group, a registered optimiser name)
+run in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ def closure():
     loss.backward()
     return loss
 """
-# The FSDP2 example on one gloo process: fully_shard needs a process group, not a second process.
-_FSDP_SETUP = """
+# The DDP and FSDP2 examples on one gloo process: they need a process group, not a second process.
+_PROCESS_GROUP = """
 import tempfile
-import torch
 import torch.distributed as dist
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(dir="."), rank=0, world_size=1)
+"""
+_FSDP_SETUP = (
+    _PROCESS_GROUP
+    + """
+import torch
 class LayeredNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -56,6 +61,7 @@ def closure():
     loss.backward()
     return loss
 """
+)
 _FSDP_CHECK = """
 from torch.distributed.tensor import DTensor
 assert all(isinstance(param, DTensor) for param in model.parameters())
@@ -64,7 +70,7 @@ dist.destroy_process_group()
 """
 
 # Hidden setup for pages whose examples take a model and data as given.
-SETUP: dict[str, str | dict[int, str]] = {
+SETUP: dict[str, str | dict[int | str, str]] = {
     "variants.md": """
 import torch
 torch.manual_seed(0)
@@ -116,6 +122,10 @@ SETUP.update(
         "integrations-lightning.md": _TINY_CLASSIFIER,
         "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER},
         "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
+        "guide-training.md": {
+            "DistributedDataParallel(model)": _PROCESS_GROUP,
+            AFTER_LAST: "assert dist.is_initialized()\ndist.destroy_process_group()",
+        },
     }
 )
 
@@ -130,7 +140,7 @@ PAGES = [
     "compile-fsdp.md",
     "architecture.md",
 ]
-ISOLATED = {"compile-fsdp.md", "architecture.md"}
+ISOLATED = {"compile-fsdp.md", "architecture.md", "guide-training.md"}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -156,11 +166,13 @@ def run_page(page: str) -> None:
     setup = SETUP.get(page, {})
     setup = {0: setup} if isinstance(setup, str) else setup
     namespace: dict = {"__name__": f"docs_{page.replace('.', '_').replace('-', '_')}"}
-    steps = []
+    steps, pending = [], dict(setup)
     for index, (line, code) in enumerate(blocks):
-        if index in setup:
-            steps.append((f"<setup before block {index} of {page}>", setup[index]))
+        for key in [k for k in pending if k == index or (isinstance(k, str) and k in code)]:
+            steps.append((f"<setup before block {index} of {page}>", pending.pop(key)))
         steps.append((f"docs/{page}:{line}", code))
+    pending.pop(AFTER_LAST, None)
+    assert not pending, f"hidden setup for {page} names no block: {sorted(map(str, pending))}"
     if AFTER_LAST in setup:
         steps.append((f"<check after the last block of {page}>", setup[AFTER_LAST]))
     for where, code in steps:

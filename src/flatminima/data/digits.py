@@ -43,7 +43,7 @@ def _split_digits(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
         from sklearn.datasets import load_digits as sklearn_load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError('the digits need scikit-learn; install it with: pip install "flatminima[examples]"') from exc
+        raise ImportError("the digits need scikit-learn, a dependency of flatminima: pip install scikit-learn") from exc
     digits = sklearn_load_digits()
     images = np.asarray(digits.images, dtype=np.float64)
     labels = np.asarray(digits.target, dtype=np.int64)

@@ -54,7 +54,7 @@ _PLAIN_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 class SharpnessAwareMixin:
     """Train a ``LightningModule`` with a :class:`~flatminima.optim.sam.SAM` optimiser, in automatic optimisation.
 
-    Use it as the first base, before ``LightningModule`` (``lightning.pytorch`` or ``pytorch_lightning``)::
+    Use it as the first base, before ``LightningModule`` (``lightning.pytorch`` or ``pytorch_lightning``):
 
         class Net(SharpnessAwareMixin, L.LightningModule):
             def training_step(self, batch, batch_idx):

@@ -1,6 +1,6 @@
 """The optimiser names that the command line, the training config and ``--help`` offer.
 
-A variant registers itself once, in the module that defines it::
+A variant registers itself once, in the module that defines it:
 
     register_optimizer("rsam", "SAM along a random direction (no first pass)", build_random, sharpness_aware=True)
 

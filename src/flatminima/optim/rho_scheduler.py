@@ -15,7 +15,7 @@ only write ``group["rho"]``). The factories below give the shapes:
 - :func:`step_rho`: ``s(t) = gamma ** #{milestones <= t}``, as ``MultiStepLR`` (toward ``rho_min``);
 - :func:`lr_proportional_rho`: ``s(t) = (lr_t - lr_min) / (lr_max - lr_min)``, GSAM's schedule (Zhuang et al.,
   "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022, arXiv 2203.08065), which reads each
-  group's current learning rate: **step it after the learning-rate scheduler** (build it after the LR scheduler too)::
+  group's current learning rate: **step it after the learning-rate scheduler** (build it after the LR scheduler too):
 
       lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
       rho_scheduler = lr_proportional_rho(optimizer)  # rho of step 0 from lr of step 0

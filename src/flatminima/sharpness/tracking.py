@@ -46,7 +46,8 @@ class SharpnessTracker:
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss (the Hessian's loss).
         data: one ``(inputs, targets)`` batch or an iterable of them: the fixed set the Hessian is taken over.
         every: steps between measurements (the first at step ``every``; :meth:`measure` any time).
-        tol, max_iter: of the power iteration (relative change of the Rayleigh quotient).
+        tol: of the power iteration (the relative change of the Rayleigh quotient at which it stops).
+        max_iter: of the power iteration.
         trace_probes: also estimate the trace with this many Hutchinson probes (0: no trace).
         train_mode: measure with BatchNorm's batch statistics instead of its running ones.
         seed: seed of the first (cold) start vector and of the trace probes.

@@ -58,8 +58,8 @@ class TrainConfig:
     data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
     model: str = _option(
         "small_cnn",
-        "resnet20/32/56, wrn28_10, wrn16_8 (with _nobn: without BatchNorm), small_cnn, mlp, two_layer_cnn "
-        "(signal_noise only)",
+        "resnet20/32/56, wrn28_10 (or wrn), wrn16_8 (with _nobn: without BatchNorm), small_cnn, mlp, "
+        "two_layer_cnn (signal_noise only)",
         MODELS,
     )
     optimizer: str = _option("sam", optimizer_help, optimizer_names)
@@ -123,7 +123,7 @@ class TrainConfig:
         False,
         "continue the run in --output from its last checkpoint, with the config saved there (flags given with "
         "--resume may change only: epochs, to extend a run; data_root, if the data moved; device, threads, "
-        "progress)",
+        "progress, and the track_* fields)",
     )
     overwrite: bool = _option(False, "replace the files of a previous run in --output (other files are never touched)")
     allow_world_size_change: bool = _option(
