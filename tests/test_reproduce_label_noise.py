@@ -115,3 +115,22 @@ def test_demo_table_shows_fitted_noisy_labels_and_no_lambda_max() -> None:
     assert gap.startswith("| SAM - SGD | +20.00 ± 2.83 |") and "| -91.0 ± 4.2 |" in gap
     one_seed = format_table({"sgd": [record(0.99, math.nan)]})
     assert "| n/a |" in one_seed.splitlines()[2]
+
+
+def test_every_demo_variant_builds_its_optimiser() -> None:
+    """Each name `flatminima demo --variants` takes is a valid config whose optimiser builds, with its options."""
+    from flatminima.experiments.label_noise import VARIANTS
+    from flatminima.optim.rules import EveryKSteps
+    from flatminima.train.builders import build_optimizer
+    from flatminima.variants.looksam import LookSAMDescent
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    built = {}
+    for name, changes in VARIANTS.items():
+        config = dataclasses.replace(DEMO_CONFIG, **changes)
+        config.validate()
+        built[name] = build_optimizer(config, model)
+    assert built["looksam-per-tensor"].descent.per_tensor and not built["looksam"].descent.per_tensor
+    assert isinstance(built["looksam-rho0.05"].descent, LookSAMDescent)
+    assert isinstance(built["looksam-rho0.05"].cadence, EveryKSteps)
+    assert built["looksam-rho0.05"].param_groups[0]["rho"] == built["sam-rho0.05"].param_groups[0]["rho"] == 0.05

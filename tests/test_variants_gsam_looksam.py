@@ -483,6 +483,9 @@ def test_the_registered_builders_use_the_config_fields() -> None:
     assert opt.param_groups[0]["rho"] == 0.03
     opt = build_optimizer(TrainConfig(optimizer="looksam", looksam_k=4, looksam_alpha=0.3), _model())
     assert isinstance(opt.descent, LookSAMDescent) and opt.descent.alpha == 0.3 and opt.cadence.k == 4
+    assert opt.descent.per_tensor is False  # the paper's global projection by default
+    opt = build_optimizer(TrainConfig(optimizer="looksam", looksam_per_tensor=True), _model())
+    assert opt.descent.per_tensor is True  # pytorch_optimizer's
 
 
 def test_flags_are_in_the_help(capsys) -> None:
@@ -491,7 +494,7 @@ def test_flags_are_in_the_help(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for flag in ("gsam", "looksam", "--gsam-alpha", "--looksam-k", "--looksam-alpha"):
+    for flag in ("gsam", "looksam", "--gsam-alpha", "--looksam-k", "--looksam-alpha", "--looksam-per-tensor"):
         assert flag in out, flag
 
 

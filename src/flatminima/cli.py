@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["sgd", "sam"],
         help="what to compare (default: sgd sam); any of sgd, sam, msam-4, msam-16, nsam, rwsam, rwsam-0.1, "
-        "rwsam-1, ahn-rs, ahn-sa, gsam, looksam, looksam-0.1, momentum-sam, friendly-sam, periodic-sam, random-sam "
-        "(docs/variants.md)",
+        "rwsam-1, ahn-rs, ahn-sa, gsam, looksam, looksam-0.1, looksam-per-tensor, looksam-rho0.05, sam-rho0.05, "
+        "momentum-sam, friendly-sam, periodic-sam, random-sam (docs/variants.md)",
     )
     demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
     sharp = commands.add_parser("sharpness", help="Hessian spectrum, trace, m-sharpness and landscape of a model")

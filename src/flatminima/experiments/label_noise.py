@@ -56,7 +56,8 @@ DEMO_CONFIG = TrainConfig(
 # demo's rho needs more epochs than this to get going, so its numbers are not the comparison's
 QUICK_EPOCHS = 3
 
-# name -> the fields it changes in DEMO_CONFIG (every other setting, rho = 0.3 included, is the demo's)
+# name -> the fields it changes in DEMO_CONFIG (every other setting is the demo's; rho is 0.3 unless the name
+# says otherwise)
 VARIANTS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd"},
     "sam": {"optimizer": "sam"},
@@ -72,6 +73,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gsam": {"optimizer": "gsam"},
     "looksam": {"optimizer": "looksam"},
     "looksam-0.1": {"optimizer": "looksam", "looksam_alpha": 0.1},
+    "looksam-per-tensor": {"optimizer": "looksam", "looksam_per_tensor": True},
+    # at rho 0.05 rather than the demo's 0.3 (LookSAM's cheap steps at rho 0.3 never leave chance level here)
+    "looksam-rho0.05": {"optimizer": "looksam", "rho": 0.05},
+    "sam-rho0.05": {"optimizer": "sam", "rho": 0.05},
     "momentum-sam": {"optimizer": "momentum-sam"},
     "friendly-sam": {"optimizer": "friendly-sam"},
     "periodic-sam": {"optimizer": "periodic-sam"},

@@ -85,6 +85,9 @@ class TrainConfig:
     gsam_alpha: float = _option(0.01, "gsam: weight alpha of the surrogate-gap term (0: SAM; the paper's for ResNets)")
     looksam_k: int = _option(5, "looksam: a full SAM step every k steps, one pass reusing g_v in between (1 is SAM)")
     looksam_alpha: float = _option(0.7, "looksam: weight alpha of the reused sharpness component g_v")
+    looksam_per_tensor: bool = _option(
+        False, "looksam: project and rescale g_v per parameter tensor (pytorch_optimizer's) instead of globally"
+    )
     ahn_epsilon: float = _option(float("inf"), "ahn-rs/ahn-sa: perturb only when ||grad|| <= epsilon (inf: always)")
     ahn_eta_prime: float = _option(0.1, "ahn-rs/ahn-sa: step eta' of the perturbation, as a multiple of lr")
     fsam_sigma: float = _option(1.0, "friendly-sam: sigma, how much of the gradient's running mean to remove")

@@ -120,7 +120,8 @@ class LookSAMDescent(DescentRule):
 
 def _build(request: OptimizerRequest) -> SAM:
     config = request.config
-    return build_sam(request, descent=LookSAMDescent(config.looksam_alpha), cadence=EveryKSteps(config.looksam_k))
+    descent = LookSAMDescent(config.looksam_alpha, per_tensor=config.looksam_per_tensor)
+    return build_sam(request, descent=descent, cadence=EveryKSteps(config.looksam_k))
 
 
 register_optimizer(
