@@ -74,8 +74,8 @@ def sharpness_report(
         report.rows.append(
             (
                 f"{m}-sharpness, {kind} case (rho {rho})",
-                f"loss +{sharp.loss_increase:.4g} ± {sharp.loss_increase_stderr:.2g}, "
-                f"error +{100 * sharp.error_increase:.2f} ± {100 * sharp.error_increase_stderr:.2f} points",
+                f"loss {sharp.loss_increase:+.4g} ± {sharp.loss_increase_stderr:.2g}, "
+                f"error {100 * sharp.error_increase:+.2f} ± {100 * sharp.error_increase_stderr:.2f} points",
             )
         )
         report.values[f"m_sharpness_{kind}"] = (sharp.loss_increase, sharp.loss_increase_stderr)
