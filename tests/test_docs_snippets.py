@@ -115,19 +115,15 @@ model = TinyClassifier()
 train = [{"x": torch.randn(8), "labels": torch.tensor(i % 2)} for i in range(64)]
 loader = torch.utils.data.DataLoader(train, batch_size=16)
 """,
+    "integrations-lightning.md": _TINY_CLASSIFIER,
+    "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER},
+    "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
+    "guide-training.md": {
+        "DistributedDataParallel(model)": _PROCESS_GROUP,
+        AFTER_LAST: "assert dist.is_initialized()\ndist.destroy_process_group()",
+    },
 }
 
-SETUP.update(
-    {
-        "integrations-lightning.md": _TINY_CLASSIFIER,
-        "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER},
-        "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
-        "guide-training.md": {
-            "DistributedDataParallel(model)": _PROCESS_GROUP,
-            AFTER_LAST: "assert dist.is_initialized()\ndist.destroy_process_group()",
-        },
-    }
-)
 
 # Every page with Python examples runs here (test_every_page_with_python_is_run checks that none is left out).
 PAGES = [

@@ -101,6 +101,12 @@ def test_lambda_max_where_the_largest_magnitude_is_negative() -> None:
     positive = _symmetric([-1.0, 0.5, 4.0])  # the largest magnitude is lambda_max: one run, the same answer
     one, two = power_iteration_op(positive, tol=1e-10), largest_eigenvalue_op(positive, tol=1e-10)
     assert torch.equal(one.eigenvalues, two.eigenvalues) and one.num_hvp == two.num_hvp
+    from flatminima.sharpness import ShiftedOperator
+
+    with pytest.raises(ValueError, match="shift must be a finite number"):
+        ShiftedOperator(matrix, float("nan"))
+    vector = torch.ones(5, dtype=torch.float64)
+    assert torch.allclose(ShiftedOperator(matrix, -5.0).matvec(vector), matrix @ vector + 5.0 * vector, atol=1e-14)
 
 
 class _Quadratic(nn.Module):

@@ -74,7 +74,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "looksam": {"optimizer": "looksam"},
     "looksam-0.1": {"optimizer": "looksam", "looksam_alpha": 0.1},
     "looksam-per-tensor": {"optimizer": "looksam", "looksam_per_tensor": True},
-    # at rho 0.05 rather than the demo's 0.3 (LookSAM's cheap steps at rho 0.3 never leave chance level here)
+    # at rho 0.05 rather than the demo's 0.3, where LookSAM's global form stays at chance level (docs/variants.md)
     "looksam-rho0.05": {"optimizer": "looksam", "rho": 0.05},
     "sam-rho0.05": {"optimizer": "sam", "rho": 0.05},
     "momentum-sam": {"optimizer": "momentum-sam"},

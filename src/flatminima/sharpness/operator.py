@@ -10,6 +10,7 @@ SLQ) are written against this protocol only, so a dense tensor, a Hessian over a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -111,13 +112,11 @@ class MatvecOperator:
         return torch.stack([self.function(column) for column in matrix.T], dim=1)
 
 
-class CountingOperator:
-    """Wraps an operator and counts its products (``matmat`` of ``k`` columns counts ``k``): the estimators'
-    ``num_hvp``. The products are looked up on the wrapped object at each call, so a patched ``matvec`` is used."""
+class _WrappedOperator:
+    """An operator built on another: the same ``dim``, ``dtype`` and ``device``, looked up on it at each use."""
 
     def __init__(self, operator: LinearOperator) -> None:
         self.operator = operator
-        self.num_products = 0
 
     @property
     def dim(self) -> int:
@@ -130,6 +129,15 @@ class CountingOperator:
     @property
     def device(self) -> torch.device:
         return self.operator.device
+
+
+class CountingOperator(_WrappedOperator):
+    """Wraps an operator and counts its products (``matmat`` of ``k`` columns counts ``k``): the estimators'
+    ``num_hvp``. The products are looked up on the wrapped object at each call, so a patched ``matvec`` is used."""
+
+    def __init__(self, operator: LinearOperator) -> None:
+        super().__init__(operator)
+        self.num_products = 0
 
     def matvec(self, v: Tensor) -> Tensor:
         out = self.operator.matvec(v)
@@ -142,24 +150,15 @@ class CountingOperator:
         return out
 
 
-class ShiftedOperator:
+class ShiftedOperator(_WrappedOperator):
     """``A - shift I`` from ``A``'s products: the same eigenvectors, every eigenvalue moved by ``-shift`` (power
     iteration on it finds lambda_max when ``shift`` is ``A``'s most negative eigenvalue)."""
 
-    def __init__(self, operator: LinearOperator, shift: float) -> None:
-        self.operator, self.shift = operator, float(shift)
-
-    @property
-    def dim(self) -> int:
-        return self.operator.dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.operator.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.operator.device
+    def __init__(self, operator: OperatorLike, shift: float) -> None:
+        if not math.isfinite(shift):
+            raise ValueError(f"the shift must be a finite number, got {shift!r}")
+        super().__init__(as_operator(operator))
+        self.shift = float(shift)
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.operator.matvec(v) - self.shift * v.to(device=self.device, dtype=self.dtype)
