@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -29,12 +33,46 @@ def make_batch(seed: int = 0, n: int = 16, dtype: torch.dtype = torch.float32) -
     return torch.randn(n, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
+# torch.compile's inductor keeps generated kernels in one cache whose keys leave out ATEN_CPU_CAPABILITY: code made
+# for AVX512 by an earlier run then fails to compile under ATEN_CPU_CAPABILITY=default. One cache per capability.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"),
+    )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow", action="store_true", help="also run the tests marked slow (end-to-end runs; .ci/run runs them all)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the tests marked slow unless --slow is given, a -m expression decides, or the test is named."""
+    if config.getoption("--slow") or config.getoption("markexpr"):
+        return
+    named = [arg for arg in config.args if "::" in arg]
+    kept, slow = [], []
+    for item in items:
+        is_named = any(item.nodeid == arg or item.nodeid.startswith(arg + "[") for arg in named)
+        (slow if item.get_closest_marker("slow") and not is_named else kept).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = kept
+
+
+# Threads each test runs with. One by default: tiny float64 ops run far slower with 2 threads on a busy 2-core box.
+# FLATMINIMA_TEST_THREADS=2 runs the suite multi-threaded, to check that no assertion depends on the thread count.
+TEST_THREADS = int(os.environ.get("FLATMINIMA_TEST_THREADS", "1"))
+
+
 @pytest.fixture(autouse=True)
-def _deterministic_single_thread():
-    """Deterministic kernels, one thread: tiny float64 ops run far slower with 2 threads on a busy 2-core box."""
+def _deterministic_threads():
+    """Deterministic kernels and TEST_THREADS threads for every test."""
     threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(threads)
 

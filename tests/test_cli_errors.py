@@ -199,25 +199,50 @@ def test_plain_step_skips_a_nonfinite_loss_exactly() -> None:
         ref_opt.zero_grad()
         loss_fn(reference(x), y).backward()
         ref_opt.step()
+    # same code path: the same loss (the mean of a scalar is itself), backward and SGD step on the good batches
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
     with pytest.raises(FloatingPointError, match="the loss is nan, so no step was taken"):
         PlainStep(model, loss_fn, opt, nonfinite="raise")(*bad)
 
 
+@pytest.mark.slow
 def test_sigint_stops_with_a_resume_hint(tmp_path: Path) -> None:
+    """Ctrl-C in a real process: one line with the resume command, exit code 130.
+
+    Synchronised on an event, not on a timer: the signal goes out once the run has written its first checkpoint (so
+    a step has run and Python's SIGINT handler is long installed), and the run is far too long to end by itself
+    first (100,000 epochs), so the signal cannot arrive after the run ended, however slow or busy the machine."""
     run = tmp_path / "run"
-    argv = ["train", "--epochs", "50", "--batch-size", "32", "--threads", "1", "--no-progress", "--optimizer", "sam"]
-    command = [sys.executable, "-m", "flatminima", *argv, "--output", str(run)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and not (run / "checkpoint.pt").exists():
-        time.sleep(0.05)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    err = process.communicate(timeout=60)[1]
+    argv = ["train", "--epochs", "100000", "--batch-size", "32", "--threads", "1", "--no-progress"]
+    command = [sys.executable, "-m", "flatminima", *argv, "--optimizer", "sam", "--output", str(run)]
+    # A child inherits an ignored SIGINT (from a test run started in the background, as `cmd &` and some CI harnesses
+    # do), and Python then installs no KeyboardInterrupt handler. Catching SIGINT here while the child starts gives it
+    # the default disposition that a terminal's Ctrl-C meets (a caught signal is reset to the default by exec).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        _wait_for_file(run / "checkpoint.pt", process)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"continue with: flatminima train --output {run} --resume" in err
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Block until ``process`` has written ``path``; fail at once if it exits first, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the process exited ({process.returncode}) before {path.name}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {path.name} after {timeout_s:.0f} s")
+        time.sleep(0.02)  # polling for the event; no assertion depends on how long this takes
 
 
 @pytest.mark.parametrize(
@@ -256,6 +281,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         main(_train(tmp_path, "--seed", "-5", "--debug"))
 
 
+@pytest.mark.slow
 def test_a_user_error_under_torchrun_is_reported_once(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as sock:

@@ -75,7 +75,7 @@ def _assert_same(model: nn.Module, reference: nn.Module) -> None:
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=needs_compiler)])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[needs_compiler, pytest.mark.slow])])
 def test_closure_without_model_on_compiled_module(backend: str, reference: nn.Module) -> None:
     model = _model()
     compiled = torch.compile(model, backend=backend)
@@ -152,7 +152,9 @@ def test_exception_in_compiled_second_pass_rolls_back_statistics() -> None:
     _train(compiled, model, opt, steps=1)
     x, y = _batch(1)
     probe = copy.deepcopy(model)
-    probe(x)  # the first pass's update
+    # the first pass's update, through the same compiled graph (aot_eager's decomposed batch norm) as SAM's first
+    # pass: the same ops at the same w, so the statistics are compared bit for bit below
+    torch.compile(probe, backend="aot_eager")(x)
     weights = [p.detach().clone() for p in model.parameters()]
     calls = []
 

@@ -129,7 +129,8 @@ def _assert_ranks_match(per_rank: list[dict[str, Tensor]], expected: dict[str, T
         for name in expected:
             where = f"rank {rank}, {name}"
             torch.testing.assert_close(weights[name], expected[name], **TOL, msg=lambda m, where=where: f"{where}: {m}")
-    # DDP all-reduces the descent gradient, so the ranks hold the very same weights
+    # DDP all-reduces the descent gradient (gloo hands every rank the same bytes) and each rank then runs the same
+    # ops on it: the same code path, so the ranks hold the very same weights on any CPU
     for name in expected:
         torch.testing.assert_close(per_rank[0][name], per_rank[1][name], rtol=0, atol=0)
 

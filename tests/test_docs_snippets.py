@@ -178,7 +178,8 @@ def run_page(page: str) -> None:
             raise AssertionError(f"{where} failed: {err!r}") from err
 
 
-@pytest.mark.parametrize("page", PAGES)
+# the pages run in their own interpreter are slow (a fresh torch import, a process group, torch.compile)
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in ISOLATED else p for p in PAGES])
 def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files (figures, runs) write them here
     if page not in ISOLATED:
@@ -218,6 +219,7 @@ def test_readme_links_resolve():
             assert (ROOT / target).exists(), f"README.md links to a missing file: {target}"
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
@@ -231,4 +233,9 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 if __name__ == "__main__":  # an ISOLATED page, in its own interpreter: python tests/test_docs_snippets.py PAGE
+    import torch
+    from conftest import TEST_THREADS  # tests/ is this script's folder, so on sys.path
+
+    # conftest's per-test thread count does not reach this interpreter: set it here, not the machine's core count
+    torch.set_num_threads(TEST_THREADS)
     run_page(sys.argv[1])

@@ -199,6 +199,7 @@ def _plain_sgd() -> dict[str, Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*RULES, "two_step", "batch_step"])
 def test_fsdp_matches_one_unsharded_process(fsdp_runs, name: str) -> None:
     expected = _reference(name)
@@ -213,6 +214,7 @@ def test_fsdp_matches_one_unsharded_process(fsdp_runs, name: str) -> None:
         assert max((expected[k] - sgd[k]).abs().max().item() for k in sgd) > 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp_nonfinite_guard_agrees_across_ranks(fsdp_runs) -> None:
     for results in fsdp_runs:
         assert results["first_guard_skip"] == ("skipped=True perturbed=False", True)
@@ -222,6 +224,7 @@ def test_fsdp_nonfinite_guard_agrees_across_ranks(fsdp_runs) -> None:
         assert results["descent_guard_skip"] is True
 
 
+@pytest.mark.slow
 def test_fsdp_unsupported_combinations_are_clear_errors(fsdp_runs) -> None:
     for results in fsdp_runs:
         errors = results["errors"]
@@ -254,6 +257,7 @@ def _weights(path: Path) -> dict[str, Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_train_fsdp_under_torchrun_matches_one_process_and_resumes_exactly(tmp_path: Path, capsys) -> None:
     """2 epochs with --fsdp == 2 epochs in one process with the same global batch (float32, to rounding); and
     1 epoch, then --resume to 2, == the straight run bit for bit (full checkpoints, sharded again)."""
@@ -268,10 +272,11 @@ def test_train_fsdp_under_torchrun_matches_one_process_and_resumes_exactly(tmp_p
     _torchrun(tmp_path, "resumed", "--epochs", "1")
     _torchrun(tmp_path, "resumed", "--epochs", "2", "--resume")
     resumed = _weights(tmp_path / "resumed" / "model.pt")
+    # same code path (both runs under torchrun on 2 ranks): the resume replays the same ops in the same order
     assert all(torch.equal(resumed[key], sharded[key]) for key in sharded)
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     straight = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["test_loss"] for r in lines] == [r["test_loss"] for r in straight]
+    assert [r["test_loss"] for r in lines] == [r["test_loss"] for r in straight]  # the same evaluations, same weights
     # a --fsdp run resumes only with --fsdp (its checkpoint's optimiser state is keyed by parameter names)
     code = main(["train", "--output", str(tmp_path / "fsdp"), "--resume", "--no-fsdp", "--epochs", "3"])
     assert code == 2 and "fsdp: True -> False" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from flatminima.sharpness import (
     power_iteration_op,
     spectral_density_op,
 )
+from tests.conftest import TEST_THREADS
 
 SIZES = (8, 8, 4)  # 20 examples, the last batch short
 
@@ -48,10 +49,12 @@ MODELS = {"mlp": _mlp, "cnn": _cnn}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention (a product is ~10x slower on a busy 2-core machine)."""
+def _module_threads():
+    """The module-scoped ``setup`` (the dense Hessian and its eigendecomposition) is built before conftest's per-test
+    fixture sets the thread count: build it with the same TEST_THREADS as the tests, not 1 whatever the setting
+    (FLATMINIMA_TEST_THREADS=2 then tests the whole module on 2 threads) nor the machine's default."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(threads)
 
@@ -122,12 +125,14 @@ def test_batchnorm_eval_mode_used_and_restored() -> None:
         op = HessianOperator(model, F.cross_entropy, _batches(x, y))
         results.append(op.matvec(v))
         assert model.training is train and model[1].training is train
+    # exact: both measure in eval mode (the operator switches a training model to eval), so the two products are the
+    # same computation on the same weights, data and v
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     # train_mode=True uses batch statistics (a different Hessian) but leaves the running statistics alone
     model.train()
     batch_stats = HessianOperator(model, F.cross_entropy, _batches(x, y), train_mode=True).matvec(v)
     assert not torch.allclose(batch_stats, results[0])
-    for before, after in zip(buffers, model.buffers(), strict=True):
+    for before, after in zip(buffers, model.buffers(), strict=True):  # untouched: exact
         torch.testing.assert_close(before, after, rtol=0, atol=0)
 
 
@@ -149,7 +154,7 @@ def test_lanczos_top5_against_dense(setup: dict, which: str) -> None:
             assert abs(float(result.eigenvectors[i] @ ref_vecs[:, i])) > 1 - 1e-6
     if which == "largest":
         assert result.ratio(5) == pytest.approx(float(ref[0] / ref[4]), rel=1e-8)
-        assert result.ratio(1) == 1.0
+        assert result.ratio(1) == 1.0  # lambda_1 / lambda_1: exact
 
 
 def test_lanczos_default_tolerance_and_truncated(setup: dict) -> None:
@@ -167,7 +172,7 @@ def test_lanczos_core_invariant_subspace() -> None:
     diag = torch.arange(1.0, 7.0, dtype=torch.float64)
     v0 = torch.tensor([1.0, 1.0, 0, 0, 0, 0], dtype=torch.float64)
     dec = lanczos(lambda v: diag * v, 6, 6, v0)
-    assert dec.beta[1] == 0.0
+    assert dec.beta[1] == 0.0  # exact: on breakdown the iteration stores 0.0, not the tiny residual norm
     torch.testing.assert_close(dec.basis @ dec.basis.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-13)
     torch.testing.assert_close(torch.linalg.eigvalsh(dec.tridiagonal()), diag, rtol=1e-12, atol=0)
 
@@ -205,7 +210,7 @@ def test_hutchpp(setup: dict) -> None:
     plain = hutchinson_trace_op(op, num_probes=60, seed=13)
     assert result.stderr < plain.stderr  # deflating the top of the spectrum reduces the variance
     full = hutchpp_trace_op(op, num_matvecs=3 * op.dim, seed=14)
-    assert full.stderr == 0.0 and full.num_hvp == 2 * op.dim
+    assert full.stderr == 0.0 and full.num_hvp == 2 * op.dim  # Q spans the space: no stochastic part, stderr is set 0
     assert full.estimate == pytest.approx(exact, rel=1e-8, abs=1e-12)
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from flatminima.sharpness import HessianOperator, hutchinson_trace_op, lanczos_eigs
 from tests._gloo import WORLD_SIZE, run_on_gloo
+from tests.conftest import TEST_THREADS
 
 N_GLOBAL = 20
 SHARDS = {0: ((0, 8), (8, 12)), 1: ((12, 20),)}  # rank -> batches as row ranges of the global data
@@ -107,17 +108,26 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Tensor]]:
 
 @pytest.fixture(scope="module")
 def single() -> dict[str, Tensor]:
-    """The same measures by one process over the 20 examples in one batch, plus the dense Hessian."""
-    op = HessianOperator(_model(), _loss_fn, _data())
-    assert not op.distributed
-    results = _measure(op)
-    results["dense_hessian"] = op.dense_hessian()
+    """The same measures by one process over the 20 examples in one batch, plus the dense Hessian.
+
+    A module-scoped fixture runs before conftest's per-test one sets the threads: use TEST_THREADS here too, not the
+    machine's default count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    try:
+        op = HessianOperator(_model(), _loss_fn, _data())
+        assert not op.distributed
+        results = _measure(op)
+        results["dense_hessian"] = op.dense_hessian()
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
 # ---------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_counts_are_global(ranks, method):
     for rank, results in enumerate(ranks):
@@ -126,6 +136,7 @@ def test_counts_are_global(ranks, method):
         assert int(results[f"{method}/local_count"]) == SHARDS[rank][-1][1] - SHARDS[rank][0][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("key", ["hvp", "gradient", "loss", "trace"])
 def test_products_match_single_process(ranks, single, method, key):
@@ -135,6 +146,7 @@ def test_products_match_single_process(ranks, single, method, key):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_eigenvalues_match_single_process_and_dense(ranks, single, method):
     dense = torch.linalg.eigvalsh(single["dense_hessian"]).flip(0)[:K]  # the K largest, descending
@@ -151,13 +163,19 @@ def test_eigenvalues_match_single_process_and_dense(ranks, single, method):
             )
 
 
+@pytest.mark.slow
 def test_dense_hessian_matches_single_process(ranks, single):
     for results in ranks:
         torch.testing.assert_close(results["dense_hessian"], single["dense_hessian"], **TOL)
 
 
+@pytest.mark.slow
 def test_ranks_agree_exactly(ranks):
-    """Everything is all-reduced, so both ranks hold the same numbers (and Lanczos took the same path)."""
+    """Everything is all-reduced, so both ranks hold the same numbers (and Lanczos took the same path).
+
+    Exact on any machine: the all-reduce hands both ranks the same bits (with two ranks each sum has two addends, and
+    a + b == b + a in floating point), and from those identical inputs both ranks run the same code with the same
+    settings (one thread each, see tests/_gloo.py)."""
     rank0, rank1 = ranks
     assert rank0.keys() == rank1.keys()
     for key in rank0:

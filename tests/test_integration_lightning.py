@@ -171,6 +171,7 @@ def test_matches_plain_pytorch_sam(case):
     assert not run.optimizers[0].is_perturbed and not net.perturbed_in_hook
     assert not any("lr_scheduler.step()" in m for m in messages), messages
     if scheduler is not None:
+        # exact by construction: three halvings of LR, each exact in binary floating point
         assert run.optimizers[0].param_groups[0]["lr"] == opt.param_groups[0]["lr"] == LR * 0.5**3
     if batch_norm:
         bn = net.model[1]
@@ -195,6 +196,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
         again.fit(resumed, loader(batches), ckpt_path=path)
 
     assert again.global_step == run.global_step == 6
+    # same code path: the resume replays the same ops in the same order, from the checkpointed values
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     sam_a, sam_b = run.optimizers[0], again.optimizers[0]
@@ -243,6 +245,7 @@ def test_mid_epoch_checkpoint_resume_equals_uninterrupted_run(tmp_path):
         again = trainer(max_epochs=2, **options)
         again.fit(resumed, Resumable(batches), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert again.global_step == 6
+    # same code path: the resume replays the same ops in the same order, from the checkpointed values
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -278,7 +281,7 @@ def test_fp16_grad_scaler_follows_the_scaler_loop():
     assert run.global_step == steps
     assert max_difference(net.model, model) <= 1e-6
     assert max_difference(net.model, fp32) <= 1e-2
-    assert run.precision_plugin.scaler.get_scale() == scaler.get_scale()
+    assert run.precision_plugin.scaler.get_scale() == scaler.get_scale()  # powers of two: the same skip decisions
 
 
 def test_fp16_overflow_skips_the_step_unperturbed():
@@ -305,6 +308,7 @@ class RankData(Net):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )

@@ -60,7 +60,11 @@ def test_centre_is_the_model_loss_exactly(loss_fn) -> None:
     one = loss_landscape_1d(model, loss_fn, (x, y), num_points=11)
     two = loss_landscape_2d(model, loss_fn, (x, y), num_points=5)
     model.eval()
-    expected = loss_fn(model(x), y).mean()  # the mean of loss_fn's output, bit for bit
+    # Exact, and the same path on any CPU: the grid puts alpha = 0.0 exactly on the centre, where w + 0.0 * d == w bit
+    # for bit; one batch has weight n / n = 1.0; and the landscape evaluates, under no_grad, the same modules in eval
+    # mode on the same tensors, then takes the mean of loss_fn's output, as here.
+    with torch.no_grad():
+        expected = loss_fn(model(x), y).mean()
     accuracy = (model(x).argmax(1) == y).double().mean()
     assert one.alphas[5] == 0.0 and one.losses[5] == expected
     assert one.accuracies is not None
@@ -84,7 +88,7 @@ def test_filter_normalisation() -> None:
     for p, d in zip(params, kept):
         if p.dim() <= 1:
             torch.testing.assert_close(d.norm(), p.detach().norm(), rtol=0, atol=1e-10)
-    assert all(torch.equal(a, b) for a, b in zip(directions, filter_normalized_direction(model, seed=3)))
+    assert all(torch.equal(a, b) for a, b in zip(directions, filter_normalized_direction(model, seed=3)))  # replayed
     assert not torch.equal(directions[0], filter_normalized_direction(model, seed=4)[0])
 
 
@@ -135,7 +139,9 @@ def test_eigen_direction_curvature_is_the_eigenvalue() -> None:
     curvature = (result.losses[0] - 2 * result.losses[1] + result.losses[2]) / h**2
     assert result.directions == "eigen"
     torch.testing.assert_close(curvature, values[-1], rtol=1e-4, atol=0)
-    # the same along the eigenvector given per parameter, and from a (k, dim) stack
+    # the same along the eigenvector given per parameter, and from a (k, dim) stack. Exact: every form holds copies
+    # of the same eigenvector entries, so each point's weights w + alpha d (+ 0.0 d2 on the 2D grid's beta = 0
+    # column, which adds exactly nothing) are the same bits, evaluated by the same forward pass
     as_list = [t.reshape(p.shape) for t, p in zip(torch.split(top, sizes), params)]
     by_list = loss_landscape_1d(model, F.cross_entropy, (x, y), direction=as_list, span=(-h, h), num_points=3)
     torch.testing.assert_close(by_list.losses, result.losses, rtol=0, atol=0)

@@ -90,6 +90,7 @@ def test_wheel_holds_the_package_its_data_and_the_entry_point(dist: Path) -> Non
         assert f"Provides-Extra: {extra}\n" in metadata
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_repository(dist: Path, tmp_path: Path) -> None:
     (wheel,) = dist.glob("*.whl")
     venv = tmp_path / "venv"

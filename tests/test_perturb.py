@@ -80,6 +80,7 @@ def test_general_p_survives_huge_gradients() -> None:
 def test_p1_splits_rho_between_exact_ties() -> None:
     grads = [torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 0.5], dtype=torch.float64)]
     DualNorm(1.0).perturb_([torch.zeros(3), torch.zeros(2)], grads, 0.2)
+    # exact by construction: sign(g) (+-1) times a 0/1 mask times rho / 2 (a division by a power of two)
     assert grads[0].tolist() == [0.0, -0.1, 0.0]
     assert grads[1].tolist() == [0.1, 0.0]
 
@@ -116,7 +117,7 @@ def test_unnormalized_is_rho_times_gradient() -> None:
     grads = _tensors(9)
     work = [g.clone() for g in grads]
     Unnormalized().perturb_(_tensors(10), work, 0.25)
-    for got, g in zip(work, grads):
+    for got, g in zip(work, grads):  # exact by construction: multiplying by 0.25, a power of two, never rounds
         torch.testing.assert_close(got, 0.25 * g, rtol=0, atol=0)
 
 

@@ -89,6 +89,7 @@ def test_the_loop_drives_a_registered_name_by_its_spec(tmp_path: Path, registere
     linear = dict(rho_schedule="linear", warmup_epochs=1, epochs=2)
     sam = _weights(train(_config(tmp_path, "sam", **linear)).model)
     clone = _weights(train(_config(tmp_path, "sam-clone", **linear)).model)
+    # exact: same code path, the clones build the same optimiser, so the runs replay the same ops in the same order
     assert all(torch.equal(a, b) for a, b in zip(sam, clone))
     sgd = _weights(train(_config(tmp_path, "sgd")).model)
     sgd_clone = _weights(train(_config(tmp_path, "sgd-clone")).model)

@@ -80,6 +80,7 @@ def test_nearest_minimum_lands_on_the_minima() -> None:
     assert float(moved) < 0.2  # a nearby minimum, not a far one
 
 
+@pytest.mark.slow
 def test_escape_sharp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = _quick("escape-sharp", tmp_path, capsys)
     start, smallest = results["trace_start"], results["trace_min_on_manifold"]
@@ -113,7 +114,9 @@ def test_escape_sharp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert effect["1"]["trace_decrease_mean"] > max(
         effect["3"]["trace_decrease_mean"], effect["12"]["trace_decrease_mean"]
     )
-    # from a minimum that interpolates every example exactly, the normalised ascents are zero
+    # from a minimum that interpolates every example exactly, the normalised ascents are zero. Exact by construction:
+    # small integer data and a dyadic factorisation make every residual 0.0 in float64 (the experiment checks it), so
+    # every gradient is exactly 0 and DualNorm maps it to a zero step
     exact = results["exact_interpolation_displacement"]
     assert exact["GD"] == exact["SAM"] == exact["ahn-sa"] == 0.0
     assert exact["ahn-rs"] > 1e-3

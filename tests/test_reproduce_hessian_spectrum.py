@@ -14,6 +14,7 @@ from test_reproduce import _quick
 from flatminima.experiments.hessian_spectrum import PAPER, QUICK, SAM_RHO, digits_tensors, train_to_loss
 
 
+@pytest.mark.slow
 def test_hessian_spectrum_quick_sam_is_flatter_at_matched_loss(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -49,6 +50,7 @@ def test_hessian_spectrum_quick_sam_is_flatter_at_matched_loss(
     ]
 
 
+@pytest.mark.slow
 def test_stopping_point_does_not_depend_on_how_often_the_loss_is_checked() -> None:
     """The run stops at the first step below the threshold whether the loss is checked every 10 or every 7 steps:
     the replay from the last check reproduces the steps bit for bit."""

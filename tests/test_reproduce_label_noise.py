@@ -27,6 +27,7 @@ from flatminima.experiments.label_noise_sweep import (
 from flatminima.train import prepare_data
 
 
+@pytest.mark.slow
 def test_label_noise_quick_sam_memorises_less_and_generalises_better(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

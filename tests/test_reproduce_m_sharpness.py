@@ -29,6 +29,7 @@ def test_gradient_variance_trace_matches_a_loop_over_examples() -> None:
     assert measured == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_m_sharpness_quick_regulariser_and_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = _quick("m-sharpness", tmp_path, capsys)
     assert results["batch_size"] == 32 and results["noises"] == [0.4]

@@ -46,6 +46,7 @@ def test_every_training_reproduction_gives_the_paper_command() -> None:
         assert reproduction.overridable <= set(TRAINING_FIELDS) and "model" in reproduction.overridable
 
 
+@pytest.mark.slow
 def test_label_noise_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flags = [*_flags(tiny_cifar10, "mlp"), "--rho", "0.1"]
     results, report = _run("label-noise", tmp_path / "ln", flags, capsys)
@@ -64,6 +65,7 @@ def test_label_noise_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys
     assert "--dataset cifar10" in results["command"] and "--rho 0.1" in results["command"]
 
 
+@pytest.mark.slow
 def test_m_sharpness_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, _ = _run("m-sharpness", tmp_path / "ms", _flags(tiny_cifar10, "mlp"), capsys)
     assert results["batch_size"] == 16 and results["epochs"] == 1
@@ -73,6 +75,7 @@ def test_m_sharpness_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys
     assert cells["sam"]["trace_v_final"] > 0  # an MLP has no BatchNorm: tr(V) is measured
 
 
+@pytest.mark.slow
 def test_hessian_spectrum_on_cifar10_files(
     tiny_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

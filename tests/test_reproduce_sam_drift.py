@@ -22,6 +22,7 @@ def test_sam_drift_is_listed() -> None:
     assert "sam-drift" in available()
 
 
+@pytest.mark.slow
 def test_sam_drift_quick_drifts_at_the_predicted_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = _quick("sam-drift", tmp_path, capsys)
     # the claim's direction: SAM's y (and lambda_max) decreases, toward the flat end of the valley

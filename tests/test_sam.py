@@ -49,7 +49,9 @@ def test_rho_zero_is_the_base_optimizer_bit_for_bit(base, options, pattern) -> N
             opt.first_step(zero_grad=True)
             cross_entropy(model(x), y).backward()
             opt.second_step(zero_grad=True)
-    assert _same(reference, model)  # weights and BatchNorm running statistics (updated once per step)
+    # exact: with rho = 0 SAM runs the base optimiser's own ops on the same tensors (the second pass at w gives the
+    # same gradient), so this is one code path; checks weights and BatchNorm statistics (updated once per step)
+    assert _same(reference, model)
 
 
 def test_weights_restored_exactly_not_by_subtraction() -> None:
@@ -81,7 +83,7 @@ def test_two_step_and_closure_patterns_agree() -> None:
         cross_entropy(a(x), y).backward()
         opt_a.second_step(zero_grad=True)
         loss = opt_b.step(_closure(b, x, y))
-    assert _same(a, b)
+    assert _same(a, b)  # same code path: step(closure) is first_step and second_step on the same tensors
     assert loss.ndim == 0
 
 
@@ -97,11 +99,11 @@ def test_closure_called_twice_and_returns_loss_at_w() -> None:
         calls.append(loss.item())
         return loss
 
-    with torch.no_grad():
+    with torch.no_grad():  # the same forward ops as the closure's first call (no_grad only records no graph)
         loss_at_w = cross_entropy(model(x), y).item()
     returned = opt.step(closure)
     assert len(calls) == 2
-    assert returned.item() == loss_at_w == calls[0]
+    assert returned.item() == loss_at_w == calls[0]  # exact: the same forward at the same w; returned is calls[0]'s
     assert calls[1] > calls[0]  # the ascent step increases the loss
 
 
@@ -120,6 +122,9 @@ def test_sam_step_matches_hand_computation() -> None:
     g_sam = torch.autograd.grad(cross_entropy(probe(x), y), list(probe.parameters()))
     opt = flatminima.SAM(params, torch.optim.SGD, rho=0.05, lr=0.3)
     opt.step(_closure(model, x, y))
+    # float64: the reference's norm and w + e are computed another way (cat + vector_norm, 0.05 t / norm) than the
+    # library's (per-tensor norms, w + (rho / norm) g), so the two differ by a few ulp (2.2e-16) of O(0.1) values;
+    # a wrong formula (a missing normalisation, the gradient at w) shows at 1e-4 and more
     for p, w0, gs in zip(params, w, g_sam):
         torch.testing.assert_close(p.detach(), w0 - 0.3 * gs, rtol=1e-13, atol=1e-15)
 
@@ -330,7 +335,7 @@ def test_state_dict_resume_is_bit_exact(tmp_path) -> None:
         x, y = make_batch(step)
         straight_opt.step(_closure(straight_model, x, y))
         resumed_opt.step(_closure(resumed_model, x, y))
-    assert _same(straight_model, resumed_model)
+    assert _same(straight_model, resumed_model)  # same code path: the resume replays the same ops in the same order
 
 
 @pytest.mark.parametrize("with_model", [True, False])
@@ -341,7 +346,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only(with_model: bool) ->
     probe(x)  # one training-mode forward at w: the update SAM should make
     opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model if with_model else None)
     opt.step(_closure(model, x, y))
-    bn, expected = model[1], probe[1]
+    bn, expected = model[1], probe[1]  # exact: the probe's pass is the same forward at the same w as SAM's first
     assert torch.equal(bn.running_mean, expected.running_mean)
     assert torch.equal(bn.running_var, expected.running_var)
     assert bn.num_batches_tracked.item() == 1
@@ -358,7 +363,7 @@ def test_two_step_pattern_with_model_keeps_first_pass_statistics() -> None:
     opt.first_step(zero_grad=True)
     cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
-    assert torch.equal(model[1].running_mean, probe[1].running_mean)
+    assert torch.equal(model[1].running_mean, probe[1].running_mean)  # same forward at the same w as the first pass
     assert model[1].num_batches_tracked.item() == 1
 
 
@@ -374,6 +379,7 @@ def test_sync_free_path_matches_the_float_path(monkeypatch, nonfinite: str) -> N
     opt_a.step(_closure(a, x, y))
     monkeypatch.setattr(sam_module, "_host_sync_is_free", lambda tensors: False)
     opt_b.step(_closure(b, x, y))
+    # two kernels for w + c g (one fused add vs a multiply then an add): float64, one step, a few ulp apart
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)
 

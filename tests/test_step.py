@@ -168,6 +168,7 @@ def test_batchnorm_updated_once_from_unperturbed_pass() -> None:
     x, y = make_batch(n=16)
     probe(x)
     flatminima.SharpnessAwareStep(model, per_example, _sgd_sam(model), accumulation_steps=1)(x, y)
+    # exact: one pass over the whole batch is the probe's forward at the same w, and one pass needs no averaging
     assert torch.equal(model[1].running_mean, probe[1].running_mean)
     assert torch.equal(model[1].running_var, probe[1].running_var)
     assert model[1].num_batches_tracked.item() == 1

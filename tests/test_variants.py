@@ -140,6 +140,8 @@ def test_nsam_with_the_batch_as_ascent_sample_is_sam() -> None:
     for _ in range(STEPS):
         nsam(x, y)
         sam(x, y)
+    # same code path: the ascent pass is the batch's mean loss (times 16/16 = 1, exact), the descent the batch's,
+    # through the same optimiser; so the same ops on the same tensors
     assert all(torch.equal(a, b) for a, b in zip(_weights(model_n), _weights(model_s)))
 
 
@@ -186,6 +188,8 @@ def test_rwsam_with_lambda_zero_is_sam() -> None:
     for x, y in _batches():
         rwsam(x, y)
         sam(x, y)
+    # same code path: lambda = 0 skips the scoring and takes the plain mean of the same per-example losses, as SAM
+    # does (its factor 16/16 = 1 is exact)
     assert all(torch.equal(a, b) for a, b in zip(_weights(model_r), _weights(model_s)))
 
 
@@ -311,6 +315,8 @@ def test_large_gradient_takes_a_plain_gradient_step(single_example: bool) -> Non
         _per_example(plain(x), y).mean().backward()
         sgd.step()
     assert len(calls) == STEPS  # one forward per step: the ascent was declined before its pass
+    # same code path: the declined step is the batch's mean-loss gradient, left as it is, through the same
+    # torch.optim.SGD (default foreach) as the plain run
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(plain)))
 
 
@@ -326,6 +332,7 @@ def test_escape_direction_is_orthogonal_to_the_gradient() -> None:
     zero = [torch.zeros_like(t) for t in g]
     d = [t.clone() for t in u]
     OrthogonalEscape(math.inf, 2.0).direction_([], d, zero, [{}, {}], True, lrs=[0.1, 0.1])
+    # exact by construction: the coefficient is 0, so d = 0 + 2 (u - 0 * 0), each op exact
     assert all(torch.equal(a, 2.0 * b) for a, b in zip(d, u))
 
 
@@ -359,6 +366,8 @@ def test_escape_through_a_grad_scaler_is_the_unscaled_step(algorithm: str) -> No
         for x, y in _batches():
             step(x, y)
         results.append(_weights(model))
+    # exact by construction: scaling by 2**10 and back commutes with every rounding (float64, no overflow), and
+    # after the unscaling both runs take the same ops on the same values
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -435,6 +444,7 @@ def test_an_ascent_sample_larger_than_the_data_is_refused(tmp_path, capsys) -> N
     assert "nsam_sample_size=100000 exceeds the 1347 training examples" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["nsam", "rwsam", "ahn-rs", "ahn-sa"])
 def test_a_killed_variant_run_resumes_exactly(tmp_path, monkeypatch, optimizer: str) -> None:
     """The variants draw from the global RNG (checkpointed) or from seeds fixed by the step number: a run that
@@ -446,6 +456,7 @@ def test_a_killed_variant_run_resumes_exactly(tmp_path, monkeypatch, optimizer: 
     assert resumed_equals_straight(tmp_path, monkeypatch, config)
 
 
+@pytest.mark.slow
 def test_demo_compares_any_listed_variants(tmp_path, capsys) -> None:
     from flatminima.cli import main
 

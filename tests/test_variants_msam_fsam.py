@@ -180,6 +180,7 @@ def test_momentum_sam_first_step_is_the_base_step() -> None:
     opt.step(_closure(model, x, y))
     _closure(sgd, x, y)()
     plain.step()
+    # exact by construction: e = 0 exactly, so the only pass runs at w + 0 = w and the same SGD step follows
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(sgd)))
 
 
@@ -274,6 +275,8 @@ def test_friendly_sam_with_a_zero_direction_is_the_base_optimiser() -> None:
         plain.zero_grad()
         _closure(sgd, x, y)()
         plain.step()
+    # exact by construction: lerp with weight 1 gives m = g exactly, so d = g - m = 0 and e = 0; the second pass
+    # runs at w + 0 = w, giving SGD's gradient, and the same SGD step follows
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(sgd)))
 
 
@@ -329,6 +332,7 @@ def test_rho_zero_is_the_base_optimiser_bit_for_bit(variant: str) -> None:
         plain.zero_grad()
         _closure(sgd, x, y)()
         plain.step()
+    # same code path: rho = 0 takes no ascent, so each step is the same closure and the same SGD step
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(sgd)))
     assert len(calls) == STEPS  # no ascent, no extra pass
 
@@ -363,6 +367,7 @@ def test_a_state_dict_saved_mid_run_resumes_bit_for_bit(tmp_path: Path, variant:
     opt.load_state_dict(saved["optimizer"])
     for x, y in batches[3:]:
         opt.step(_closure(resumed, x, y))
+    # same code path: the resumed steps replay the same ops in the same order, from the same saved values
     assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed)))
 
 
@@ -392,6 +397,7 @@ def _fsdp_worker(rank: int, out_dir: Path) -> None:
     torch.save({"weights": weights, "refused": refused}, out_dir / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
 def test_momentum_sam_on_fsdp_matches_one_unsharded_process(tmp_path: Path) -> None:
     run_on_gloo(_fsdp_worker, tmp_path)
@@ -471,6 +477,7 @@ def test_bad_variant_options_are_refused(tmp_path: Path, capsys, extra: list[str
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["momentum-sam", "friendly-sam"])
 def test_a_killed_run_resumes_exactly(tmp_path: Path, monkeypatch, optimizer: str) -> None:
     """The momentum buffer and the gradient mean are in the checkpointed optimiser state: a run that dies after its

@@ -89,7 +89,8 @@ class SAM(Optimizer):
             tensors, on a CPU especially. Gradients are then zeroed in place, as ``set_to_none=False`` does,
             and parameters must share one device and dtype. Steps that do not fit (a parameter without
             gradient, per-group rho, a rule not linear in ``g``, a GradScaler) take the general path. Not with
-            sharded (FSDP) parameters.
+            sharded (FSDP) parameters. The flat and the per-tensor paths agree to rounding, not bit for bit: one
+            operation over a buffer and one per tensor may take different CPU kernels.
         **base_kwargs: options of the base optimiser (``lr``, ``momentum``, ``weight_decay``...).
     """
 
