@@ -69,8 +69,9 @@ def reference() -> nn.Module:
 
 
 def _assert_same(model: nn.Module, reference: nn.Module) -> None:
-    assert int(model[1].num_batches_tracked) == STEPS  # one update per step (10 before the fix)
-    assert model[1].track_running_stats
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    assert int(norm.num_batches_tracked) == STEPS  # one update per step (10 before the fix)
+    assert norm.track_running_stats
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -96,9 +97,25 @@ def test_model_argument_with_compiled_module(backend: str, watch: str, reference
     _assert_same(model, reference)
 
 
-def test_module_compiled_in_place_without_model(reference: nn.Module) -> None:
-    model = _model()
-    model.compile(backend="aot_eager")
+class _OwnModule(nn.Module):
+    """The same layers as ``_model()`` in a module of its own: compiled in place, its forward pre-hook still fires but
+    its layers' do not (nn.Sequential's layers are reached), so SAM updated BatchNorm on both passes (10 after 5)."""
+
+    def __init__(self, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.linear1, self.norm, self.act, self.linear2 = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.act(self.norm(self.linear1(x))))
+
+
+@pytest.mark.parametrize("own_module", [False, True], ids=["sequential", "own-module"])
+@pytest.mark.parametrize(
+    "backend", ["eager", "aot_eager", pytest.param("inductor", marks=[needs_compiler, pytest.mark.slow])]
+)
+def test_module_compiled_in_place_without_model(reference: nn.Module, backend: str, own_module: bool) -> None:
+    model = _OwnModule(_model()) if own_module else _model()
+    model.compile(backend=backend)
     _train(model, model, _optimizer(model))
     _assert_same(model, reference)
 
