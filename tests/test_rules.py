@@ -276,3 +276,72 @@ def test_seams_reject_objects_that_are_not_rules() -> None:
         flatminima.SAM(model.parameters(), torch.optim.SGD, lr=0.1, descent=object())
     with pytest.raises(TypeError, match="cadence"):
         flatminima.SAM(model.parameters(), torch.optim.SGD, lr=0.1, cadence=3)
+
+
+def test_wrappers_declare_what_the_inner_rule_declares() -> None:
+    """ASAM's scaling and the random sign are wrappers: a wrapper of a stateful rule is stateful, one of a
+    gradient-free rule needs no gradient (unless the wrapper itself needs it), the state keys pass through."""
+    from flatminima.optim import Adaptive, DualNorm
+    from flatminima.optim.rules import AscentCapabilities
+    from flatminima.variants import RandomSign
+    from flatminima.variants.friendly_sam import STATE_KEY, FriendlyAscent
+    from flatminima.variants.momentum_sam import MomentumAscent
+
+    declared = AscentCapabilities.of(RandomSign(FriendlyAscent()))
+    assert declared.needs_state and declared.state_keys == (STATE_KEY,) and declared.needs_gradient
+    assert not declared.shard_aware  # as FriendlyAscent declares
+    momentum = AscentCapabilities.of(RandomSign(MomentumAscent()))
+    assert momentum.needs_state and momentum.needs_gradient and momentum.shard_aware  # the sign needs g(w)
+    assert not AscentCapabilities.of(Adaptive(RandomDirection())).needs_gradient
+    assert AscentCapabilities.of(Adaptive(DualNorm(2.0))).shard_aware
+    assert AscentCapabilities.of(Adaptive(DualNorm(2.0))) == AscentCapabilities.of(DualNorm(2.0))
+    with pytest.raises(ValueError, match="Adaptive cannot wrap"):
+        Adaptive(FriendlyAscent())
+
+
+def _friendly_sam(model: nn.Module, perturbation: Any) -> flatminima.SAM:
+    return flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, perturbation=perturbation)
+
+
+def test_random_sign_hands_a_stateful_rule_its_states() -> None:
+    """RandomSign around Friendly SAM's ascent (which keeps a gradient mean in the optimiser state): with the signs
+    drawn +1, +1 the steps are Friendly SAM's own, bit for bit (the same code path: the wrapper adds no arithmetic),
+    and the mean is kept; it failed before (the wrapper dropped needs_state, so the rule got no states)."""
+    from flatminima.variants import RandomSign
+    from flatminima.variants.friendly_sam import STATE_KEY, FriendlyAscent
+
+    seed = 1
+    replay = torch.Generator().manual_seed(seed)
+    assert [int(torch.randint(2, (1,), generator=replay)) for _ in range(2)] == [1, 1]  # no sign flip
+    signed_model, plain_model = make_mlp(seed=2, dtype=torch.float64), make_mlp(seed=2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    signed = _friendly_sam(signed_model, RandomSign(FriendlyAscent(), generator=generator))
+    plain = _friendly_sam(plain_model, FriendlyAscent())
+    for step in range(2):
+        x, y = make_batch(seed=step, dtype=torch.float64)
+        signed.step(lambda m=signed_model, x=x, y=y: cross_entropy(m(x), y).backward())
+        plain.step(lambda m=plain_model, x=x, y=y: cross_entropy(m(x), y).backward())
+        for p, q in zip(signed_model.parameters(), plain_model.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert all(STATE_KEY in signed.state[p] for p in signed_model.parameters())
+
+
+def test_random_sign_flips_a_stateful_rules_perturbation() -> None:
+    """A first draw of 0 flips e: w + e with the sign is w - e without it (float64, O(0.1) values: the two sums
+    round apart by at most an ulp, 1e-15 here; a missing flip is off by 2 |e|, about 1e-2)."""
+    from flatminima.variants import RandomSign
+    from flatminima.variants.friendly_sam import FriendlyAscent
+
+    replay = torch.Generator().manual_seed(0)
+    assert int(torch.randint(2, (1,), generator=replay)) == 0  # the first draw flips the sign
+    signed_model, plain_model = make_mlp(seed=2, dtype=torch.float64), make_mlp(seed=2, dtype=torch.float64)
+    w = [p.detach().clone() for p in plain_model.parameters()]
+    signed = _friendly_sam(signed_model, RandomSign(FriendlyAscent(), generator=torch.Generator().manual_seed(0)))
+    plain = _friendly_sam(plain_model, FriendlyAscent())
+    x, y = make_batch(seed=0, dtype=torch.float64)
+    for model, opt in ((signed_model, signed), (plain_model, plain)):
+        cross_entropy(model(x), y).backward()
+        assert opt.first_step(zero_grad=True)
+    for p, q, w0 in zip(signed_model.parameters(), plain_model.parameters(), w, strict=True):
+        torch.testing.assert_close(p - w0, -(q - w0), rtol=0, atol=1e-15)
+        assert (q - w0).abs().max() > 1e-3  # the perturbation is not negligible

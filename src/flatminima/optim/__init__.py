@@ -18,8 +18,11 @@ from flatminima.optim.rho_scheduler import (
     step_rho,
 )
 from flatminima.optim.rules import (
+    AscentCapabilities,
     AscentRule,
+    AscentWrapper,
     Cadence,
+    DescentCapabilities,
     DescentRule,
     EveryKSteps,
     EveryStep,
@@ -31,8 +34,11 @@ from flatminima.optim.sam import SAM
 __all__ = [
     "SAM",
     "Adaptive",
+    "AscentCapabilities",
     "AscentRule",
+    "AscentWrapper",
     "Cadence",
+    "DescentCapabilities",
     "DescentRule",
     "DualNorm",
     "EveryKSteps",

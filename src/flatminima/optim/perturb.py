@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.norms import flat_norm, global_max, global_norm, global_sum, tensor_norms
-from flatminima.optim.rules import AscentRule, PerturbationRule
+from flatminima.optim.rules import AscentCapabilities, AscentRule, AscentWrapper, PerturbationRule
 
 __all__ = [
     "Adaptive",
@@ -123,7 +123,7 @@ class Unnormalized(AscentRule):
             torch._foreach_mul_(grads, rho)
 
 
-class Adaptive(AscentRule):
+class Adaptive(AscentWrapper):
     """ASAM: apply ``inner`` in the space scaled by ``T_w = |w| + eta`` and map the result back.
 
     With ``g' = T_w g`` the inner rule gives ``e'``, and ``e = T_w e'``; for ``inner = DualNorm(2)`` this is
@@ -134,17 +134,15 @@ class Adaptive(AscentRule):
     def __init__(self, inner: PerturbationRule | None = None, eta: float = 0.01) -> None:
         if not eta >= 0.0:
             raise ValueError(f"Adaptive needs eta >= 0 (T_w = |w| + eta); got eta={eta}.")
-        self.inner = inner if inner is not None else DualNorm(2.0)
-        if getattr(self.inner, "needs_state", False):
+        inner = inner if inner is not None else DualNorm(2.0)
+        if AscentCapabilities.of(inner).needs_state:
             raise ValueError(
-                f"Adaptive cannot wrap {self.inner!r}: it reads or keeps optimiser state (a momentum buffer, a "
+                f"Adaptive cannot wrap {inner!r}: it reads or keeps optimiser state (a momentum buffer, a "
                 "running mean of gradients) in the unscaled coordinates, which the scaling by T_w = |w| + eta would "
                 "not reach. Use the rule without Adaptive."
             )
+        super().__init__(inner)  # declares what the inner rule declares: the scaling itself is elementwise
         self.eta = float(eta)
-        self.needs_gradient = getattr(self.inner, "needs_gradient", True)
-        self.scales_with_rho = getattr(self.inner, "scales_with_rho", True)
-        self.shard_aware = getattr(self.inner, "shard_aware", False)  # the scaling itself is elementwise
 
     def __repr__(self) -> str:
         return f"Adaptive({self.inner!r}, eta={self.eta})"

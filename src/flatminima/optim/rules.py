@@ -16,19 +16,54 @@ from an ascent transformation passed in, and keeps the maths out of the optimise
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 __all__ = [
+    "AscentCapabilities",
     "AscentRule",
+    "AscentWrapper",
     "Cadence",
+    "DescentCapabilities",
     "DescentRule",
     "EveryKSteps",
     "EveryStep",
     "PerturbationRule",
     "PerturbedGradient",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class AscentCapabilities:
+    """What an ascent rule declares, read in one place (:meth:`of`): the class attributes of :class:`AscentRule`,
+    with the same defaults for any object that has ``perturb_`` and declares nothing."""
+
+    needs_gradient: bool = True
+    scales_with_rho: bool = True
+    shard_aware: bool = False
+    needs_state: bool = False
+    state_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, rule: Any) -> AscentCapabilities:
+        return cls(**{f.name: getattr(rule, f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class DescentCapabilities:
+    """What a descent rule declares, read in one place (:meth:`of`): the attributes of :class:`DescentRule`."""
+
+    needs_first_gradient: bool = False
+    needs_learning_rates: bool = False
+    shard_aware: bool = False
+    state_keys: tuple[str, ...] = ()
+    is_identity: bool = False
+
+    @classmethod
+    def of(cls, rule: Any) -> DescentCapabilities:
+        return cls(**{f.name: getattr(rule, f.name, f.default) for f in dataclasses.fields(cls)})
 
 
 @runtime_checkable
@@ -69,6 +104,9 @@ class AscentRule:
     - ``state_keys``: the keys such a rule writes into the states (prefix them with the rule's name). SAM hides
       them from the base optimiser during its step, so that one that initialises its state lazily when the
       dict is empty (Adam) still does so on its first step.
+
+    SAM reads these declarations in one place, :meth:`AscentCapabilities.of`. A rule built around another derives
+    from :class:`AscentWrapper`, which declares what the inner rule declares.
     """
 
     needs_gradient: bool = True
@@ -98,6 +136,34 @@ class AscentRule:
     def linear_coefficient(self, rho: float, grad_norm: Tensor | float) -> Tensor | float | None:
         """``c`` with ``e = c g`` given the global L2 norm of ``g``, or ``None`` if ``e`` is not a multiple of ``g``."""
         return None
+
+
+class AscentWrapper(AscentRule):
+    """Base class of ascent rules built around another (``inner``), such as ASAM's scaling or a random sign.
+
+    The wrapper declares what the inner rule declares (:class:`AscentCapabilities`), with the ``overrides`` the
+    wrapper itself needs, so that a wrapper of a stateful rule is stateful and one of a gradient-free rule needs no
+    gradient; :meth:`perturb_inner_` hands the inner rule its ``states`` when it declares ``needs_state``.
+    """
+
+    def __init__(self, inner: PerturbationRule, **overrides: Any) -> None:
+        self.inner = inner
+        declared = dataclasses.replace(AscentCapabilities.of(inner), **overrides)
+        for name, value in dataclasses.asdict(declared).items():
+            setattr(self, name, value)
+
+    def perturb_inner_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None,
+        states: list[dict[str, Any]] | None,
+    ) -> None:
+        if states is None:
+            self.inner.perturb_(params, grads, rho, grad_norms)
+        else:
+            self.inner.perturb_(params, grads, rho, grad_norms, states=states)
 
 
 class DescentRule:

@@ -45,7 +45,16 @@ from flatminima.optim.flat import FlatLayout
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.norms import flat_norm, global_norm, reduced_over, tensor_norms
 from flatminima.optim.perturb import Adaptive, DualNorm, Unnormalized
-from flatminima.optim.rules import AscentRule, Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient
+from flatminima.optim.rules import (
+    AscentCapabilities,
+    AscentRule,
+    Cadence,
+    DescentCapabilities,
+    DescentRule,
+    EveryStep,
+    PerturbationRule,
+    PerturbedGradient,
+)
 
 __all__ = ["SAM"]
 
@@ -131,6 +140,7 @@ class SAM(Optimizer):
         self.steps = 0  # completed steps, as the cadence counts them
         self._running_stats = running_stats.RunningStatsFreezer(model)
         self._rules: dict[tuple, AscentRule] = {}
+        self._capabilities: dict[Any, AscentCapabilities] = {}  # what each rule in use declares, read once
         self._perturbed: list[Tensor] = []  # parameters now holding w + e (general path)
         self._restore_from: list[Tensor] = []  # their own tensors w
         self._flat_perturbed = False
@@ -194,7 +204,7 @@ class SAM(Optimizer):
         if not self.ascent_due or self.descent.needs_first_gradient:
             return True
         rules = {self._rule_for(g) for g in self.param_groups if g["perturb"] and g["rho"] != 0}
-        return any(getattr(rule, "needs_gradient", True) for rule in rules)
+        return any(self._declared(rule).needs_gradient for rule in rules)
 
     @property
     def ascent_declined(self) -> bool:
@@ -341,7 +351,7 @@ class SAM(Optimizer):
     def _base_step(self) -> Any:
         """The base optimiser's step, with the keys the rules keep in its state (``state_keys``) taken out for its
         duration: one that initialises a parameter's state when the dict is empty (Adam) then still does."""
-        keys = (*getattr(self.perturbation, "state_keys", ()), *getattr(self.descent, "state_keys", ()))
+        keys = (*self._declared(self.perturbation).state_keys, *DescentCapabilities.of(self.descent).state_keys)
         if not keys:
             return self.base_optimizer.step()
         hidden = {}
@@ -526,6 +536,13 @@ class SAM(Optimizer):
             self._rules[key] = rule
         return rule
 
+    def _declared(self, rule: Any) -> AscentCapabilities:
+        """What ``rule`` declares (None, for no rule: nothing), read once per rule."""
+        declared = self._capabilities.get(rule)
+        if declared is None:
+            declared = self._capabilities[rule] = AscentCapabilities.of(rule)
+        return declared
+
     def _buckets(self) -> tuple[list[F.Bucket], list[Tensor]]:
         """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the
         real gradients among them. Sharded parameters are handed over as their local shards.
@@ -541,7 +558,8 @@ class SAM(Optimizer):
                 continue
             _check_rho(rho, "a param group has")
             rule = self._rule_for(group)
-            if getattr(rule, "needs_gradient", True):
+            declared = self._declared(rule)
+            if declared.needs_gradient:
                 params = [p for p in group["params"] if p.grad is not None]
                 _check_dense(params)
                 grads = sharded.locals_of(p.grad for p in params)
@@ -551,8 +569,8 @@ class SAM(Optimizer):
                 grads = [torch.zeros_like(sharded.local(p)) for p in params]
             if not params:
                 continue
-            key = rule if getattr(rule, "scales_with_rho", True) else (rule, rho)
-            states = [self.state[p] for p in params] if getattr(rule, "needs_state", False) else None
+            key = rule if declared.scales_with_rho else (rule, rho)
+            states = [self.state[p] for p in params] if declared.needs_state else None
             buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho, states)
         return list(buckets.values()), real
 
@@ -612,7 +630,8 @@ class SAM(Optimizer):
         rule = self._rule_for(groups[0])
         if any(self._rule_for(g) is not rule for g in groups[1:]):
             return None
-        if not getattr(rule, "needs_gradient", True) or getattr(rule, "needs_state", False):
+        declared = self._declared(rule)
+        if not declared.needs_gradient or declared.needs_state:
             return None
         if _linear_coefficient(rule, rho, 1.0) is None:
             return None
@@ -689,13 +708,14 @@ class SAM(Optimizer):
         groups = self.param_groups if groups is None else groups
         rules = {self._rule_for(g) for g in groups}  # rho = 0 now may grow (a rho schedule): all are checked
         for rule in rules:
-            if not getattr(rule, "shard_aware", False):
+            if not self._declared(rule).shard_aware:
                 raise ValueError(
                     f"the ascent rule {rule!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
                     "parameters (its totals would cover this rank's shard only). The built-in DualNorm (any p), "
                     "Adaptive and Unnormalized rules can."
                 )
-        if not (self.descent.is_identity or getattr(self.descent, "shard_aware", False)):
+        declared = DescentCapabilities.of(self.descent)
+        if not (declared.is_identity or declared.shard_aware):
             raise ValueError(
                 f"the descent rule {self.descent!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
                 "parameters; use SAM's own descent (PerturbedGradient) with fully_shard."

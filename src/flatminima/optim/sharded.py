@@ -9,22 +9,23 @@ next forward pass) and ``w`` is copied back afterwards, bit for bit.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
-try:  # torch built without distributed support has no DTensor: nothing can be sharded then
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-
 __all__ = ["is_sharded", "local", "locals_of", "shard_groups"]
 
 
 def is_sharded(tensor: Any) -> bool:
-    """Whether ``tensor`` is a DTensor (a sharded parameter, or its gradient)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a DTensor (a sharded parameter, or its gradient).
+
+    Not importing ``torch.distributed.tensor`` for this keeps ``import flatminima`` light (the module costs about
+    0.4 s): a DTensor exists only once that module was imported, by whoever made it."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(dtensor_module, "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, tensor_norms
 from flatminima.optim.perturb import DualNorm, RandomDirection
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import AscentRule, DescentRule
+from flatminima.optim.rules import AscentRule, AscentWrapper, DescentRule
 from flatminima.optim.sam import SAM
 
 __all__ = ["OrthogonalEscape", "RandomSign", "SingleExample"]
@@ -100,22 +100,29 @@ class OrthogonalEscape(DescentRule):
         torch._foreach_add_(u, g)
 
 
-class RandomSign(AscentRule):
-    """``s * e`` for the inner rule's ``e`` and a random sign ``s`` (one per step, for the whole vector)."""
+class RandomSign(AscentWrapper):
+    """``s * e`` for the inner rule's ``e`` and a random sign ``s`` (one per step, for the whole vector).
 
-    needs_gradient = True
+    It declares what the inner rule declares (a stateful inner rule gets its states), except that it always takes
+    the gradient at ``w``, as Ahn et al.'s algorithm does."""
 
     def __init__(self, inner: AscentRule, generator: torch.Generator | None = None) -> None:
-        self.inner, self.generator = inner, generator
-        self.scales_with_rho = getattr(inner, "scales_with_rho", True)
+        super().__init__(inner, needs_gradient=True)
+        self.generator = generator
 
     def __repr__(self) -> str:
         return f"RandomSign({self.inner!r})"
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        states: list[dict[str, Any]] | None = None,
     ) -> None:
-        self.inner.perturb_(params, grads, rho, grad_norms)
+        self.perturb_inner_(params, grads, rho, grad_norms, states)
         if torch.randint(2, (1,), generator=self.generator).item() == 0:
             torch._foreach_neg_(grads)
 
