@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,17 +50,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Leave out the tests marked slow unless --slow is given, a -m expression decides, or the test is named."""
-    if config.getoption("--slow") or config.getoption("markexpr"):
+    """Leave out the tests marked slow, unless --slow is given, a -m or -k expression selects, or the test is named
+    on the command line (``path::test``, ``path::test[param]``, ``path::Class``, from any folder)."""
+    if config.getoption("--slow") or config.getoption("markexpr") or config.getoption("keyword"):
         return
-    named = [arg for arg in config.args if "::" in arg]
     kept, slow = [], []
     for item in items:
-        is_named = any(item.nodeid == arg or item.nodeid.startswith(arg + "[") for arg in named)
-        (slow if item.get_closest_marker("slow") and not is_named else kept).append(item)
+        named = any(_names(arg, item, config.invocation_params.dir) for arg in config.args if "::" in arg)
+        (slow if item.get_closest_marker("slow") and not named else kept).append(item)
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = kept
+        config.stash[_LEFT_OUT] = len(slow)
+
+
+def _names(arg: str, item: pytest.Item, folder: Path) -> bool:
+    """Whether the command-line argument ``path::name...`` names ``item`` (or a class or test it belongs to)."""
+    path, _, name = arg.partition("::")
+    if (folder / path).resolve() != item.path.resolve():
+        return False
+    own = item.nodeid.partition("::")[2]
+    return own == name or own.startswith((name + "[", name + "::"))
+
+
+_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    left_out = config.stash.get(_LEFT_OUT, 0)
+    if left_out:
+        plural = "s" if left_out != 1 else ""
+        terminalreporter.write_line(f"{left_out} slow test{plural} left out; add --slow to run them too (CI does)")
 
 
 # Threads each test runs with. One by default: tiny float64 ops run far slower with 2 threads on a busy 2-core box.

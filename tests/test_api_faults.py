@@ -61,8 +61,8 @@ def test_second_step_without_first_step_is_the_base_step(flatten: bool) -> None:
     """The documented plain step: second_step alone equals torch.optim.SGD's step bit for bit.
 
     Exact because it is one code path: SGD's own step on the same tensors. With flatten=True the reference's
-    parameters are views of a flat buffer too, in the same layout: the forward pass and SGD then run the same kernels
-    (a flat buffer and separate tensors may take different ones, which can differ in the last bits)."""
+    parameters are views of a flat buffer too, in the same layout, so the two models differ in nothing but the
+    optimiser and the claim needs no assumption about the kernels a memory layout gets."""
     a, b = make_mlp(seed=3), make_mlp(seed=3)
     options = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
     sam = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.5, flatten=flatten, **options)

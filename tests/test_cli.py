@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,12 @@ def test_version_flag_prints_the_package_version(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"flatminima {__version__}"
+
+
+def test_python_m_flatminima_runs_in_a_process_of_its_own() -> None:
+    """The entry a user types (``python3 -m flatminima``), in a real process: the quick run's one such test."""
+    result = subprocess.run(
+        [sys.executable, "-m", "flatminima", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"flatminima {__version__}"

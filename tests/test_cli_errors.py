@@ -211,9 +211,10 @@ def test_sigint_stops_with_a_resume_hint(tmp_path: Path) -> None:
 
     Synchronised on an event, not on a timer: the signal goes out once the run has written its first checkpoint (so
     a step has run and Python's SIGINT handler is long installed), and the run is far too long to end by itself
-    first (100,000 epochs), so the signal cannot arrive after the run ended, however slow or busy the machine."""
+    first (2,000 epochs, minutes), so the signal cannot arrive after the run ended, however slow or busy the machine
+    (and a run orphaned by a killed test session still ends by itself)."""
     run = tmp_path / "run"
-    argv = ["train", "--epochs", "100000", "--batch-size", "32", "--threads", "1", "--no-progress"]
+    argv = ["train", "--epochs", "2000", "--batch-size", "32", "--threads", "1", "--no-progress"]
     command = [sys.executable, "-m", "flatminima", *argv, "--optimizer", "sam", "--output", str(run)]
     # A child inherits an ignored SIGINT (from a test run started in the background, as `cmd &` and some CI harnesses
     # do), and Python then installs no KeyboardInterrupt handler. Catching SIGINT here while the child starts gives it
@@ -222,13 +223,15 @@ def test_sigint_stops_with_a_resume_hint(tmp_path: Path) -> None:
     try:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler installed from C, which Python cannot put back
+            signal.signal(signal.SIGINT, previous)
     try:
         _wait_for_file(run / "checkpoint.pt", process)
         process.send_signal(signal.SIGINT)
         err = process.communicate(timeout=120)[1]
     finally:
         process.kill()
+        process.wait()
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"continue with: flatminima train --output {run} --resume" in err

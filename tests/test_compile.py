@@ -86,7 +86,11 @@ def test_closure_without_model_on_compiled_module(backend: str, reference: nn.Mo
 
 @pytest.mark.parametrize(
     ("backend", "watch"),
-    [("aot_eager", "compiled"), ("aot_eager", "module"), pytest.param("inductor", "compiled", marks=needs_compiler)],
+    [
+        ("aot_eager", "compiled"),
+        ("aot_eager", "module"),
+        pytest.param("inductor", "compiled", marks=[needs_compiler, pytest.mark.slow]),
+    ],
 )
 def test_model_argument_with_compiled_module(backend: str, watch: str, reference: nn.Module) -> None:
     """``model=`` given the OptimizedModule, or the module it wraps: the flags it switches are guarded by dynamo,

@@ -93,7 +93,8 @@ def test_flat_falls_back_when_a_parameter_has_no_gradient() -> None:
 
 def test_flat_rho_zero_is_the_base_optimizer_bit_for_bit() -> None:
     """Exact because it is one code path: with rho = 0 SAM runs SGD's own step, and the reference's parameters are
-    views of a flat buffer in the same layout, so that forward, backward and SGD run the same kernels."""
+    views of a flat buffer in the same layout, so the two models differ in nothing but the optimiser (no assumption
+    about the kernels a memory layout gets)."""
     reference, model = make_mlp(seed=5), make_mlp(seed=5)
     FlatLayout(list(reference.parameters()))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)

@@ -120,7 +120,7 @@ def test_exception_in_second_pass_restores_w_and_keeps_first_pass_statistics(wit
     )
     x, y = make_batch(4)
     probe = copy.deepcopy(model)
-    if flatten:  # the same layout as the model's, so that its forward pass runs the same kernels on the same layout
+    if flatten:  # the same memory layout as the model's: the probe differs from it in nothing
         FlatLayout(list(probe.parameters()))
     probe(x)  # the first pass's statistics update: the same forward at the same w, so compared bit for bit below
     weights = [p.detach().clone() for p in model.parameters()]

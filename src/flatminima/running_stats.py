@@ -100,7 +100,7 @@ class FrozenPass:
 def compiled_module_inner(module: nn.Module) -> nn.Module | None:
     """The module whose layers run inside a compiled graph when ``module`` is called, else None: what a
     ``torch.compile(module)`` wrapper (dynamo's ``OptimizedModule``) runs, or ``module`` itself when it was compiled
-    in place (``module.compile()``: its forward pre-hooks still fire, its submodules' do not)."""
+    in place (``module.compile()``: its own forward pre-hooks still fire, its submodules' may not)."""
     if getattr(module, "_compiled_call_impl", None) is not None:
         return module
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing was compiled
