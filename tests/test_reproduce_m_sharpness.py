@@ -47,5 +47,5 @@ def test_m_sharpness_quick_regulariser_and_fields(tmp_path: Path, capsys: pytest
     # decides: (rho / 2m) tr(V) is several times larger for m = 4 than for SAM's m = 32
     start_small, start_sam = cells["msam-4"]["regulariser_curve"][0], cells["sam"]["regulariser_curve"][0]
     assert start_small["regulariser_mean"] > 3 * start_sam["regulariser_mean"]
-    # and m-SAM's many small passes cost more than SAM's one per step
-    assert cells["msam-4"]["cost_relative_to_sam"] > 1.2
+    # the cost ratio is wall-clock time, reported but not asserted: a busy or different machine moves it (speed is
+    # measured in benchmarks/, never in a test)
