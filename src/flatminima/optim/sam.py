@@ -55,6 +55,7 @@ from flatminima.optim.rules import (
     PerturbationRule,
     PerturbedGradient,
 )
+from flatminima.optim.step_state import StepState
 
 __all__ = ["SAM"]
 
@@ -144,12 +145,7 @@ class SAM(Optimizer):
         self._perturbed: list[Tensor] = []  # parameters now holding w + e (general path)
         self._restore_from: list[Tensor] = []  # their own tensors w
         self._flat_perturbed = False
-        self._ascended = False  # this step moved the weights (so the last gradient is g(w + e))
-        self._first_grads: tuple[list[Tensor], list[Tensor]] | None = None  # (params, g(w)) for the descent
-        self._skip_descent = False
-        self._direction_ready = False
-        self._first_kept = False  # g(w) was kept by keep_first_gradient() before an ascent on another sample
-        self._declined = False  # the descent rule declined this step's ascent at g(w)
+        self._step = StepState()  # what is known of the step under way
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
         # Share, not copy: schedulers, add_param_group and state_dict all act on the base optimiser.
@@ -212,12 +208,12 @@ class SAM(Optimizer):
         (:meth:`DescentRule.declines_ascent`), or because ``g(w)`` overflowed under a GradScaler. ``.grad`` then
         holds ``g(w)`` and ``second_step`` takes a plain step (under a GradScaler that finds the overflow: no step,
         and the scale backs off); no second pass is needed."""
-        return self._declined
+        return self._step.declined
 
     @property
     def step_skipped(self) -> bool:
         """True between a ``first_step`` that met a non-finite gradient (``nonfinite="skip"``) and ``second_step``."""
-        return self._skip_descent
+        return self._step.skipped
 
     @property
     def flat_layout(self) -> FlatLayout | None:
@@ -243,17 +239,17 @@ class SAM(Optimizer):
         self._check_scaler(grad_scaler)
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         kept = [p.grad.clone() for p in params]
-        self._first_grads = (params, kept)
-        self._first_kept = True
+        self._step.first_grads = (params, kept)
+        self._step.first_kept = True
         if amp.is_active(grad_scaler):
             finite = amp.unscale_first_gradient(grad_scaler, kept)
         else:
             finite = not self.guard.checks or self.guard.first_gradient_ok(self._host_norms(kept))
             if not finite:  # nonfinite="skip"
-                self._skip_descent = True
+                self._step.skipped = True
                 return False
-        self._declined = self.ascent_due and (not finite or self.descent.declines_ascent(kept))
-        return not self._declined
+        self._step.declined = self.ascent_due and (not finite or self.descent.declines_ascent(kept))
+        return not self._step.declined
 
     def watch_running_stats(self, model: nn.Module) -> None:
         """Keep ``model``'s BatchNorm statistics from the first pass (what ``model=`` does at construction)."""
@@ -281,17 +277,17 @@ class SAM(Optimizer):
                 "restored to w and this step is abandoned. Call second_step() after the second backward pass."
             )
         self._check_scaler(grad_scaler)
-        self._skip_descent = False
-        if not self._first_kept:
-            self._first_grads = None
+        self._step.skipped = False
+        if not self._step.first_kept:
+            self._step.first_grads = None
         if grad_scaler is not None and amp.already_unscaled(grad_scaler, self):
             raise RuntimeError(
                 "grad_scaler.unscale_(optimizer) was called before first_step: SAM unscales the first gradient "
                 "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
             )
-        due = self.ascent_due and not self._declined
-        if due and not self._first_kept and self._keep_first_gradient(zero_grad, grad_scaler):
-            self._declined = True  # a plain step along g(w), which .grad still holds (nothing was released)
+        due = self.ascent_due and not self._step.declined
+        if due and not self._step.first_kept and self._keep_first_gradient(zero_grad, grad_scaler):
+            self._step.declined = True  # a plain step along g(w), which .grad still holds (nothing was released)
             return False
         if due:
             plan = self._flat_plan(grad_scaler)
@@ -300,16 +296,16 @@ class SAM(Optimizer):
             elif not self._perturb(zero_grad, grad_scaler):
                 # the scaled g(w) overflowed: keep it in .grad (not zeroed) and decline the ascent, so that no
                 # second pass runs and the scaler, finding the inf/NaN in second_step, skips the step and backs off
-                self._declined = True
+                self._step.declined = True
                 return False
-        self._ascended = self.is_perturbed
-        if due and not self._skip_descent and first_pass and (self._ascended or self._has_gradient()):
+        self._step.ascended = self.is_perturbed
+        if due and not self._step.skipped and first_pass and (self._step.ascended or self._has_gradient()):
             # the unperturbed first pass set the statistics; the second keeps them. Without a gradient (and no
             # move) there was no first pass: the next forward pass is the step's only one and must update them.
             self._running_stats.freeze()
-        if zero_grad and not self._declined:
+        if zero_grad and not self._step.declined:
             self.zero_grad()
-        return self._ascended
+        return self._step.ascended
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
@@ -330,7 +326,7 @@ class SAM(Optimizer):
             self._check_scaler(grad_scaler)
         self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
         try:
-            if self._skip_descent:
+            if self._step.skipped:
                 self.zero_grad()
             elif amp.is_active(grad_scaler):
                 self.apply_descent_rule(grad_scaler)
@@ -367,12 +363,7 @@ class SAM(Optimizer):
 
     def _reset_step(self) -> None:
         """Forget what this step kept (the step counter is the caller's business)."""
-        self._skip_descent = False
-        self._ascended = False
-        self._first_grads = None
-        self._direction_ready = False
-        self._first_kept = False
-        self._declined = False
+        self._step = StepState()
 
     def _abandon_step(self) -> None:
         """Back to ``w`` (exactly) with BatchNorm unfrozen, and nothing of this step kept: before a misuse error."""
@@ -386,15 +377,15 @@ class SAM(Optimizer):
         gradients are unscaled first (through ``grad_scaler.unscale_``), since the rule may mix them with
         ``g(w)``, which is unscaled.
         """
-        if self._direction_ready or self.descent.is_identity:
+        if self._step.direction_ready or self.descent.is_identity:
             return
         self.restore()
         if amp.is_active(grad_scaler) and not amp.already_unscaled(grad_scaler, self):
             grad_scaler.unscale_(self)
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         first = None
-        if self._first_grads is not None:
-            by_param = dict(zip(map(id, self._first_grads[0]), self._first_grads[1]))
+        if self._step.first_grads is not None:
+            by_param = dict(zip(map(id, self._step.first_grads[0]), self._step.first_grads[1]))
             first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
         states = [self.state[p] for p in params]
         lrs = None
@@ -407,10 +398,10 @@ class SAM(Optimizer):
             first = sharded.locals_of(first) if first is not None else None
         with self._reducing():
             if lrs is not None:
-                self.descent.direction_(params, grads, first, states, self._ascended, lrs=lrs)
+                self.descent.direction_(params, grads, first, states, self._step.ascended, lrs=lrs)
             else:
-                self.descent.direction_(params, grads, first, states, self._ascended)
-        self._direction_ready = True
+                self.descent.direction_(params, grads, first, states, self._step.ascended)
+        self._step.direction_ready = True
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -466,7 +457,7 @@ class SAM(Optimizer):
                 loss = closure()
         if self.ascent_due:
             self.first_step(zero_grad=True, grad_scaler=grad_scaler, first_pass=first_pass)
-            if not self._skip_descent and not self._declined:
+            if not self._step.skipped and not self._step.declined:
                 try:
                     with torch.enable_grad(), self._second_pass_running_stats(first_pass) as seen:
                         second = closure()
@@ -597,10 +588,10 @@ class SAM(Optimizer):
         if self.guard.checks or _host_sync_is_free(norms):
             totals = torch.stack([t.to(totals[0].device) for t in totals]).tolist()  # one sync, free on a CPU
             if grads and not scaled and not self.guard.first_gradient_ok(totals):
-                self._skip_descent = True
+                self._step.skipped = True
                 return
         # a general rule may write e into the gradients if they are released afterwards and not needed again
-        in_place = zero_grad and self._flat is None and self._first_grads is None
+        in_place = zero_grad and self._flat is None and self._step.first_grads is None
         moved: list[Tensor] = []
         offset = 0
         for bucket, total in zip(buckets, totals):
@@ -646,7 +637,7 @@ class SAM(Optimizer):
         if self.guard.checks or _host_sync_is_free([norm]):
             norm = norm.item()
             if not self.guard.first_gradient_ok([norm]):
-                self._skip_descent = True
+                self._step.skipped = True
                 return
         F.perturb_flat_(flat.weights, flat.grads, self._flat_saved, _linear_coefficient(rule, rho, norm))
         self._flat_perturbed = True
@@ -667,13 +658,13 @@ class SAM(Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if amp.is_active(grad_scaler):
             kept = [p.grad.clone() for p in params]
-            self._first_grads = (params, kept)
+            self._step.first_grads = (params, kept)
             if not amp.unscale_first_gradient(grad_scaler, kept):
                 return True
         else:
             own = zero_grad and self._flat is None
-            self._first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
-        return self.descent.declines_ascent(self._first_grads[1])
+            self._step.first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
+        return self.descent.declines_ascent(self._step.first_grads[1])
 
     # ------------------------------------------------------------------ internals: the descent
 
