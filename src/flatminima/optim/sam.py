@@ -56,6 +56,7 @@ from flatminima.optim.rules import (
     PerturbedGradient,
 )
 from flatminima.optim.step_state import StepState
+from flatminima.optim.weights import CopiedShards, FlatWeights, SwappedWeights, WeightStore
 
 __all__ = ["SAM"]
 
@@ -142,9 +143,6 @@ class SAM(Optimizer):
         self._running_stats = running_stats.RunningStatsFreezer(model)
         self._rules: dict[tuple, AscentRule] = {}
         self._capabilities: dict[Any, AscentCapabilities] = {}  # what each rule in use declares, read once
-        self._perturbed: list[Tensor] = []  # parameters now holding w + e (general path)
-        self._restore_from: list[Tensor] = []  # their own tensors w
-        self._flat_perturbed = False
         self._step = StepState()  # what is known of the step under way
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
@@ -153,9 +151,6 @@ class SAM(Optimizer):
         self.state = base.state
         self.defaults.update(base.defaults)
         self._flat: FlatLayout | None = None
-        self._flat_saved: Tensor | None = None
-        self._copied: list[Tensor] = []  # local shards now holding w + e (sharded parameters)
-        self._copied_from: list[Tensor] = []  # copies of their w
         self._warned_blind = False
         self._shard_groups = sharded.shard_groups(p for g in self.param_groups for p in g["params"])
         if self._shard_groups is not None:
@@ -165,9 +160,11 @@ class SAM(Optimizer):
                     "allow; use flatten=False with fully_shard."
                 )
             self._check_shardable()
+        # where w is kept while the parameters hold w + e: one strategy, from how the parameters are stored
+        self._weights: WeightStore = CopiedShards() if self.sharded else SwappedWeights()
         if flatten:
             self._flat = FlatLayout([p for g in self.param_groups for p in g["params"]])
-            self._flat_saved = torch.empty_like(self._flat.weights)
+            self._weights = FlatWeights(self._flat)
 
     # ------------------------------------------------------------------ what a driver asks
 
@@ -178,7 +175,7 @@ class SAM(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between a ``first_step`` that moved the weights and ``second_step`` / ``restore``."""
-        return bool(self._perturbed) or bool(self._copied) or self._flat_perturbed
+        return self._weights.perturbed
 
     @property
     def sharded(self) -> bool:
@@ -408,16 +405,7 @@ class SAM(Optimizer):
         """Give each parameter back its own tensor ``w`` (untouched, so exact; sharded parameters get their saved
         shards copied back, also exact); a no-op when not perturbed. BatchNorm layers frozen by ``first_step``
         are switched back on."""
-        if self._perturbed:
-            for param, weights in zip(self._perturbed, self._restore_from):
-                param.data = weights
-            self._perturbed, self._restore_from = [], []
-        if self._copied:
-            torch._foreach_copy_(self._copied, self._copied_from)
-            self._copied, self._copied_from = [], []
-        if self._flat_perturbed:
-            self._flat.weights.copy_(self._flat_saved)
-            self._flat_perturbed = False
+        self._weights.restore()
         self._running_stats.thaw()
 
     def step(  # type: ignore[override]
@@ -512,6 +500,8 @@ class SAM(Optimizer):
             self._check_shardable([*self.param_groups, param_group])
         self.base_optimizer.add_param_group(param_group)
         self._shard_groups = groups
+        if not self.is_perturbed:  # the weights' storage follows how the parameters are stored now
+            self._weights = CopiedShards() if self.sharded else SwappedWeights()
 
     # ------------------------------------------------------------------ internals: the ascent
 
@@ -598,16 +588,7 @@ class SAM(Optimizer):
             bucket_norms = norms[offset : offset + len(bucket.params)]
             offset += len(bucket.params)
             moved.extend(F.perturbed_weights(bucket, total, bucket_norms, in_place=in_place))
-        params = [p for b in buckets for p in b.params]
-        if self.sharded:  # FSDP gathers the weights from the shards' storage: write w + e there, keep w aside
-            self._copied_from = [p.clone() for p in params]
-            self._copied = params
-            torch._foreach_copy_(params, moved)
-            return
-        self._perturbed = params
-        self._restore_from = [p.data for p in self._perturbed]
-        for param, weights in zip(self._perturbed, moved):
-            param.data = weights
+        self._weights.hold([p for b in buckets for p in b.params], moved)
 
     def _flat_plan(self, grad_scaler: torch.amp.GradScaler | None) -> tuple[AscentRule, float] | None:
         """(rule, rho) when this step can run on the flat buffers, else None."""
@@ -639,8 +620,7 @@ class SAM(Optimizer):
             if not self.guard.first_gradient_ok([norm]):
                 self._step.skipped = True
                 return
-        F.perturb_flat_(flat.weights, flat.grads, self._flat_saved, _linear_coefficient(rule, rho, norm))
-        self._flat_perturbed = True
+        self._weights.hold_flat(_linear_coefficient(rule, rho, norm))
 
     def _has_gradient(self) -> bool:
         """Whether any parameter holds a gradient (a backward pass at ``w`` preceded ``first_step``)."""
