@@ -297,6 +297,8 @@ def test_wrappers_declare_what_the_inner_rule_declares() -> None:
     assert AscentCapabilities.of(Adaptive(DualNorm(2.0))) == AscentCapabilities.of(DualNorm(2.0))
     with pytest.raises(ValueError, match="Adaptive cannot wrap"):
         Adaptive(FriendlyAscent())
+    with pytest.raises(TypeError, match="RandomSign wraps an ascent rule"):
+        RandomSign(0.05)
 
 
 def _friendly_sam(model: nn.Module, perturbation: Any) -> flatminima.SAM:

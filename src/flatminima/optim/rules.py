@@ -147,6 +147,8 @@ class AscentWrapper(AscentRule):
     """
 
     def __init__(self, inner: PerturbationRule, **overrides: Any) -> None:
+        if not callable(getattr(inner, "perturb_", None)):
+            raise TypeError(f"{type(self).__name__} wraps an ascent rule (a perturb_ method); got {inner!r}.")
         self.inner = inner
         declared = dataclasses.replace(AscentCapabilities.of(inner), **overrides)
         for name, value in dataclasses.asdict(declared).items():
