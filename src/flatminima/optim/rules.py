@@ -35,8 +35,16 @@ __all__ = [
 ]
 
 
+class _Declarations:
+    """Reads a rule's declarations into the dataclass's fields, each defaulted when the rule does not declare it."""
+
+    @classmethod
+    def of(cls, rule: Any) -> Any:
+        return cls(**{f.name: getattr(rule, f.name, f.default) for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass(frozen=True)
-class AscentCapabilities:
+class AscentCapabilities(_Declarations):
     """What an ascent rule declares, read in one place (:meth:`of`): the class attributes of :class:`AscentRule`,
     with the same defaults for any object that has ``perturb_`` and declares nothing."""
 
@@ -46,13 +54,10 @@ class AscentCapabilities:
     needs_state: bool = False
     state_keys: tuple[str, ...] = ()
 
-    @classmethod
-    def of(cls, rule: Any) -> AscentCapabilities:
-        return cls(**{f.name: getattr(rule, f.name, f.default) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
-class DescentCapabilities:
+class DescentCapabilities(_Declarations):
     """What a descent rule declares, read in one place (:meth:`of`): the attributes of :class:`DescentRule`."""
 
     needs_first_gradient: bool = False
@@ -61,9 +66,6 @@ class DescentCapabilities:
     state_keys: tuple[str, ...] = ()
     is_identity: bool = False
 
-    @classmethod
-    def of(cls, rule: Any) -> DescentCapabilities:
-        return cls(**{f.name: getattr(rule, f.name, f.default) for f in dataclasses.fields(cls)})
 
 
 @runtime_checkable

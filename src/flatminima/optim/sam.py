@@ -142,7 +142,7 @@ class SAM(Optimizer):
         self.steps = 0  # completed steps, as the cadence counts them
         self._running_stats = running_stats.RunningStatsFreezer(model)
         self._rules: dict[tuple, AscentRule] = {}
-        self._capabilities: dict[Any, AscentCapabilities] = {}  # what each rule in use declares, read once
+        self._capabilities: dict[tuple[Any, type], Any] = {}  # what each rule in use declares, read once
         self._step = StepState()  # what is known of the step under way
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
@@ -344,7 +344,8 @@ class SAM(Optimizer):
     def _base_step(self) -> Any:
         """The base optimiser's step, with the keys the rules keep in its state (``state_keys``) taken out for its
         duration: one that initialises a parameter's state when the dict is empty (Adam) then still does."""
-        keys = (*self._declared(self.perturbation).state_keys, *DescentCapabilities.of(self.descent).state_keys)
+        descent = self._declared(self.descent, DescentCapabilities)
+        keys = (*self._declared(self.perturbation).state_keys, *descent.state_keys)
         if not keys:
             return self.base_optimizer.step()
         hidden = {}
@@ -517,11 +518,11 @@ class SAM(Optimizer):
             self._rules[key] = rule
         return rule
 
-    def _declared(self, rule: Any) -> AscentCapabilities:
+    def _declared(self, rule: Any, kind: type = AscentCapabilities) -> Any:
         """What ``rule`` declares (None, for no rule: nothing), read once per rule."""
-        declared = self._capabilities.get(rule)
+        declared = self._capabilities.get((rule, kind))
         if declared is None:
-            declared = self._capabilities[rule] = AscentCapabilities.of(rule)
+            declared = self._capabilities[(rule, kind)] = kind.of(rule)
         return declared
 
     def _buckets(self) -> tuple[list[F.Bucket], list[Tensor]]:
@@ -685,7 +686,7 @@ class SAM(Optimizer):
                     "parameters (its totals would cover this rank's shard only). The built-in DualNorm (any p), "
                     "Adaptive and Unnormalized rules can."
                 )
-        declared = DescentCapabilities.of(self.descent)
+        declared = self._declared(self.descent, DescentCapabilities)
         if not (declared.is_identity or declared.shard_aware):
             raise ValueError(
                 f"the descent rule {self.descent!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
