@@ -21,8 +21,8 @@ groups and batch rules, which need per-rank perturbations, are refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import pairwise
 
 import torch
@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatminima import running_stats
 from flatminima.batch_rules import BatchRule, Probe, make_probe
+from flatminima.optim.plan import Descend, Pass, StepPlan
 from flatminima.optim.sam import SAM
 from flatminima.optim.scaler import already_unscaled
 
@@ -152,12 +153,13 @@ class SharpnessAwareStep:
         sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks). A
             descent rule that needs ``g(w)`` always gets it all-reduced, so every rank takes the same step.
         batch_rule: which examples each pass sees (:class:`~flatminima.batch_rules.BatchRule`: n-SAM's ascent
-            sample, RW-SAM's weights, a single example); default: the batch for both passes.
+            sample, RW-SAM's weights, a single example); it is set on the optimiser (``optimizer.batch_rule``),
+            whose own rule is used when this is None. Default: the batch for both passes.
 
-    The optimiser's seams decide the passes: a step the cadence exempts from the ascent is one pass at ``w``;
-    an ascent that needs no gradient at ``w`` skips the first pass (then the loss returned is the one at
-    ``w + e``, and BatchNorm keeps that pass's statistics). Returns from a call the mean loss at ``w`` over the
-    batch, detached (no host sync).
+    The step runs the optimiser's plan (:meth:`SAM.plan`), which decides the passes: a step the cadence exempts
+    from the ascent is one pass at ``w``; an ascent that needs no gradient at ``w`` skips the first pass (then the
+    loss returned is the one at ``w + e``, and BatchNorm keeps that pass's statistics). Returns from a call the
+    mean loss at ``w`` over the batch, detached (no host sync).
     """
 
     def __init__(
@@ -176,14 +178,16 @@ class SharpnessAwareStep:
     ) -> None:
         if batch_rule is not None and not isinstance(batch_rule, BatchRule):
             raise TypeError(f"batch_rule must be a flatminima.batch_rules.BatchRule; got {type(batch_rule).__name__}.")
+        if not isinstance(optimizer, SAM):
+            raise TypeError(f"optimizer must be a flatminima.SAM; got {type(optimizer).__name__}.")
+        if batch_rule is None:
+            batch_rule = optimizer.batch_rule  # the optimiser's own, if one was set on it
         special = batch_rule is not None and not batch_rule.is_default
         if special and (group_size is not None or accumulation_steps > 1):
             raise ValueError(
                 f"the batch rule {batch_rule!r} chooses each pass's examples itself; it does not combine with "
                 "m-SAM groups (group_size) or accumulation_steps."
             )
-        if not isinstance(optimizer, SAM):
-            raise TypeError(f"optimizer must be a flatminima.SAM; got {type(optimizer).__name__}.")
         if optimizer.sharded and (group_size is not None or special):
             what = "m-SAM (group_size)" if group_size is not None else f"the batch rule {batch_rule!r}"
             raise ValueError(
@@ -219,7 +223,7 @@ class SharpnessAwareStep:
         self.precision = Precision(grad_scaler, autocast_dtype)
         self.max_grad_norm = max_grad_norm
         self.sync_perturbation = sync_perturbation
-        self.batch_rule = batch_rule if special else None
+        optimizer.batch_rule = batch_rule if special else None  # the plan reads it from the optimiser
         self._norm_layers = running_stats.norm_layers(model)
         self._ddp = isinstance(model, DistributedDataParallel)
         optimizer.watch_running_stats(model)  # SAM owns the freezing of BatchNorm during perturbed passes
@@ -227,6 +231,11 @@ class SharpnessAwareStep:
     @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         return self.precision.grad_scaler
+
+    @property
+    def batch_rule(self) -> BatchRule | None:
+        """The batch rule the optimiser's plan follows (None: the batch for every pass)."""
+        return self.optimizer.batch_rule
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """One step; if anything in it raises, the weights and BatchNorm statistics are left as they were."""
@@ -239,142 +248,86 @@ class SharpnessAwareStep:
             raise
 
     def _step(self, inputs: Tensor, targets: Tensor, start: running_stats.RunningStatsSnapshot) -> Tensor:
+        """Run the optimiser's plan of this step: each pass on its examples, then the descent."""
         batch = inputs.shape[0]
         if batch == 0 or targets.shape[0] != batch:
             raise ValueError(f"need a non-empty batch with one target per input; got {batch} and {targets.shape[0]}.")
         opt = self.optimizer
-        opt.zero_grad()
-        if self.batch_rule is not None and opt.ascent_due:
-            return self._step_with_rule(inputs, targets)
-        if not opt.ascent_due:  # the cadence exempts this step: one pass at w, then the descent
-            loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
-            return self._descend(loss)
-        if not opt.needs_first_pass:  # the ascent reads no gradient: move, then the only pass
-            opt.first_step(zero_grad=True, grad_scaler=self.precision.scaler, first_pass=False)
-            loss = self._pass(inputs, targets, self._chunks(batch), batch, sync_last=True)
-            return self._descend(loss)
         groups = self._groups(batch)
+        plan = opt.plan(
+            self.precision.scaler,
+            batch=(inputs, targets),
+            groups=len(groups),
+            sync_perturbation=self.sync_perturbation,
+        )
+        opt.zero_grad()
         stats = running_stats.AveragedRunningStats(self._norm_layers, start=start)
-        loss_at_w: Tensor | float = 0.0
-        accumulated: list[Tensor | None] | None = None
-        params = [p for group in opt.param_groups for p in group["params"]]
-        for index, chunks in enumerate(groups):
-            last_group = index == len(groups) - 1
-            group_count = sum(stop - start for start, stop in chunks)
-            # ascent pass at w: the gradient of this group's mean loss
-            for j, (start, stop) in enumerate(chunks):
-                sync = (self.sync_perturbation or opt.descent.needs_first_gradient) and j == len(chunks) - 1
-                stats.before_pass()
-                with self._sync(sync):
-                    loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / group_count)
-                    self.precision.backward(loss)
-                stats.after_pass()
-                loss_at_w = loss_at_w + loss.detach() * (group_count / batch)
-            opt.first_step(zero_grad=True, grad_scaler=self.precision.scaler)
-            if opt.step_skipped:  # non-finite gradient under nonfinite="skip": no step at all
-                stats.rollback()
-                opt.second_step()
-                return torch.as_tensor(loss_at_w)
-            if opt.ascent_declined:  # the descent rule wants a plain step at this g(w), which .grad holds
+        loss: Tensor | float = 0.0
+        for phase in plan:
+            if isinstance(phase, Descend):
+                if phase.outcome == "skipped":  # a non-finite g(w) under nonfinite="skip": no step at all
+                    stats.rollback()
+                    opt.second_step()
+                    return torch.as_tensor(loss)
                 stats.finish()
-                return self._descend(torch.as_tensor(loss_at_w))
-            if accumulated is not None:  # put back the perturbed gradients of the earlier groups
-                for p, grad in zip(params, accumulated):
-                    p.grad = grad
-            # descent pass at w + e (BatchNorm frozen by first_step): accumulates this group's share
-            self._pass(inputs, targets, chunks, batch, sync_last=last_group)
-            if not last_group:
-                opt.restore()
-                accumulated = [p.grad for p in params]
-                for p in params:
-                    p.grad = None
-        stats.finish()
-        return self._descend(torch.as_tensor(loss_at_w))
+                return self._descend(torch.as_tensor(loss))
+            chunks = groups[phase.group or 0] if phase.sample == "batch" and not phase.weighted else None
+            share = self._run_pass(plan, phase, inputs, targets, chunks, stats)
+            if phase.reports_loss:
+                loss = loss + share
+        raise AssertionError("a step plan ends with Descend")  # pragma: no cover
 
-    def _step_with_rule(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """A step whose passes see the examples the batch rule picks (n-SAM, RW-SAM, a single example)."""
-        opt, rule, scaler = self.optimizer, self.batch_rule, self.precision.scaler
-        batch = inputs.shape[0]
-        sample = rule.ascent_sample(inputs, targets, opt.steps)
-        loss_at_w: Tensor | None = None
-        frozen_first = False
-        if sample is not None and opt.descent.needs_first_gradient:
-            # g(w) of the batch for the descent rule, all-reduced so that every rank steps alike
-            loss_at_w = self._pass(inputs, targets, [(0, batch)], batch, sync_last=True)
-            proceed = opt.keep_first_gradient(scaler)
-            if opt.step_skipped:  # non-finite g(w) under nonfinite="skip"
-                opt.second_step()
-                return loss_at_w
-            if not proceed:  # declined at this g(w): a plain step along it
-                return self._descend(loss_at_w)
-            opt.zero_grad()
-            frozen_first = True  # the batch pass set the BatchNorm statistics
-        if opt.needs_first_pass:
-            ascent_inputs, ascent_targets = sample if sample is not None else (inputs, targets)
-            with running_stats.frozen(self._norm_layers) if frozen_first else nullcontext():
-                ascent_loss = self._ascent_pass(ascent_inputs, ascent_targets, chunk=batch)
-            if sample is None:
-                loss_at_w = ascent_loss
-            opt.first_step(zero_grad=True, grad_scaler=scaler)
-        else:
-            opt.first_step(zero_grad=True, grad_scaler=scaler, first_pass=False)
-        if opt.step_skipped:
-            opt.second_step()
-            return loss_at_w if loss_at_w is not None else torch.zeros(())
-        if opt.ascent_declined:
-            return self._descend(loss_at_w)
-        descent = rule.descent_sample(inputs, targets)
-        descent_inputs, descent_targets = descent if descent is not None else (inputs, targets)
-        weights = rule.descent_weights()
-        with self._sync(True):
-            if weights is None:
-                loss = self._loss(descent_inputs, descent_targets)
-            else:
-                loss = (
-                    weights * self.precision.losses(self.model, self.loss_fn, descent_inputs, descent_targets)
-                ).sum()
-            self.precision.backward(loss)
-        return self._descend(loss_at_w if loss_at_w is not None else loss.detach())
+    def _run_pass(
+        self,
+        plan: StepPlan,
+        phase: Pass,
+        inputs: Tensor,
+        targets: Tensor,
+        chunks: list[tuple[int, int]] | None,
+        stats: running_stats.AveragedRunningStats,
+    ) -> Tensor:
+        """Forward-backward of ``phase``; returns its share of the step's loss, detached.
 
-    def _ascent_pass(self, inputs: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        """Backward of the ascent loss at ``w`` over ``inputs`` (in chunks of ``chunk``, or weighted by the rule);
-        returns the plain mean loss, detached. Not all-reduced unless ``sync_perturbation``."""
-        rule, n = self.batch_rule, inputs.shape[0]
-        if rule.needs_per_example_losses:
-            with self._sync(self.sync_perturbation):
-                losses = self.precision.losses(self.model, self.loss_fn, inputs, targets)
-                weights = rule.ascent_weights(losses.detach(), self._probe(inputs, targets))
+        ``chunks``: the micro-batches (or m-SAM group) of the batch this pass sees, else None for the batch rule's
+        sample in one piece. A pass at ``w`` takes the gradient of its examples' mean loss (the ascent's); one at
+        ``w + e`` weights them by their share of the batch, so that m-SAM's groups add up to the batch's mean.
+        """
+        if chunks is None:
+            x, y = plan.examples(phase, inputs, targets)
+            with self._sync(phase.sync), self._statistics(phase, stats):
+                if not phase.weighted:
+                    loss = self._loss(x, y)
+                    self.precision.backward(loss)
+                    return loss.detach()
+                losses = self.precision.losses(self.model, self.loss_fn, x, y)
+                weights = plan.loss_weights(phase, losses.detach(), lambda: self._probe(x, y))
                 loss = losses.mean() if weights is None else (weights * losses).sum()
                 self.precision.backward(loss)
-            return losses.detach().mean()
-        chunks = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-        stats = running_stats.AveragedRunningStats(self._norm_layers)
+            return losses.detach().mean() if phase.at == "w" else loss.detach()
+        batch = inputs.shape[0]
+        count = sum(stop - start for start, stop in chunks)
+        scale = count if phase.at == "w" else batch  # the group's mean at w; its share of the batch at w + e
         total: Tensor | float = 0.0
         for j, (start, stop) in enumerate(chunks):
-            stats.before_pass()
-            with self._sync(self.sync_perturbation and j == len(chunks) - 1):
-                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / n)
+            with self._sync(phase.sync and j == len(chunks) - 1), self._statistics(phase, stats):
+                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / scale)
                 self.precision.backward(loss)
-            stats.after_pass()
             total = total + loss.detach()
-        stats.finish()
-        return torch.as_tensor(total)
+        return torch.as_tensor(total) * (count / batch) if phase.at == "w" and count != batch else total
+
+    @contextmanager
+    def _statistics(self, phase: Pass, stats: running_stats.AveragedRunningStats) -> Iterator[None]:
+        """Every pass that updates BatchNorm statistics starts from the step's; they are averaged at the end."""
+        if not phase.updates_running_stats:
+            yield
+            return
+        stats.before_pass()
+        yield
+        stats.after_pass()
 
     def _probe(self, inputs: Tensor, targets: Tensor) -> Probe:
         module = self.model.module if self._ddp else self.model
         return make_probe(module, self.loss_fn, inputs, targets, self.precision.autocast(inputs.device.type))
-
-    def _pass(
-        self, inputs: Tensor, targets: Tensor, chunks: list[tuple[int, int]], batch: int, sync_last: bool
-    ) -> Tensor:
-        """Forward-backward over ``chunks``, each weighted by its share of ``batch``; returns their loss."""
-        total: Tensor | float = 0.0
-        for j, (start, stop) in enumerate(chunks):
-            with self._sync(sync_last and j == len(chunks) - 1):
-                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / batch)
-                self.precision.backward(loss)
-            total = total + loss.detach()
-        return torch.as_tensor(total)
 
     def _descend(self, loss: Tensor) -> Tensor:
         opt, scaler = self.optimizer, self.precision.scaler

@@ -35,6 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from flatminima.optim import scaler as amp
+from flatminima.optim.plan import Descend, Pass
 from flatminima.optim.sam import SAM
 
 __all__ = ["SAMTrainer", "sam_step", "unwrap_sam"]
@@ -77,6 +78,11 @@ def sam_step(
     normalised over the whole step, e.g. by a token count). Do not wrap the call in ``accelerator.accumulate``: the
     call is the whole step, gradients zeroed before and after.
 
+    The passes are SAM's plan of the step (:meth:`SAM.plan`): two, or one when the cadence exempts the step or
+    the ascent reads no ``g(w)`` (Momentum-SAM, a random direction; the loss returned is then the one at
+    ``w + e``). An optimiser with a batch rule (n-SAM, RW-SAM, Ahn et al.'s SA) is refused: those pick examples
+    from ``(inputs, targets)`` tensors, which this loop does not hand over; use ``SharpnessAwareStep``.
+
     ``max_grad_norm`` clips the descent direction (after unscaling under fp16). Under fp16 the first gradient is
     unscaled before the ascent, an inf/NaN step is skipped by the GradScaler (``optimizer.step_was_skipped`` is
     set, so a prepared scheduler does not advance) and the scaler is updated. Under DDP the last micro-batch of
@@ -104,15 +110,19 @@ def sam_step(
             total = total + loss.detach()
         return total / len(batches) if reduction == "mean" else total
 
+    plan = sam.plan(scaler, sync_perturbation=True)  # refuses a batch rule, which needs (inputs, targets)
     sam.zero_grad()
-    loss = passes()  # at w
+    loss: Tensor | None = None
     try:
-        if sam.first_step(zero_grad=False, grad_scaler=scaler):
-            sam.zero_grad()
-            passes()  # at w + e
+        for phase in plan:  # the passes at w and w + e, or fewer (a cadence, a rule that reads no g(w))
+            if isinstance(phase, Descend):
+                break
+            value = passes()
+            if phase.reports_loss:
+                loss = value
     finally:
         sam.restore()
-    if max_grad_norm is not None:
+    if max_grad_norm is not None and plan.outcome != "skipped":
         sam.apply_descent_rule(scaler)  # clip the final direction, as SharpnessAwareStep does
         if scaler is not None and not amp.already_unscaled(scaler, sam):
             scaler.unscale_(sam)
@@ -159,6 +169,7 @@ class SAMTrainer(transformers.Trainer):
             options["adaptive"] = sam_adaptive
         self.sam_options = options
         self._sam_micro_batches: list[tuple[Any, Any]] = []
+        self._sam_phases: Any = iter(())
         self._sam_ready = False
         super().__init__(*args, **kwargs)
         if self.optimizer is not None:
@@ -167,7 +178,7 @@ class SAMTrainer(transformers.Trainer):
                     "sam_rho, sam_adaptive and sam_kwargs configure the SAM that SAMTrainer builds from "
                     "TrainingArguments; with optimizers=(SAM(...), ...) set these options on your SAM instead."
                 )
-            unwrap_sam(self.optimizer)
+            _check_no_batch_rule(unwrap_sam(self.optimizer))
         _check_backend(self.accelerator)
 
     # ------------------------------------------------------------------ the Trainer's seams
@@ -189,7 +200,7 @@ class SAMTrainer(transformers.Trainer):
         optimizer = super().create_optimizer(*args, **kwargs)
         if build and not isinstance(optimizer, SAM):
             self.optimizer = SAM(None, optimizer, **self.sam_options)
-        unwrap_sam(self.optimizer)
+        _check_no_batch_rule(unwrap_sam(self.optimizer))
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> Any:
@@ -198,28 +209,37 @@ class SAMTrainer(transformers.Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
-        """The Trainer's forward-backward at ``w``; on the step's last micro-batch, SAM's ascent and second pass."""
+        """The Trainer's forward-backward, the first pass of SAM's plan; on the step's last micro-batch, the rest.
+
+        The first pass is at ``w``, or at ``w + e`` when the plan ascends first (a rule that reads no ``g(w)``).
+        The plan's later passes replay the step's micro-batches, with the same loss scaling; ``w`` is restored
+        before the Trainer clips and calls ``optimizer.step()``, SAM's descent.
+        """
         sam = self._prepare_sam(model)
+        if not self._sam_micro_batches:  # the step's first micro-batch: its plan, up to the first pass
+            self._sam_phases = iter(sam.plan(_active(self.accelerator.scaler), sync_perturbation=True))
+            first = next(self._sam_phases)
+            if not isinstance(first, Pass):  # pragma: no cover - every plan has a pass
+                raise AssertionError("a SAM step plan begins with a pass")
         self._sam_micro_batches.append((inputs, num_items_in_batch))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self.accelerator.sync_gradients:
             return loss
         micro_batches, self._sam_micro_batches = self._sam_micro_batches, []
-        scaler = _active(self.accelerator.scaler)
-        # g(w) of all k micro-batches is in .grad. Not moved (cadence, declined ascent, fp16 overflow, nonfinite
-        # "skip"): .grad keeps g(w), and optimizer.step() takes the plain step or lets the scaler skip it.
-        if not sam.first_step(zero_grad=False, grad_scaler=scaler):
-            return loss
-        sam.zero_grad()
+        phases, self._sam_phases = self._sam_phases, iter(())
         try:
-            for index, (batch, items) in enumerate(micro_batches):
-                last = index == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    super().training_step(model, batch, items)  # same scaling as at w; its loss is not logged
+            for phase in phases:  # the plan's later passes; declined or skipped: straight to Descend
+                if isinstance(phase, Descend):
+                    if phase.outcome != "skipped" and _active(self.accelerator.scaler) is None:
+                        sam.restore()
+                        sam.apply_descent_rule()  # so that the Trainer clips the final direction
+                    break
+                for index, (batch, items) in enumerate(micro_batches):
+                    last = index == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                        super().training_step(model, batch, items)  # same scaling as at w; its loss is not logged
         finally:
             sam.restore()  # w exactly, before the Trainer clips, calls callbacks or raises
-        if scaler is None:
-            sam.apply_descent_rule()  # so that the Trainer clips the final direction (a no-op for SAM's rule)
         return loss
 
     # ------------------------------------------------------------------ internals
@@ -281,6 +301,15 @@ def _descend(sam: SAM, scaler: torch.amp.GradScaler | None) -> bool:
 
 def _active(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
     return scaler if amp.is_active(scaler) else None
+
+
+def _check_no_batch_rule(sam: SAM) -> None:
+    """Refuse, when the Trainer is built, an optimiser whose batch rule needs the step's tensors."""
+    if sam.batch_rule is not None:
+        raise ValueError(
+            f"SAMTrainer cannot run the batch rule {sam.batch_rule!r}, which picks each pass's examples from "
+            "(inputs, targets) tensors; train with flatminima.SharpnessAwareStep, or set optimizer.batch_rule = None."
+        )
 
 
 def _check_backend(accelerator: Accelerator) -> None:

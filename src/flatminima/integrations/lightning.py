@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim import scaler as amp
+from flatminima.optim.plan import Ascend, Descend
 from flatminima.optim.sam import SAM
 
 try:
@@ -146,26 +147,34 @@ class _SamStep:
         self.scaler: torch.amp.GradScaler | None = scaler if amp.is_active(scaler) else None
 
     def run(self, batch_idx: int, closure: Callable[[], Any]) -> None:
+        """SAM's plan of the step: its first pass is Lightning's closure, its later ones replay the window."""
         sam, k = self.sam, self.trainer.accumulate_grad_batches
         window = self._window(batch_idx, k)
         self._watch_running_stats()
-        loss = closure()  # the pass at w: Lightning's training_step, zero_grad and (scaled) backward
-        if loss is None and (self.scaler is not None or not _has_gradient(sam)):
-            return  # training_step returned None: no step, as Lightning's AMP plugin does
-        if sam.ascent_due:
-            moved = sam.first_step(zero_grad=False, grad_scaler=self.scaler)  # unscales g(w) itself
-            if sam.step_skipped:  # non-finite g(w) under nonfinite="skip": no step at all
-                sam.second_step()
-                return
-            if moved:
-                sam.zero_grad()
-                try:
-                    self._second_pass(window, k)
-                except BaseException:
-                    sam.restore()  # never leave the weights at w + e (nor BatchNorm frozen)
-                    raise
-            # not moved: the cadence or descent rule took no ascent, or the GradScaler found inf/NaN in g(w);
-            # .grad still holds g(w), so the step below is a plain one, or one the scaler skips
+        plan = sam.plan(self.scaler, sync_perturbation=True)  # refuses a batch rule (it needs the tensors)
+        if isinstance(plan.phases[0], Ascend) and k > 1:
+            raise NotImplementedError(
+                f"SAM's rules ({sam.perturbation!r}) read no gradient at w, so its step's only pass is at w + e, "
+                f"but with accumulate_grad_batches={k} Lightning has already run the window's earlier batches at w; "
+                "use accumulate_grad_batches=1 with this optimiser."
+            )
+        phases = iter(plan)
+        try:
+            next(phases)  # up to the first pass: at w, or at w + e for an ascent that reads no g(w)
+            loss = closure()  # Lightning's training_step, zero_grad and (scaled) backward
+            if loss is None and (self.scaler is not None or not _has_gradient(sam)):
+                sam.restore()
+                return  # training_step returned None: no step, as Lightning's AMP plugin does
+            for phase in phases:  # the later passes; a declined or skipped ascent goes straight to Descend
+                if isinstance(phase, Descend):
+                    break
+                self._second_pass(window, k)
+        except BaseException:
+            sam.restore()  # never leave the weights at w + e (nor BatchNorm frozen)
+            raise
+        if plan.outcome == "skipped":  # non-finite g(w) under nonfinite="skip": no step at all
+            sam.second_step()
+            return
         self._descend()
 
     def _window(self, batch_idx: int, k: int) -> list[tuple[int, Any]]:

@@ -55,7 +55,6 @@ class AscentCapabilities(_Declarations):
     state_keys: tuple[str, ...] = ()
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DescentCapabilities(_Declarations):
     """What a descent rule declares, read in one place (:meth:`of`): the attributes of :class:`DescentRule`."""
@@ -65,7 +64,6 @@ class DescentCapabilities(_Declarations):
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
     is_identity: bool = False
-
 
 
 @runtime_checkable

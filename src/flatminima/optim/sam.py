@@ -45,6 +45,7 @@ from flatminima.optim.flat import FlatLayout
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.norms import flat_norm, global_norm, reduced_over, tensor_norms
 from flatminima.optim.perturb import Adaptive, DualNorm, Unnormalized
+from flatminima.optim.plan import Descend, Pass, StepPlan, plan_step
 from flatminima.optim.rules import (
     AscentCapabilities,
     AscentRule,
@@ -144,6 +145,8 @@ class SAM(Optimizer):
         self._rules: dict[tuple, AscentRule] = {}
         self._capabilities: dict[tuple[Any, type], Any] = {}  # what each rule in use declares, read once
         self._step = StepState()  # what is known of the step under way
+        self._batch_rule: Any = None
+        self.last_plan: StepPlan | None = None  # the plan of the step under way, or of the last one
         super().__init__(base.param_groups, defaults)
         self.base_optimizer = base
         # Share, not copy: schedulers, add_param_group and state_dict all act on the base optimiser.
@@ -220,13 +223,17 @@ class SAM(Optimizer):
     @torch.no_grad()
     def keep_first_gradient(self, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
         """Hold the gradient now in ``.grad`` as ``g(w)`` for the descent rule, before an ascent pass on another
-        sample (a driver whose ascent gradient is not the batch's, such as a single example's, calls this after
-        the batch's pass at ``w``, then zeroes the gradients). Returns whether the ascent goes ahead: False when
-        the descent rule declines it at this ``g(w)``; ``.grad`` is then left holding ``g(w)``, so call
+        sample (a hand-written loop whose ascent gradient is not the batch's, such as a single example's, calls
+        this after the batch's pass at ``w``, then zeroes the gradients). Returns whether the ascent goes ahead:
+        False when the descent rule declines it at this ``g(w)``; ``.grad`` is then left holding ``g(w)``, so call
         ``second_step`` for a plain step. With ``grad_scaler`` the kept copy is unscaled; a non-finite ``g(w)``
         then declines the ascent too, so that the scaler finds the inf/NaN left in ``.grad``, skips the step and
         lowers its scale, as for any overflow.
         """
+        self._refuse_batch_rule("keep_first_gradient()")
+        return self._keep_first_gradient(grad_scaler)
+
+    def _keep_first_gradient(self, grad_scaler: torch.amp.GradScaler | None) -> bool:
         if self.is_perturbed:
             self._abandon_step()
             raise RuntimeError(
@@ -267,6 +274,11 @@ class SAM(Optimizer):
         :attr:`needs_first_pass`): BatchNorm then keeps the statistics of the only pass, at ``w + e``.
         Returns whether the weights were moved.
         """
+        self._refuse_batch_rule("first_step()")
+        return self._ascend(zero_grad, grad_scaler, first_pass=first_pass)
+
+    @torch.no_grad()
+    def _ascend(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None, *, first_pass: bool = True) -> bool:
         if self.is_perturbed:
             self._abandon_step()
             raise RuntimeError(
@@ -283,7 +295,7 @@ class SAM(Optimizer):
                 "itself. Call unscale_ (e.g. for clipping) only after the second backward, before second_step."
             )
         due = self.ascent_due and not self._step.declined
-        if due and not self._step.first_kept and self._keep_first_gradient(zero_grad, grad_scaler):
+        if due and not self._step.first_kept and self._hold_first_gradient(zero_grad, grad_scaler):
             self._step.declined = True  # a plain step along g(w), which .grad still holds (nothing was released)
             return False
         if due:
@@ -438,26 +450,86 @@ class SAM(Optimizer):
                 "opt.step(lambda: (loss_fn(model(x), y).backward(), ...)[-1]); or call first_step() after the "
                 "first backward and second_step() after the second."
             )
+        plan = self.plan(grad_scaler)
         self.zero_grad()
         loss = None
-        first_pass = self.needs_first_pass
-        if first_pass:
-            with torch.enable_grad():
-                loss = closure()
-        if self.ascent_due:
-            self.first_step(zero_grad=True, grad_scaler=grad_scaler, first_pass=first_pass)
-            if not self._step.skipped and not self._step.declined:
-                try:
-                    with torch.enable_grad(), self._second_pass_running_stats(first_pass) as seen:
-                        second = closure()
-                except BaseException:
-                    self._abandon_step()  # w exactly, BatchNorm as after the first pass
-                    raise
+        try:
+            for phase in plan:
+                if isinstance(phase, Descend):
+                    break
+                with torch.enable_grad(), self._closure_running_stats(phase) as seen:
+                    value = closure()
                 if seen is not None and not seen.modules_ran:
-                    self._warn_blind(second)
-                loss = second if loss is None else loss
+                    self._warn_blind(value)
+                if phase.reports_loss:
+                    loss = value
+        except BaseException:
+            self._abandon_step()  # w exactly, BatchNorm as after the first pass
+            raise
         self.second_step(grad_scaler=grad_scaler)
         return loss
+
+    def plan(
+        self,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        *,
+        batch: tuple[Tensor, Tensor] | None = None,
+        groups: int = 1,
+        sync_perturbation: bool = False,
+    ) -> StepPlan:
+        """The plan of the next step (:mod:`flatminima.optim.plan`), for a driver to run.
+
+        ``batch``: the step's ``(inputs, targets)``, which a batch rule (:attr:`batch_rule`) picks examples from;
+        a driver that cannot hand over tensors (a closure, the Trainer) gets an error when a batch rule is set.
+        ``groups``: m-SAM's number of groups; ``sync_perturbation``: under DDP, one perturbation for all ranks.
+        """
+        rule = self.batch_rule
+        if rule is not None and batch is None:
+            self._refuse_batch_rule("this driver")
+        if self.is_perturbed:
+            self._abandon_step()
+            raise RuntimeError(
+                "a new step was begun with the weights at w + e (first_step() without second_step()); they are "
+                "restored to w and that step is abandoned."
+            )
+        ascent_sample = None
+        if rule is not None and self.ascent_due:
+            ascent_sample = rule.ascent_sample(batch[0], batch[1], self.steps)
+        phases = plan_step(
+            self,
+            batch_rule=rule is not None,
+            separate_ascent_sample=ascent_sample is not None,
+            weighted_ascent=rule is not None and rule.needs_per_example_losses,
+            groups=groups,
+            sync=sync_perturbation,
+        )
+        self.last_plan = StepPlan(self, phases, grad_scaler, rule, batch, ascent_sample)
+        return self.last_plan
+
+    @property
+    def batch_rule(self) -> Any:
+        """The batch rule that picks each pass's examples (n-SAM, RW-SAM, a single example), or None: only a
+        driver that hands the plan its batch (:class:`~flatminima.step.SharpnessAwareStep`) can run one."""
+        return self._batch_rule
+
+    @batch_rule.setter
+    def batch_rule(self, rule: Any) -> None:
+        if rule is not None and not callable(getattr(rule, "ascent_sample", None)):
+            raise TypeError(f"batch_rule must be a flatminima.batch_rules.BatchRule; got {type(rule).__name__}.")
+        self._batch_rule = None if rule is None or getattr(rule, "is_default", False) else rule
+
+    def _refuse_batch_rule(self, driver: str) -> None:
+        if self._batch_rule is not None:
+            raise ValueError(
+                f"{driver} cannot run the batch rule {self._batch_rule!r}, which chooses the examples of each pass; "
+                "train this optimiser with flatminima.SharpnessAwareStep (or set optimizer.batch_rule = None)."
+            )
+
+    def _closure_running_stats(self, phase: Pass) -> AbstractContextManager[running_stats.FrozenPass | None]:
+        """The closure's pass at ``w + e``: BatchNorm frozen through the watched model, else wherever it runs."""
+        if phase.updates_running_stats or self._running_stats.watching:
+            return nullcontext()
+        return running_stats.freeze_everywhere()
 
     # ------------------------------------------------------------------ checkpoints and groups
 
@@ -627,7 +699,7 @@ class SAM(Optimizer):
         """Whether any parameter holds a gradient (a backward pass at ``w`` preceded ``first_step``)."""
         return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
-    def _keep_first_gradient(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
+    def _hold_first_gradient(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
         """Hold ``g(w)`` for a descent rule that asks for it (the tensors themselves when they are released, an
         unscaled copy under a GradScaler); returns whether the rule declines the ascent at it.
 
@@ -707,12 +779,6 @@ class SAM(Optimizer):
             RuntimeWarning,
             stacklevel=4,  # the caller of step(), past torch.optim's wrapper
         )
-
-    def _second_pass_running_stats(self, first_pass: bool) -> AbstractContextManager[running_stats.FrozenPass | None]:
-        """Closure pattern: freeze via the model if known (already done by first_step), else globally."""
-        if self._running_stats.watching or not first_pass:
-            return nullcontext()
-        return running_stats.freeze_everywhere()
 
 
 def _through_compiled_graph(loss: Any, limit: int = 10_000) -> bool:
