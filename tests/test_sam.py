@@ -370,14 +370,14 @@ def test_two_step_pattern_with_model_keeps_first_pass_statistics() -> None:
 @pytest.mark.parametrize("nonfinite", ["ignore", "raise"])
 def test_sync_free_path_matches_the_float_path(monkeypatch, nonfinite: str) -> None:
     """On a GPU with nonfinite='ignore' the scale stays a tensor (no host sync); same result as the float path."""
-    import flatminima.optim.sam as sam_module
+    import flatminima.optim.ascent as ascent_module
 
     a, b = make_mlp(seed=13, dtype=torch.float64), make_mlp(seed=13, dtype=torch.float64)
     opt_a = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, nonfinite=nonfinite)
     opt_b = flatminima.SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, nonfinite=nonfinite)
     x, y = make_batch(dtype=torch.float64)
     opt_a.step(_closure(a, x, y))
-    monkeypatch.setattr(sam_module, "_host_sync_is_free", lambda tensors: False)
+    monkeypatch.setattr(ascent_module, "_host_sync_is_free", lambda tensors: False)
     opt_b.step(_closure(b, x, y))
     # two kernels for w + c g (one fused add vs a multiply then an add): float64, one step, a few ulp apart
     for p, q in zip(a.parameters(), b.parameters()):

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from flatminima.optim.descent import keep_first_gradient
+
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
 
-__all__ = ["Ascend", "Descend", "KeepFirstGradient", "Pass", "SetAside", "StepPlan", "plan_step"]
+__all__ = ["Ascend", "Descend", "KeepFirstGradient", "Pass", "SetAside", "StepPlan", "build_plan", "plan_step"]
 
 Sample = tuple[Tensor, Tensor]
 Outcome = Literal["ascended", "plain", "skipped"]
@@ -95,7 +97,7 @@ class KeepFirstGradient:
 
     def run(self, plan: StepPlan) -> Outcome | None:
         sam = plan.sam
-        proceed = sam._keep_first_gradient(plan.grad_scaler)
+        proceed = keep_first_gradient(sam, plan.grad_scaler)
         if sam._step.skipped:
             return "skipped"
         if not proceed:
@@ -238,3 +240,34 @@ class StepPlan:
             for p, grad in zip(self._params(), self._aside):
                 p.grad = grad
             self._aside = None
+
+
+def build_plan(
+    sam: SAM,
+    grad_scaler: torch.amp.GradScaler | None,
+    batch: Sample | None,
+    groups: int,
+    sync_perturbation: bool,
+) -> StepPlan:
+    """``sam``'s plan of its next step (:meth:`SAM.plan`); the batch rule, if any, draws the ascent's sample now."""
+    rule = sam.batch_rule
+    if rule is not None and batch is None:
+        sam._refuse_batch_rule("this driver")
+    if sam.is_perturbed:
+        sam._abandon_step()
+        raise RuntimeError(
+            "a new step was begun with the weights at w + e (first_step() without second_step()); they are "
+            "restored to w and that step is abandoned."
+        )
+    ascent_sample = None
+    if rule is not None and sam.ascent_due:
+        ascent_sample = rule.ascent_sample(batch[0], batch[1], sam.steps)
+    phases = plan_step(
+        sam,
+        batch_rule=rule is not None,
+        separate_ascent_sample=ascent_sample is not None,
+        weighted_ascent=rule is not None and rule.needs_per_example_losses,
+        groups=groups,
+        sync=sync_perturbation,
+    )
+    return StepPlan(sam, phases, grad_scaler, rule, batch, ascent_sample)

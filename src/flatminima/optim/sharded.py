@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["is_sharded", "local", "locals_of", "shard_groups"]
+from flatminima.optim import scaler as amp
+from flatminima.optim.norms import global_norm, reduced_over, tensor_norms
+
+__all__ = [
+    "check_scaler",
+    "check_shardable",
+    "host_norms",
+    "is_sharded",
+    "local",
+    "locals_of",
+    "reducing",
+    "shard_groups",
+]
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -71,3 +85,46 @@ def shard_groups(params: Iterable[Tensor]) -> tuple[Any, ...] | None:
     if mesh.ndim == 1:
         return tuple(mesh.get_group() for _ in shard_dims)
     return tuple(mesh.get_group(dim) for dim in shard_dims)
+
+
+def reducing(groups: tuple[Any, ...] | None) -> AbstractContextManager[None]:
+    """The block in which norms and sums run over all ranks' shards (``groups`` from :func:`shard_groups`), else
+    a no-op."""
+    return reduced_over(groups) if groups is not None else nullcontext()
+
+
+def host_norms(groups: tuple[Any, ...] | None, grads: list[Tensor]) -> list[float]:
+    """Norms of ``grads`` read back for the inf/NaN check: per tensor, or the total over all ranks' shards."""
+    if not grads:
+        return []
+    if groups is None:
+        return torch.stack(tensor_norms(grads)).tolist()
+    with reduced_over(groups):
+        return [global_norm(tensor_norms(locals_of(grads))).item()]
+
+
+def check_scaler(sharded: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
+    if sharded and amp.is_active(grad_scaler):
+        raise ValueError(
+            "a GradScaler with sharded (FSDP) parameters is not supported: its inf/NaN check would differ "
+            "between ranks. Use bfloat16 autocast without a GradScaler, or float32."
+        )
+
+
+def check_shardable(book: Any, descent: Any, groups: list[dict[str, Any]]) -> None:
+    """Sharded parameters: every rule in use must work on local shards (declare ``shard_aware``)."""
+    from flatminima.optim.rules import DescentCapabilities
+
+    for rule in {book.rule_for(g) for g in groups}:  # rho = 0 now may grow (a rho schedule): all are checked
+        if not book.declared(rule).shard_aware:
+            raise ValueError(
+                f"the ascent rule {rule!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
+                "parameters (its totals would cover this rank's shard only). The built-in DualNorm (any p), "
+                "Adaptive and Unnormalized rules can."
+            )
+    declared = book.declared(descent, DescentCapabilities)
+    if not (declared.is_identity or declared.shard_aware):
+        raise ValueError(
+            f"the descent rule {descent!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
+            "parameters; use SAM's own descent (PerturbedGradient) with fully_shard."
+        )

@@ -1,0 +1,145 @@
+"""The ascent of a SAM step: ``w + e`` from the gradient at ``w``, by rule, on the fastest path that fits.
+
+Parameters are grouped into buckets by ascent rule (rules that scale with rho share one normalisation across
+groups, as the paper's one global norm), each bucket's ``w + e`` is formed by :mod:`flatminima.optim.functional`,
+and the optimiser's weight store (:mod:`flatminima.optim.weights`) holds it. With ``flatten=True`` and a rule
+linear in ``g``, ``w + c g`` is one operation on the flat buffer. Sharded parameters (FSDP2) are handed over as their
+local shards, the norms reduced over all ranks. The gradient's finiteness is checked here, once, on the norms the
+rule needs anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from flatminima.optim import functional as F
+from flatminima.optim import scaler as amp
+from flatminima.optim import sharded
+from flatminima.optim.groups import check_dense, check_rho
+from flatminima.optim.norms import flat_norm, tensor_norms
+
+if TYPE_CHECKING:
+    from flatminima.optim.sam import SAM
+
+__all__ = ["needs_gradient", "perturb"]
+
+
+def needs_gradient(sam: SAM) -> bool:
+    """Whether a rule of the perturbed groups reads ``g(w)`` (a random direction does not)."""
+    book = sam.rules
+    return any(book.declared(rule).needs_gradient for rule in book.active(sam.param_groups))
+
+
+def perturb(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
+    """Move the parameters to ``w + e``; returns False when a GradScaler's ``g(w)`` holds inf/NaN (the weights stay
+    at ``w`` and the scaler skips the step). A non-finite ``g(w)`` under ``nonfinite="skip"`` marks the step
+    skipped and leaves the weights at ``w``."""
+    flat = _flat_rule(sam, grad_scaler)
+    if flat is not None:
+        _perturb_flat(sam, *flat)
+        return True
+    buckets, grads = _buckets(sam)  # grads: the real gradients only
+    if not buckets:
+        return True
+    scaled = amp.is_active(grad_scaler)
+    if scaled and grads and not amp.unscale_first_gradient(grad_scaler, grads):
+        return False  # inf/NaN: no perturbation; the scaler skips this step in second_step
+    with sharded.reducing(sam.shard_groups):
+        _perturb_buckets(sam, buckets, grads, zero_grad, scaled)
+    return True
+
+
+def _buckets(sam: SAM) -> tuple[list[F.Bucket], list[Tensor]]:
+    """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the real
+    gradients among them. Sharded parameters are handed over as their local shards. Rules that declare
+    ``needs_state`` are handed the parameters' rule-state dicts too."""
+    book = sam.rules
+    buckets: dict[Any, F.Bucket] = {}
+    real: list[Tensor] = []
+    for group in sam.param_groups:
+        rho = group["rho"]
+        if not group["perturb"] or rho == 0:
+            continue
+        check_rho(rho, "a param group has")
+        rule = book.rule_for(group)
+        declared = book.declared(rule)
+        if declared.needs_gradient:
+            params = [p for p in group["params"] if p.grad is not None]
+            check_dense(params)
+            grads = sharded.locals_of(p.grad for p in params)
+            real.extend(grads)
+        else:
+            params = [p for p in group["params"] if p.requires_grad]
+            grads = [torch.zeros_like(sharded.local(p)) for p in params]
+        if not params:
+            continue
+        key = rule if declared.scales_with_rho else (rule, rho)
+        states = [sam.state[p] for p in params] if declared.needs_state else None
+        buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho, states)
+    return list(buckets.values()), real
+
+
+def _perturb_buckets(sam: SAM, buckets: list[F.Bucket], grads: list[Tensor], zero_grad: bool, scaled: bool) -> None:
+    norms = tensor_norms([g for b in buckets for g in b.grads])
+    totals: list[Tensor] | list[float] = F.bucket_norms(buckets, norms)
+    if sam.guard.checks or _host_sync_is_free(norms):
+        totals = torch.stack([t.to(totals[0].device) for t in totals]).tolist()  # one sync, free on a CPU
+        if grads and not scaled and not sam.guard.first_gradient_ok(totals):
+            sam._step.skipped = True
+            return
+    # a general rule may write e into the gradients if they are released afterwards and not needed again
+    in_place = zero_grad and sam.flat_layout is None and sam._step.first_grads is None
+    moved: list[Tensor] = []
+    offset = 0
+    for bucket, total in zip(buckets, totals):
+        bucket_norms = norms[offset : offset + len(bucket.params)]
+        offset += len(bucket.params)
+        moved.extend(F.perturbed_weights(bucket, total, bucket_norms, in_place=in_place))
+    sam._weights.hold([p for b in buckets for p in b.params], moved)
+
+
+def _flat_rule(sam: SAM, grad_scaler: torch.amp.GradScaler | None) -> tuple[Any, float] | None:
+    """(rule, rho) when this step can run on the flat buffers, else None."""
+    flat = sam.flat_layout
+    if flat is None or amp.is_active(grad_scaler):
+        return None
+    groups, book = sam.param_groups, sam.rules
+    rho = groups[0]["rho"]
+    if not 0 < rho < math.inf or any(not g["perturb"] or g["rho"] != rho for g in groups):
+        return None
+    rule = book.rule_for(groups[0])
+    if any(book.rule_for(g) is not rule for g in groups[1:]):
+        return None
+    declared = book.declared(rule)
+    if not declared.needs_gradient or declared.needs_state:
+        return None
+    if _linear_coefficient(rule, rho, 1.0) is None:
+        return None
+    check_dense(flat.params)  # before adopt_gradients, which cannot copy a sparse gradient
+    if not flat.weights_in_place() or not flat.adopt_gradients():
+        return None
+    return rule, rho
+
+
+def _perturb_flat(sam: SAM, rule: Any, rho: float) -> None:
+    norm = flat_norm(sam.flat_layout.grads)
+    if sam.guard.checks or _host_sync_is_free([norm]):
+        norm = norm.item()
+        if not sam.guard.first_gradient_ok([norm]):
+            sam._step.skipped = True
+            return
+    sam._weights.hold_flat(_linear_coefficient(rule, rho, norm))
+
+
+def _linear_coefficient(rule: Any, rho: float, norm: Tensor | float) -> Tensor | float | None:
+    method = getattr(rule, "linear_coefficient", None)
+    return method(rho, norm) if method is not None else None
+
+
+def _host_sync_is_free(tensors: list[Tensor]) -> bool:
+    """On a CPU reading a value back costs nothing, so the fused float-scaled path is always taken there."""
+    return all(t.device.type == "cpu" for t in tensors)

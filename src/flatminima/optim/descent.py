@@ -1,0 +1,132 @@
+"""The descent of a SAM step: ``g(w)`` kept for a descent rule that asks, the direction formed, the base step.
+
+The descent rule (:class:`~flatminima.optim.rules.DescentRule`) turns ``.grad`` into the update direction, from
+``g(w + e)`` and, when it asks, ``g(w)``, which is kept here during the step; the base optimiser then steps along it
+with the keys the rules keep in its state hidden, so that one that initialises its state lazily (Adam) still does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from flatminima.optim import scaler as amp
+from flatminima.optim import sharded
+from flatminima.optim.rules import DescentCapabilities
+
+if TYPE_CHECKING:
+    from flatminima.optim.sam import SAM
+
+__all__ = ["apply_direction", "base_step", "descent_gradient_ok", "hold_first_gradient", "keep_first_gradient"]
+
+
+def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
+    """Hold ``g(w)`` for a descent rule that asks for it (the tensors themselves when they are released, an
+    unscaled copy under a GradScaler); returns whether the rule declines the ascent at it.
+
+    Under a GradScaler a non-finite ``g(w)`` declines the ascent: the scaler then finds the inf/NaN in ``.grad``
+    (still the scaled first gradient), skips the step and lowers its scale.
+    """
+    if not sam.descent.needs_first_gradient:
+        return False
+    params = _with_gradient(sam)
+    if amp.is_active(grad_scaler):
+        kept = [p.grad.clone() for p in params]
+        sam._step.first_grads = (params, kept)
+        if not amp.unscale_first_gradient(grad_scaler, kept):
+            return True
+    else:
+        own = zero_grad and sam.flat_layout is None
+        sam._step.first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
+    return sam.descent.declines_ascent(sam._step.first_grads[1])
+
+
+def keep_first_gradient(sam: SAM, grad_scaler: torch.amp.GradScaler | None) -> bool:
+    """A copy of the batch's ``g(w)`` kept before an ascent on another sample; returns whether the ascent goes
+    ahead (see :meth:`SAM.keep_first_gradient`)."""
+    if sam.is_perturbed:
+        sam._abandon_step()
+        raise RuntimeError(
+            "keep_first_gradient() must come before first_step(), but the weights were perturbed (at w + e); "
+            "they are restored to w and this step is abandoned. Call it after the batch's backward pass at w."
+        )
+    sharded.check_scaler(sam.sharded, grad_scaler)
+    params = _with_gradient(sam)
+    kept = [p.grad.clone() for p in params]
+    sam._step.first_grads = (params, kept)
+    sam._step.first_kept = True
+    if amp.is_active(grad_scaler):
+        finite = amp.unscale_first_gradient(grad_scaler, kept)
+    else:
+        finite = not sam.guard.checks or sam.guard.first_gradient_ok(sharded.host_norms(sam.shard_groups, kept))
+        if not finite:  # nonfinite="skip"
+            sam._step.skipped = True
+            return False
+    sam._step.declined = sam.ascent_due and (not finite or sam.descent.declines_ascent(kept))
+    return not sam._step.declined
+
+
+def apply_direction(sam: SAM, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+    """Turn ``.grad`` into the descent rule's direction (once per step; see :meth:`SAM.apply_descent_rule`)."""
+    step = sam._step
+    if step.direction_ready or sam.descent.is_identity:
+        return
+    sam.restore()
+    if amp.is_active(grad_scaler) and not amp.already_unscaled(grad_scaler, sam):
+        grad_scaler.unscale_(sam)
+    params = _with_gradient(sam)
+    first = None
+    if step.first_grads is not None:
+        by_param = dict(zip(map(id, step.first_grads[0]), step.first_grads[1]))
+        first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
+    states = [sam.state[p] for p in params]
+    lrs = None
+    if sam.descent.needs_learning_rates:
+        lr_of = {id(p): group["lr"] for group in sam.param_groups for p in group["params"]}
+        lrs = [float(lr_of[id(p)]) for p in params]
+    grads = [p.grad for p in params]
+    if sam.sharded:  # a shard-aware rule works on the local shards, its totals reduced over all ranks
+        params, grads = sharded.locals_of(params), sharded.locals_of(grads)
+        first = sharded.locals_of(first) if first is not None else None
+    with sharded.reducing(sam.shard_groups):
+        if lrs is not None:
+            sam.descent.direction_(params, grads, first, states, step.ascended, lrs=lrs)
+        else:
+            sam.descent.direction_(params, grads, first, states, step.ascended)
+    step.direction_ready = True
+
+
+def descent_gradient_ok(sam: SAM, grads: list[Tensor]) -> bool:
+    """The guard's check of the direction the base optimiser is about to take (one host sync)."""
+    flat = sam.flat_layout
+    if flat is not None and flat.gradients_are_views():
+        return sam.guard.descent_gradient_ok([flat.grads])
+    if sam.sharded:
+        with sharded.reducing(sam.shard_groups):
+            return sam.guard.descent_gradient_ok(sharded.locals_of(grads))
+    return sam.guard.descent_gradient_ok(grads)
+
+
+def base_step(sam: SAM) -> Any:
+    """The base optimiser's step, with the keys the rules keep in its state (``state_keys``) taken out for its
+    duration: one that initialises a parameter's state when the dict is empty (Adam) then still does."""
+    book = sam.rules
+    keys = (*book.declared(sam.perturbation).state_keys, *book.declared(sam.descent, DescentCapabilities).state_keys)
+    if not keys:
+        return sam.base_optimizer.step()
+    hidden = {}
+    for param, state in sam.state.items():
+        held = {key: state.pop(key) for key in keys if key in state}
+        if held:
+            hidden[param] = held
+    try:
+        return sam.base_optimizer.step()
+    finally:
+        for param, held in hidden.items():
+            sam.state[param].update(held)
+
+
+def _with_gradient(sam: SAM) -> list[Tensor]:
+    return [p for group in sam.param_groups for p in group["params"] if p.grad is not None]
