@@ -19,6 +19,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,6 +109,7 @@ REFUSAL = (ValueError, TypeError, NotImplementedError)
 
 def test_every_sharpness_aware_variant_is_in_the_matrix() -> None:
     """A newly registered variant must be given its declared cost here (and so enter every driver's cells)."""
+    assert len(optimizer_names()) == 15 and set(optimizer_names()) - set(VARIANTS) == {"sgd", "adamw"}
     assert set(COST) == set(VARIANTS)
     assert set(MSAM_REFUSED_BY_BUILDER) | set(MSAM_REFUSED_BY_STEP) <= set(VARIANTS)
     assert {name for name in VARIANTS if optimizer_spec(name).batch_rule is not None} == {"ahn-sa", "nsam", "rwsam"}
@@ -123,15 +125,18 @@ def make_model() -> nn.Sequential:
 
 
 def training_set() -> tuple[Tensor, Tensor]:
+    """72 float64 examples of 6 features, 3 classes: the six steps' batches, and n-SAM's pool."""
     gen = torch.Generator().manual_seed(1)
     return torch.randn(N_TRAIN, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (N_TRAIN,), generator=gen)
 
 
 def per_example_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy per example (reduction="none"), as the batch rules that weight examples need."""
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def mean_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The mean loss of the examples ``x, y``: one forward pass of ``model``."""
     return per_example_loss(model(x), y).mean()
 
 
@@ -146,6 +151,7 @@ class Setup:
     batches: list[tuple[Tensor, Tensor]]
 
     def weights(self) -> list[Tensor]:
+        """Copies of the model's parameters now."""
         return [p.detach().clone() for p in self.model.parameters()]
 
 
@@ -273,6 +279,13 @@ def reference(name: str, group_size: int | None = None) -> tuple[list[Tensor], l
     setup = make_setup(name)
     ascended = [reference_step(setup, x, y, group_size) for x, y in setup.batches]
     assert setup.opt.steps == STEPS
+    # which steps ascend is the variant's own schedule: its cadence, and for Ahn et al. the switch at g(w)
+    due = [setup.opt.cadence.takes_ascent(t) for t in range(STEPS)]
+    declined = [d and not up for d, up in zip(due, ascended)]
+    if name in ("ahn-rs", "ahn-sa"):
+        assert any(declined) and any(ascended), "AHN_EPSILON should let some steps perturb and decline others"
+    else:
+        assert not any(declined) and ascended == due
     return setup.weights(), ascended
 
 
@@ -299,6 +312,7 @@ class PassCounter:
         (self.passes if torch.is_grad_enabled() else self.probes)[self.opt.steps] += 1
 
     def per_step(self) -> tuple[list[int], list[int]]:
+        """Stop counting; the forward-backward passes and the forwards without gradient of each step."""
         self.handle.remove()
         return [self.passes[t] for t in range(STEPS)], [self.probes[t] for t in range(STEPS)]
 
@@ -340,11 +354,12 @@ def with_batch_rule(name: str) -> Setup:
     """The setup with its batch rule attached to the optimiser, as the registry's users will: ``opt.batch_rule``."""
     setup = make_setup(name)
     if setup.rule is not None:
-        setup.opt.batch_rule = setup.rule  # type: ignore[attr-defined]
+        setup.opt.batch_rule = setup.rule
     return setup
 
 
 def cells(drivers: tuple[str, ...]) -> list[Any]:
+    """Every variant through each of ``drivers``, with ids such as ``momentum-sam-closure``."""
     return [pytest.param(name, driver, id=f"{name}-{driver}") for name in VARIANTS for driver in drivers]
 
 
@@ -386,7 +401,7 @@ def drive_step(setup: Setup, group_size: int | None = None) -> None:
         step(x, y)
 
 
-@pytest.mark.parametrize(("name", "driver"), cells(("closure", "two-step", "step")))
+@pytest.mark.parametrize(("name", "driver"), cells(("closure", "two-step", "sharpness-aware-step")))
 def test_core_driver(name: str, driver: str) -> None:
     """The closure, two-step and SharpnessAwareStep drivers: the reference's weights at the declared cost; the
     first two refuse a batch-rule variant at the first step."""
@@ -405,16 +420,17 @@ def test_core_driver(name: str, driver: str) -> None:
             setup.opt.keep_first_gradient()
         return
     counter = PassCounter(setup.model, setup.opt)
-    {"closure": drive_closure, "two-step": drive_two_step, "step": drive_step}[driver](setup)
+    drivers = {"closure": drive_closure, "two-step": drive_two_step, "sharpness-aware-step": drive_step}
+    drivers[driver](setup)
     check_cell(setup, counter)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", [pytest.param(name, id=f"{name}-sharpness-aware-step-m{GROUP}") for name in VARIANTS])
 def test_msam_groups(name: str) -> None:
     """SharpnessAwareStep with m-SAM groups: the reference's m-SAM at 2 passes per group where the variant allows
     it; refused when built (by the registry's builder or the step) where it does not."""
     if name in MSAM_REFUSED_BY_BUILDER:
-        with pytest.raises(ValueError, match="group.size") as error:
+        with pytest.raises(ValueError, match=r"group.size") as error:
             make_setup(name, group_size=GROUP)
         assert "\n" not in str(error.value)
         return
@@ -456,6 +472,7 @@ class HFModel(nn.Module):
 def fresh_accelerate_state() -> Iterator[None]:
     """Accelerate keeps process-wide singletons (mixed precision, sync flags); each cell starts clean."""
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -481,7 +498,7 @@ def drive_sam_step(setup: Setup) -> Callable[[], None]:
     return loop
 
 
-def hf_trainer(setup: Setup, tmp_path: Any) -> Any:
+def hf_trainer(setup: Setup, tmp_path: Path) -> Any:
     """SAMTrainer over the setup's batches, in order, one optimizer step per batch, no clipping."""
     import transformers
 
@@ -513,7 +530,7 @@ def hf_trainer(setup: Setup, tmp_path: Any) -> Any:
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize(("name", "driver"), cells(("sam_step", "trainer")))
-def test_huggingface_driver(name: str, driver: str, tmp_path: Any) -> None:
+def test_huggingface_driver(name: str, driver: str, tmp_path: Path) -> None:
     """sam_step and SAMTrainer: the reference's weights at the declared cost; a batch-rule variant refused at the
     first sam_step call, and by SAMTrainer when built (at the latest at its first training step)."""
     setup = with_batch_rule(name)

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from torch.nn.functional import cross_entropy
 
 import flatminima
-from flatminima.optim import AscentRule, DescentRule, EveryKSteps, RandomDirection
+from flatminima.optim import AscentRule, DescentRule, EveryKSteps, RandomDirection, RuleContext
 from tests.conftest import make_batch, make_mlp, per_example_ce
 
 LR = 0.5
@@ -105,7 +105,7 @@ class ScaledSign(AscentRule):
     def __init__(self) -> None:
         self.calls: list[float] = []
 
-    def perturb_(self, params, grads, rho, grad_norms=None) -> None:
+    def perturb_(self, params, grads, rho, grad_norms=None, *, context=None) -> None:
         self.calls.append(rho)
         torch._foreach_sign_(grads)
         torch._foreach_mul_(grads, rho)
@@ -131,7 +131,7 @@ def test_rule_not_scaling_with_rho_gets_one_call_per_rho() -> None:
 
 
 class MixWithFirstGradient(DescentRule):
-    """direction = (1 - a) g(w + e) + a g(w), and a step counter kept in the optimiser state."""
+    """direction = (1 - a) g(w + e) + a g(w), and a step counter kept in the rule state."""
 
     needs_first_gradient = True
 
@@ -139,9 +139,9 @@ class MixWithFirstGradient(DescentRule):
         self.a = a
         self.seen: list[bool] = []
 
-    def direction_(self, params, grads, first_grads, states: list[dict[str, Any]], ascended: bool) -> None:
+    def direction_(self, params, grads, first_grads, context: RuleContext, ascended: bool) -> None:
         self.seen.append(ascended)
-        for state in states:
+        for state in context.states:
             state["mix_calls"] = state.get("mix_calls", 0) + 1
         if ascended:
             torch._foreach_mul_(grads, 1 - self.a)
@@ -180,7 +180,8 @@ def test_descent_rule_gets_the_first_gradient(pattern: str) -> None:
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[k], rtol=1e-12, atol=1e-14)
     assert rule.seen == [True, True, True]
-    assert all(opt.state[p]["mix_calls"] == 3 for p in model.parameters())  # rule state lives in opt.state
+    assert all(opt.rule_state[p]["mix_calls"] == 3 for p in model.parameters())  # SAM keeps the rule state
+    assert all("mix_calls" not in opt.state[p] for p in model.parameters())  # not in the base optimiser's
 
 
 def test_descent_rule_state_is_checkpointed() -> None:
@@ -190,7 +191,8 @@ def test_descent_rule_state_is_checkpointed() -> None:
     opt.step(lambda: cross_entropy(model(x), y).backward())
     state = opt.state_dict()
     assert state["sam_steps"] == 1
-    assert all(s["mix_calls"] == 1 for s in state["state"].values())
+    assert all(s["mix_calls"] == 1 for s in state["sam_rule_state"].values())
+    assert all("mix_calls" not in s for s in state["state"].values())
 
 
 def test_msam_refuses_a_descent_rule_that_needs_g_w() -> None:
@@ -325,7 +327,7 @@ def test_random_sign_hands_a_stateful_rule_its_states() -> None:
         plain.step(lambda m=plain_model, x=x, y=y: cross_entropy(m(x), y).backward())
         for p, q in zip(signed_model.parameters(), plain_model.parameters(), strict=True):
             assert torch.equal(p, q)
-    assert all(STATE_KEY in signed.state[p] for p in signed_model.parameters())
+    assert all(STATE_KEY in signed.rule_state[p] for p in signed_model.parameters())
 
 
 def test_random_sign_flips_a_stateful_rules_perturbation() -> None:

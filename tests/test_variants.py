@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatminima import SAM, DualNorm, RandomDirection, SharpnessAwareStep
+from flatminima.optim import RuleContext
 from flatminima.variants import AscentSample, GibbsReweighting, OrthogonalEscape, RandomSign, SingleExample
 from tests.conftest import resumed_equals_straight
 
@@ -325,13 +326,13 @@ def test_escape_direction_is_orthogonal_to_the_gradient() -> None:
     g = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)]
     u = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)]
     d = [t.clone() for t in u]
-    OrthogonalEscape(math.inf, 2.0).direction_([], d, g, [{}, {}], True, lrs=[0.1, 0.1])
+    OrthogonalEscape(math.inf, 2.0).direction_([], d, g, RuleContext([{}, {}], lrs=[0.1, 0.1]), True)
     v = [(a - b) / 2.0 for a, b in zip(d, g)]
     assert abs(_dot(v, g).item()) / (_norm(v) * _norm(g)).item() < 1e-14
     # zero gradient at w: v = u
     zero = [torch.zeros_like(t) for t in g]
     d = [t.clone() for t in u]
-    OrthogonalEscape(math.inf, 2.0).direction_([], d, zero, [{}, {}], True, lrs=[0.1, 0.1])
+    OrthogonalEscape(math.inf, 2.0).direction_([], d, zero, RuleContext([{}, {}], lrs=[0.1, 0.1]), True)
     # exact by construction: the coefficient is 0, so d = 0 + 2 (u - 0 * 0), each op exact
     assert all(torch.equal(a, 2.0 * b) for a, b in zip(d, u))
 

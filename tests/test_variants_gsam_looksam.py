@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatminima import SAM, SharpnessAwareStep
-from flatminima.optim.rules import EveryKSteps
+from flatminima.optim.rules import EveryKSteps, RuleContext
 from flatminima.variants.gsam import GSAMDescent
 from flatminima.variants.looksam import STATE_KEY, LookSAMDescent
 from tests.conftest import quick_train_args, resumed_equals_straight
@@ -213,7 +213,8 @@ def test_gsam_and_looksam_around_adamw_match_the_reference() -> None:
     _assert_close(_weights(model), reference.w)
     model, opt = _train(lambda m: adamw(m, descent=LookSAMDescent(0.7), cadence=EveryKSteps(3)))
     _assert_close(_weights(model), _looksam_reference(3, 0.7, False, base=_ReferenceAdamW))
-    assert all({"step", "exp_avg", "exp_avg_sq", STATE_KEY} <= set(state) for state in opt.state.values())
+    assert all({"step", "exp_avg", "exp_avg_sq"} == set(state) for state in opt.state.values())  # AdamW's own
+    assert all(STATE_KEY in opt.rule_state[p] for p in opt.state)  # g_v in SAM's rule state
 
 
 def test_gsam_with_rho_proportional_to_the_lr_matches_algorithm_1() -> None:
@@ -256,7 +257,7 @@ def test_gsam_direction_decomposes_the_gradient() -> None:
     g = [torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)]
     gp = [torch.randn_like(t) for t in g]
     d = [t.clone() for t in gp]
-    GSAMDescent(0.4).direction_([torch.zeros_like(t) for t in g], d, g, [{}, {}], ascended=True)
+    GSAMDescent(0.4).direction_([torch.zeros_like(t) for t in g], d, g, RuleContext([{}, {}]), ascended=True)
     g_perp = [(b - a) / 0.4 for a, b in zip(d, gp)]
     assert abs(_dot(g_perp, gp)) < 1e-12
     parallel = [a - b for a, b in zip(g, g_perp)]
@@ -268,13 +269,13 @@ def test_gsam_zero_gradients_are_exact() -> None:
     g = [torch.tensor([3.0, -4.0], dtype=torch.float64)]
     zero = [torch.zeros(2, dtype=torch.float64)]
     d = [zero[0].clone()]
-    GSAMDescent(0.5).direction_(zero, d, g, [{}], ascended=True)
+    GSAMDescent(0.5).direction_(zero, d, g, RuleContext([{}]), ascended=True)
     assert torch.equal(d[0], -0.5 * g[0])
     d = [g[0].clone()]
-    GSAMDescent(0.5).direction_(zero, d, zero, [{}], ascended=True)
+    GSAMDescent(0.5).direction_(zero, d, zero, RuleContext([{}]), ascended=True)
     assert torch.equal(d[0], g[0])
     d = [g[0].clone()]  # no ascent this step: a plain step along g(w)
-    GSAMDescent(0.5).direction_(zero, d, None, [{}], ascended=False)
+    GSAMDescent(0.5).direction_(zero, d, None, RuleContext([{}]), ascended=False)
     assert torch.equal(d[0], g[0])
 
 
@@ -320,7 +321,7 @@ def test_looksam_with_alpha_zero_is_periodic_sam_bit_for_bit() -> None:
 def test_looksam_with_rho_zero_is_the_base_optimiser_bit_for_bit() -> None:
     """rho = 0: g_s = g, so g_v = 0 and the reused term adds nothing (no 0/0)."""
     looksam, opt = _train(lambda m: _looksam(m, 3, 0.7, rho=0.0))
-    assert all(torch.equal(s[STATE_KEY], torch.zeros_like(s[STATE_KEY])) for s in opt.state.values())
+    assert all(torch.equal(s[STATE_KEY], torch.zeros_like(s[STATE_KEY])) for s in opt.rule_state.values())
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     for x, y in _batches():
@@ -350,14 +351,14 @@ def test_looksam_zero_norm_and_missing_gv_are_safe() -> None:
     rule = LookSAMDescent(0.7)
     g = [torch.tensor([3.0, -4.0], dtype=torch.float64)]
     d = [g[0].clone()]
-    rule.direction_(g, d, None, [{}], ascended=False)  # before any ascent: a plain step along g
+    rule.direction_(g, d, None, RuleContext([{}]), ascended=False)  # before any ascent: a plain step along g
     assert torch.equal(d[0], g[0])
     state = {STATE_KEY: torch.zeros(2, dtype=torch.float64)}
-    rule.direction_(g, d, None, [state], ascended=False)  # ||g_v|| = 0: nothing added
+    rule.direction_(g, d, None, RuleContext([state]), ascended=False)  # ||g_v|| = 0: nothing added
     assert torch.equal(d[0], g[0])
     zero = [torch.zeros(2, dtype=torch.float64)]
     gs = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
-    rule.direction_(g, [gs[0].clone()], zero, [state], ascended=True)  # g = 0 at the ascent: g_v = g_s
+    rule.direction_(g, [gs[0].clone()], zero, RuleContext([state]), ascended=True)  # g = 0 at the ascent: g_v = g_s
     assert torch.equal(state[STATE_KEY], gs[0])
 
 
@@ -366,20 +367,20 @@ def test_looksam_keeps_the_previous_gv_when_the_new_one_is_not_finite() -> None:
     rule = LookSAMDescent(0.7)
     g = [torch.tensor([1.0, 0.0]), torch.tensor([0.5])]
     states = [{STATE_KEY: torch.tensor([0.0, 2.0])}, {}]
-    rule.direction_(g, [torch.tensor([math.inf, 1.0]), torch.tensor([1.0])], g, states, ascended=True)
+    rule.direction_(g, [torch.tensor([math.inf, 1.0]), torch.tensor([1.0])], g, RuleContext(states), ascended=True)
     assert torch.equal(states[0][STATE_KEY], torch.tensor([0.0, 2.0]))
     assert torch.equal(states[1][STATE_KEY], torch.tensor([0.0]))
 
 
 def test_looksam_under_nonfinite_skip_keeps_gv_and_the_weights() -> None:
     model, opt = _train(lambda m: _looksam(m, 2, nonfinite="skip"), steps=2)
-    saved = {id(p): s[STATE_KEY].clone() for p, s in opt.state.items()}
+    saved = {id(p): s[STATE_KEY].clone() for p, s in opt.rule_state.items()}
     before = _weights(model)
     x, y = _data(5)
     x[0, 0] = math.nan  # a NaN loss at the ascent step 2
     SharpnessAwareStep(model, _per_example, opt)(x, y)
     _assert_equal(_weights(model), before)
-    assert all(torch.equal(s[STATE_KEY], saved[id(p)]) for p, s in opt.state.items())
+    assert all(torch.equal(s[STATE_KEY], saved[id(p)]) for p, s in opt.rule_state.items())
 
 
 def test_looksam_bad_options() -> None:
@@ -406,29 +407,37 @@ def test_flat_buffers_give_the_same_steps(variant: str) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.parametrize("layout", ["current", "legacy"])
 @pytest.mark.parametrize("variant", ["gsam", "looksam"])
-def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, variant: str) -> None:
+def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, variant: str, layout: str) -> None:
     """Train 3 steps, save, load into a fresh optimiser, continue: the same weights as the uninterrupted run. For
-    LookSAM (k = 4) the 4th step is a cheap one, which needs the g_v of step 0 from the checkpoint."""
+    LookSAM (k = 4) the 4th step is a cheap one, which needs the g_v of step 0 from the checkpoint. "legacy": the
+    layout of checkpoints written before SAM kept rule state apart (g_v inside the base optimiser's state)."""
     make = (lambda m: _gsam(m, 0.3)) if variant == "gsam" else (lambda m: _looksam(m, 4, 0.7))
     straight, _ = _train(make, steps=7)
     model, opt = _train(make, steps=3)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "checkpoint.pt")
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     if variant == "looksam":
-        assert all(STATE_KEY in s for s in saved["optimizer"]["state"].values())
+        assert all(STATE_KEY in s for s in saved["optimizer"]["sam_rule_state"].values())
+        assert not any(STATE_KEY in s for s in saved["optimizer"]["state"].values())
+        if layout == "legacy":
+            for index, kept in saved["optimizer"].pop("sam_rule_state").items():
+                saved["optimizer"]["state"][index].update(kept)
     resumed = _model()
     resumed.load_state_dict(saved["model"])
     fresh = make(resumed)
     fresh.load_state_dict(saved["optimizer"])
+    assert not any(STATE_KEY in s for s in fresh.state.values())  # moved out of the base optimiser's state
     step = SharpnessAwareStep(resumed, _per_example, fresh)
     for x, y in _batches(7)[3:]:
         step(x, y)
     # same code path: the resumed steps replay the same ops in the same order, from the same saved values
     _assert_equal(_weights(resumed), _weights(straight))
     if variant == "looksam":  # the control: without g_v the cheap step differs
+        saved["optimizer"].pop("sam_rule_state", None)
         for s in saved["optimizer"]["state"].values():
-            del s[STATE_KEY]
+            s.pop(STATE_KEY, None)
         lost = _model()
         lost.load_state_dict(saved["model"])
         opt_lost = make(lost)

@@ -213,7 +213,7 @@ def test_momentum_sam_needs_a_momentum_buffer() -> None:
         "momentum_buffer"
     )
     assert MomentumAscent.for_optimizer(torch.optim.Adam(_model().parameters())).buffer == "exp_avg"
-    with pytest.raises(TypeError, match="states="):
+    with pytest.raises(TypeError, match="context="):
         MomentumAscent().perturb_([], [], 0.1)
     with pytest.raises(ValueError, match="buffer"):
         MomentumAscent("")
@@ -282,7 +282,7 @@ def test_friendly_sam_with_a_zero_direction_is_the_base_optimiser() -> None:
 
 def test_friendly_sam_keeps_its_mean_beside_adams_state() -> None:
     """Adam initialises a parameter's state when the dict is empty: the mean, written at the first ascent, is
-    kept out of its way (state_keys), and the run matches a reference around torch's AdamW."""
+    kept in SAM's rule state, out of its way, and the run matches a reference around torch's AdamW."""
     model, reference = _model(), _model()
     opt = SAM(model.parameters(), torch.optim.AdamW, rho=FSAM_RHO, lr=0.01, perturbation=FriendlyAscent(0.5, 0.9))
     base, m = torch.optim.AdamW(reference.parameters(), lr=0.01), None
@@ -300,8 +300,8 @@ def test_friendly_sam_keeps_its_mean_beside_adams_state() -> None:
             p.grad = t
         base.step()
     _assert_close(_weights(model), _weights(reference))
-    state = opt.state[next(model.parameters())]
-    assert {"step", "exp_avg", "exp_avg_sq", STATE_KEY} <= set(state)
+    first = next(model.parameters())
+    assert set(opt.state[first]) == {"step", "exp_avg", "exp_avg_sq"} and STATE_KEY in opt.rule_state[first]
 
 
 def test_friendly_sam_bad_options() -> None:
@@ -314,7 +314,7 @@ def test_friendly_sam_bad_options() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             FriendlyAscent(**options)
-    with pytest.raises(TypeError, match="states="):
+    with pytest.raises(TypeError, match="context="):
         FriendlyAscent().perturb_([], [], 0.1)
 
 
@@ -360,7 +360,7 @@ def test_a_state_dict_saved_mid_run_resumes_bit_for_bit(tmp_path: Path, variant:
     torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "mid.pt")
     saved = torch.load(tmp_path / "mid.pt", weights_only=True)
     if variant == "friendly":
-        assert all(STATE_KEY in state for state in saved["optimizer"]["state"].values())
+        assert all(STATE_KEY in state for state in saved["optimizer"]["sam_rule_state"].values())
     resumed = _model()
     resumed.load_state_dict(saved["model"])
     opt = build(resumed)
@@ -432,8 +432,9 @@ def test_each_variant_trains_from_the_command_line(tmp_path: Path, extra: list[s
 
     assert main(_cli(tmp_path, *extra)) == 0
     assert (tmp_path / "run" / "model.pt").is_file()
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
-    assert all((STATE_KEY in s) == ("friendly-sam" in extra) for s in state.values())
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert ("sam_rule_state" in saved) == ("friendly-sam" in extra)
+    assert all(STATE_KEY in s for s in saved.get("sam_rule_state", {}).values())
 
 
 def test_friendly_sam_options_from_a_yaml_file(tmp_path: Path) -> None:

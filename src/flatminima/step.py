@@ -271,8 +271,7 @@ class SharpnessAwareStep:
                     return torch.as_tensor(loss)
                 stats.finish()
                 return self._descend(torch.as_tensor(loss))
-            chunks = groups[phase.group or 0] if phase.sample == "batch" and not phase.weighted else None
-            share = self._run_pass(plan, phase, inputs, targets, chunks, stats)
+            share = self._run_pass(plan, phase, inputs, targets, groups, stats)
             if phase.reports_loss:
                 loss = loss + share
         raise AssertionError("a step plan ends with Descend")  # pragma: no cover
@@ -283,37 +282,42 @@ class SharpnessAwareStep:
         phase: Pass,
         inputs: Tensor,
         targets: Tensor,
-        chunks: list[tuple[int, int]] | None,
+        groups: list[list[tuple[int, int]]],
         stats: running_stats.AveragedRunningStats,
     ) -> Tensor:
         """Forward-backward of ``phase``; returns its share of the step's loss, detached.
 
-        ``chunks``: the micro-batches (or m-SAM group) of the batch this pass sees, else None for the batch rule's
-        sample in one piece. A pass at ``w`` takes the gradient of its examples' mean loss (the ascent's); one at
-        ``w + e`` weights them by their share of the batch, so that m-SAM's groups add up to the batch's mean.
+        A pass takes the gradient of its examples' mean loss (or the batch rule's weighted sum), in micro-batches
+        (``accumulation_steps``; a batch rule's own sample in batch-sized pieces); at ``w + e`` an m-SAM group's
+        pass is weighted by its share of the batch, so that the groups' gradients add up to the batch's mean.
         """
-        if chunks is None:
-            x, y = plan.examples(phase, inputs, targets)
+        batch = inputs.shape[0]
+        x, y = plan.examples(phase, inputs, targets)
+        weights = plan.loss_weights(phase, None, None) if phase.weighted and phase.at == "w+e" else None
+        if phase.weighted and (phase.at == "w" or weights is not None):  # per-example losses, in one piece
             with self._sync(phase.sync), self._statistics(phase, stats):
-                if not phase.weighted:
-                    loss = self._loss(x, y)
-                    self.precision.backward(loss)
-                    return loss.detach()
                 losses = self.precision.losses(self.model, self.loss_fn, x, y)
-                weights = plan.loss_weights(phase, losses.detach(), lambda: self._probe(x, y))
+                if phase.at == "w":
+                    weights = plan.loss_weights(phase, losses.detach(), lambda: self._probe(x, y))
                 loss = losses.mean() if weights is None else (weights * losses).sum()
                 self.precision.backward(loss)
             return losses.detach().mean() if phase.at == "w" else loss.detach()
-        batch = inputs.shape[0]
+        n = x.shape[0]
+        if phase.group is not None:
+            chunks = groups[phase.group]
+        elif phase.sample == "batch":
+            chunks = self._chunks(n)
+        else:
+            chunks = [(start, min(start + batch, n)) for start in range(0, n, batch)]
         count = sum(stop - start for start, stop in chunks)
-        scale = count if phase.at == "w" else batch  # the group's mean at w; its share of the batch at w + e
+        scale = batch if phase.group is not None and phase.at == "w+e" else count
         total: Tensor | float = 0.0
         for j, (start, stop) in enumerate(chunks):
             with self._sync(phase.sync and j == len(chunks) - 1), self._statistics(phase, stats):
-                loss = self._loss(inputs[start:stop], targets[start:stop]) * ((stop - start) / scale)
+                loss = self._loss(x[start:stop], y[start:stop]) * ((stop - start) / scale)
                 self.precision.backward(loss)
             total = total + loss.detach()
-        return torch.as_tensor(total) * (count / batch) if phase.at == "w" and count != batch else total
+        return torch.as_tensor(total) * (count / batch) if phase.group is not None and phase.at == "w" else total
 
     @contextmanager
     def _statistics(self, phase: Pass, stats: running_stats.AveragedRunningStats) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from flatminima.optim import catalog  # noqa: F401  (registers the built-in names)
 from flatminima.optim.perturb import Adaptive, DualNorm, RandomDirection, Unnormalized
+from flatminima.optim.plan import Descend, Pass, StepPlan
 from flatminima.optim.registry import (
     OptimizerRequest,
     OptimizerSpec,
@@ -28,6 +29,7 @@ from flatminima.optim.rules import (
     EveryStep,
     PerturbationRule,
     PerturbedGradient,
+    RuleContext,
 )
 from flatminima.optim.sam import SAM
 
@@ -38,6 +40,7 @@ __all__ = [
     "AscentRule",
     "AscentWrapper",
     "Cadence",
+    "Descend",
     "DescentCapabilities",
     "DescentRule",
     "DualNorm",
@@ -45,10 +48,13 @@ __all__ = [
     "EveryStep",
     "OptimizerRequest",
     "OptimizerSpec",
+    "Pass",
     "PerturbationRule",
     "PerturbedGradient",
     "RandomDirection",
     "RhoScheduler",
+    "RuleContext",
+    "StepPlan",
     "Unnormalized",
     "constant_rho",
     "cosine_rho",

@@ -55,8 +55,8 @@ def perturb(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None)
 
 def _buckets(sam: SAM) -> tuple[list[F.Bucket], list[Tensor]]:
     """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the real
-    gradients among them. Sharded parameters are handed over as their local shards. Rules that declare
-    ``needs_state`` are handed the parameters' rule-state dicts too."""
+    gradients among them. Sharded parameters are handed over as their local shards; each bucket's rule gets the
+    :class:`~flatminima.optim.rules.RuleContext` of its parameters."""
     book = sam.rules
     buckets: dict[Any, F.Bucket] = {}
     real: list[Tensor] = []
@@ -78,8 +78,9 @@ def _buckets(sam: SAM) -> tuple[list[F.Bucket], list[Tensor]]:
         if not params:
             continue
         key = rule if declared.scales_with_rho else (rule, rho)
-        states = [sam.state[p] for p in params] if declared.needs_state else None
-        buckets.setdefault(key, F.Bucket(rule)).add(sharded.locals_of(params), grads, rho, states)
+        buckets.setdefault(key, F.Bucket(rule, declared.needs_state)).add(sharded.locals_of(params), grads, rho, params)
+    for bucket in buckets.values():
+        bucket.context = sam.rule_context(bucket.owners)
     return list(buckets.values()), real
 
 

@@ -1,8 +1,8 @@
 """The descent of a SAM step: ``g(w)`` kept for a descent rule that asks, the direction formed, the base step.
 
 The descent rule (:class:`~flatminima.optim.rules.DescentRule`) turns ``.grad`` into the update direction, from
-``g(w + e)`` and, when it asks, ``g(w)``, which is kept here during the step; the base optimiser then steps along it
-with the keys the rules keep in its state hidden, so that one that initialises its state lazily (Adam) still does.
+``g(w + e)`` and, when it asks, ``g(w)``, which is kept here during the step; the base optimiser then steps along
+it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from torch import Tensor
 
 from flatminima.optim import scaler as amp
 from flatminima.optim import sharded
-from flatminima.optim.rules import DescentCapabilities
 
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
@@ -81,20 +80,13 @@ def apply_direction(sam: SAM, grad_scaler: torch.amp.GradScaler | None = None) -
     if step.first_grads is not None:
         by_param = dict(zip(map(id, step.first_grads[0]), step.first_grads[1]))
         first = [by_param.get(id(p), torch.zeros_like(p)) for p in params]
-    states = [sam.state[p] for p in params]
-    lrs = None
-    if sam.descent.needs_learning_rates:
-        lr_of = {id(p): group["lr"] for group in sam.param_groups for p in group["params"]}
-        lrs = [float(lr_of[id(p)]) for p in params]
+    context = sam.rule_context(params)
     grads = [p.grad for p in params]
     if sam.sharded:  # a shard-aware rule works on the local shards, its totals reduced over all ranks
         params, grads = sharded.locals_of(params), sharded.locals_of(grads)
         first = sharded.locals_of(first) if first is not None else None
     with sharded.reducing(sam.shard_groups):
-        if lrs is not None:
-            sam.descent.direction_(params, grads, first, states, step.ascended, lrs=lrs)
-        else:
-            sam.descent.direction_(params, grads, first, states, step.ascended)
+        sam.descent.direction_(params, grads, first, context, step.ascended)
     step.direction_ready = True
 
 
@@ -110,22 +102,9 @@ def descent_gradient_ok(sam: SAM, grads: list[Tensor]) -> bool:
 
 
 def base_step(sam: SAM) -> Any:
-    """The base optimiser's step, with the keys the rules keep in its state (``state_keys``) taken out for its
-    duration: one that initialises a parameter's state when the dict is empty (Adam) then still does."""
-    book = sam.rules
-    keys = (*book.declared(sam.perturbation).state_keys, *book.declared(sam.descent, DescentCapabilities).state_keys)
-    if not keys:
-        return sam.base_optimizer.step()
-    hidden = {}
-    for param, state in sam.state.items():
-        held = {key: state.pop(key) for key in keys if key in state}
-        if held:
-            hidden[param] = held
-    try:
-        return sam.base_optimizer.step()
-    finally:
-        for param, held in hidden.items():
-            sam.state[param].update(held)
+    """The base optimiser's step (the rules keep their state in SAM's ``rule_state``, never in the base
+    optimiser's, so one that initialises its state lazily, as Adam, is undisturbed)."""
+    return sam.base_optimizer.step()
 
 
 def _with_gradient(sam: SAM) -> list[Tensor]:

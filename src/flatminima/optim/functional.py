@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.norms import global_norm
-from flatminima.optim.rules import AscentRule
+from flatminima.optim.rules import AscentRule, RuleContext
 
 __all__ = ["Bucket", "apply_rule_", "bucket_norms", "linear_coefficients", "perturb_flat_", "perturbed_weights"]
 
@@ -22,22 +22,23 @@ __all__ = ["Bucket", "apply_rule_", "bucket_norms", "linear_coefficients", "pert
 @dataclass
 class Bucket:
     """Tensors perturbed by one rule under one normalisation: ``rhos`` holds (count, rho) per param group;
-    ``states`` the parameters' optimiser-state dicts, for a rule that declares ``needs_state`` (else None)."""
+    ``owners`` the parameters themselves (``params`` may be their local shards), which the rule's
+    :class:`RuleContext` is aligned with; ``stateful``: the rule declares ``needs_state``, so it runs on every
+    ascent (never the fused linear path)."""
 
     rule: AscentRule
+    stateful: bool = False
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     rhos: list[tuple[int, float]] = field(default_factory=list)
-    states: list[dict[str, Any]] | None = None
+    owners: list[Tensor] = field(default_factory=list)
+    context: RuleContext | None = None
 
-    def add(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, states: list[dict[str, Any]] | None = None
-    ) -> None:
+    def add(self, params: list[Tensor], grads: list[Tensor], rho: float, owners: list[Tensor]) -> None:
         self.params.extend(params)
         self.grads.extend(grads)
         self.rhos.append((len(params), rho))
-        if states is not None:
-            self.states = [*(self.states or []), *states]
+        self.owners.extend(owners)
 
 
 def bucket_norms(buckets: list[Bucket], norms: list[Tensor]) -> list[Tensor]:
@@ -55,11 +56,11 @@ def apply_rule_(
     grads: list[Tensor],
     rhos: list[tuple[int, float]],
     norms: list[Tensor] | None,
-    states: list[dict[str, Any]] | None = None,
+    context: RuleContext | None = None,
 ) -> None:
     """Overwrite ``grads`` with ``e``, one rho per param group inside the bucket (the rule must scale with rho);
-    ``states`` go to the rule as ``states=`` when given (rules that declare ``needs_state``)."""
-    extra = {} if states is None else {"states": states}
+    ``context`` goes to every :class:`AscentRule` (a rule that only has ``perturb_`` gets the four arguments)."""
+    extra: dict[str, Any] = {"context": context} if isinstance(rule, AscentRule) else {}
     distinct = {rho for _, rho in rhos}
     if len(distinct) == 1:
         rule.perturb_(params, grads, distinct.pop(), norms, **extra)
@@ -86,10 +87,10 @@ def perturbed_weights(
     Other rules, and every rule that keeps state, write ``e`` into the gradients when ``in_place`` allows it (they
     are discarded afterwards), into copies otherwise, and add ``w``.
     """
-    coefficients = None if bucket.states is not None else linear_coefficients(bucket, total_norm)
+    coefficients = None if bucket.stateful else linear_coefficients(bucket, total_norm)
     if coefficients is None:
         work = bucket.grads if in_place else [g.clone() for g in bucket.grads]
-        apply_rule_(bucket.rule, bucket.params, work, bucket.rhos, norms, bucket.states)
+        apply_rule_(bucket.rule, bucket.params, work, bucket.rhos, norms, bucket.context)
         torch._foreach_add_(work, bucket.params)
         return work
     moved: list[Tensor] = []

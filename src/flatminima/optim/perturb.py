@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.norms import flat_norm, global_max, global_norm, global_sum, tensor_norms
-from flatminima.optim.rules import AscentCapabilities, AscentRule, AscentWrapper, PerturbationRule
+from flatminima.optim.rules import AscentCapabilities, AscentRule, AscentWrapper, PerturbationRule, RuleContext
 
 __all__ = [
     "Adaptive",
@@ -62,7 +62,13 @@ class DualNorm(AscentRule):
         return rho / grad_norm if grad_norm > 0 else 0.0
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        context: RuleContext | None = None,
     ) -> None:
         if not grads:
             return
@@ -117,7 +123,13 @@ class Unnormalized(AscentRule):
         return rho
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        context: RuleContext | None = None,
     ) -> None:
         if grads:
             torch._foreach_mul_(grads, rho)
@@ -148,7 +160,13 @@ class Adaptive(AscentWrapper):
         return f"Adaptive({self.inner!r}, eta={self.eta})"
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        context: RuleContext | None = None,
     ) -> None:
         if not grads:
             return
@@ -156,7 +174,7 @@ class Adaptive(AscentWrapper):
         if self.eta:
             torch._foreach_add_(scaling, self.eta)
         torch._foreach_mul_(grads, scaling)
-        self.inner.perturb_(params, grads, rho, None)  # norms of g no longer apply to T_w g
+        self.perturb_inner_(params, grads, rho, None, context)  # norms of g no longer apply to T_w g
         torch._foreach_mul_(grads, scaling)
 
 
@@ -177,7 +195,13 @@ class RandomDirection(AscentRule):
         return "RandomDirection()"
 
     def perturb_(
-        self, params: list[Tensor], grads: list[Tensor], rho: float, grad_norms: list[Tensor] | None = None
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        rho: float,
+        grad_norms: list[Tensor] | None = None,
+        *,
+        context: RuleContext | None = None,
     ) -> None:
         if not grads:
             return

@@ -17,6 +17,7 @@ from an ascent transformation passed in, and keeps the maths out of the optimise
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -32,6 +33,7 @@ __all__ = [
     "EveryStep",
     "PerturbationRule",
     "PerturbedGradient",
+    "RuleContext",
 ]
 
 
@@ -60,10 +62,57 @@ class DescentCapabilities(_Declarations):
     """What a descent rule declares, read in one place (:meth:`of`): the attributes of :class:`DescentRule`."""
 
     needs_first_gradient: bool = False
-    needs_learning_rates: bool = False
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
     is_identity: bool = False
+
+
+class RuleContext:
+    """What SAM hands every rule call besides the tensors, aligned with the call's ``params``.
+
+    - ``states``: the rule's own per-parameter state dicts, kept by SAM (``SAM.rule_state``) and saved by
+      ``SAM.state_dict()``, apart from the base optimiser's state (whose lazy initialisation, as Adam's, they
+      never disturb);
+    - ``optimizer_states``: the base optimiser's per-parameter state, to read (Momentum-SAM's momentum buffer);
+    - ``lrs``: each parameter's current learning rate;
+    - ``step``: the number of completed SAM steps.
+
+    Each list may be given as a zero-argument function, called the first time the field is read: what a rule
+    does not read costs the step nothing. Under sharded parameters the dicts are those of the DTensor
+    parameters (take ``.to_local()`` of their tensors).
+    """
+
+    __slots__ = ("_lrs", "_optimizer_states", "_states", "step")
+
+    def __init__(
+        self,
+        states: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]] | None = None,
+        optimizer_states: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]] | None = None,
+        lrs: list[float] | Callable[[], list[float]] | None = None,
+        step: int = 0,
+    ) -> None:
+        self._states, self._optimizer_states, self._lrs, self.step = states, optimizer_states, lrs, step
+
+    @property
+    def states(self) -> list[dict[str, Any]]:
+        return self._read("_states")
+
+    @property
+    def optimizer_states(self) -> list[dict[str, Any]]:
+        return self._read("_optimizer_states")
+
+    @property
+    def lrs(self) -> list[float]:
+        return self._read("_lrs")
+
+    def _read(self, name: str) -> Any:
+        value = getattr(self, name)
+        if callable(value):
+            value = value()
+            setattr(self, name, value)
+        if value is None:
+            raise TypeError(f"this RuleContext was built without {name[1:]}; SAM gives every field.")
+        return value
 
 
 @runtime_checkable
@@ -95,15 +144,12 @@ class AscentRule:
       shards: it is elementwise, or takes every total over tensors through :mod:`flatminima.optim.norms`'s
       ``global_norm`` / ``global_max`` / ``global_sum``, which then combine the shards of all ranks. SAM refuses
       sharded parameters with a rule that does not declare it.
-    - ``needs_state``: the rule reads or keeps per-parameter state (a running mean of gradients; the base
-      optimiser's momentum buffer). SAM then passes ``states=``, the parameters' optimiser-state dicts aligned
-      with ``params`` (the base optimiser's own, so what the rule stores there is saved by ``state_dict`` and
-      restored by ``load_state_dict``), and calls :meth:`perturb_` on every ascent (``first_step``), never the
-      fused linear or flat path, each parameter in one call. Under sharded parameters the dicts are those of
-      the DTensor parameters (their tensors DTensors: take ``.to_local()``).
-    - ``state_keys``: the keys such a rule writes into the states (prefix them with the rule's name). SAM hides
-      them from the base optimiser during its step, so that one that initialises its state lazily when the
-      dict is empty (Adam) still does so on its first step.
+    - ``needs_state``: the rule reads or keeps per-parameter state (a running mean of gradients in
+      ``context.states``; the base optimiser's momentum buffer in ``context.optimizer_states``). SAM then calls
+      :meth:`perturb_` on every ascent (``first_step``), never the fused linear or flat path, each parameter in
+      one call.
+    - ``state_keys``: the keys such a rule keeps in its states. Versions before the step plan kept them in the
+      base optimiser's state; SAM moves them to its own when such a checkpoint loads.
 
     SAM reads these declarations in one place, :meth:`AscentCapabilities.of`. A rule built around another derives
     from :class:`AscentWrapper`, which declares what the inner rule declares.
@@ -122,14 +168,14 @@ class AscentRule:
         rho: float,
         grad_norms: list[Tensor] | None = None,
         *,
-        states: list[dict[str, Any]] | None = None,
+        context: RuleContext | None = None,
     ) -> None:
         """Overwrite ``grads`` with ``e`` at radius ``rho``.
 
         ``grads`` holds ``g(w)`` (or zeros when ``needs_gradient`` is False) and may be overwritten freely: the
         optimiser hands over tensors it owns. ``grad_norms``, when given, holds the L2 norm of each gradient
-        tensor (computed once for the finiteness check); a rule that needs them reuses them. ``states``: the
-        parameters' optimiser-state dicts, passed only to rules that declare ``needs_state``.
+        tensor (computed once for the finiteness check); a rule that needs them reuses them. ``context``: the
+        states, learning rates and step (:class:`RuleContext`); SAM always passes it to an ``AscentRule``.
         """
         raise NotImplementedError
 
@@ -143,7 +189,7 @@ class AscentWrapper(AscentRule):
 
     The wrapper declares what the inner rule declares (:class:`AscentCapabilities`), with the ``overrides`` the
     wrapper itself needs, so that a wrapper of a stateful rule is stateful and one of a gradient-free rule needs no
-    gradient; :meth:`perturb_inner_` hands the inner rule its ``states`` when it declares ``needs_state``.
+    gradient; :meth:`perturb_inner_` hands the inner rule the context when it is an :class:`AscentRule`.
     """
 
     def __init__(self, inner: PerturbationRule, **overrides: Any) -> None:
@@ -160,12 +206,12 @@ class AscentWrapper(AscentRule):
         grads: list[Tensor],
         rho: float,
         grad_norms: list[Tensor] | None,
-        states: list[dict[str, Any]] | None,
+        context: RuleContext | None,
     ) -> None:
-        if states is None:
-            self.inner.perturb_(params, grads, rho, grad_norms)
+        if isinstance(self.inner, AscentRule):
+            self.inner.perturb_(params, grads, rho, grad_norms, context=context)
         else:
-            self.inner.perturb_(params, grads, rho, grad_norms, states=states)
+            self.inner.perturb_(params, grads, rho, grad_norms)
 
 
 class DescentRule:
@@ -174,14 +220,11 @@ class DescentRule:
     ``needs_first_gradient``: keep ``g(w)`` aside during the step and pass it to :meth:`direction_`. SAM then
     holds one extra copy of the gradients (or, when the first gradients are released with ``zero_grad``, just
     the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (:meth:`declines_ascent`).
-    ``needs_learning_rates``: pass each parameter's learning rate to :meth:`direction_` (``lrs=``).
     ``shard_aware``: as for :class:`AscentRule` (the rule then gets local shards on sharded parameters).
-    ``state_keys``: as for :class:`AscentRule`, the keys the rule writes into ``states``, hidden from the base
-    optimiser during its step (Adam initialises a parameter's state only when the dict is empty).
+    ``state_keys``: as for :class:`AscentRule`, the keys the rule keeps in ``context.states``.
     """
 
     needs_first_gradient: bool = False
-    needs_learning_rates: bool = False
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
 
@@ -195,16 +238,15 @@ class DescentRule:
         params: list[Tensor],
         grads: list[Tensor],
         first_grads: list[Tensor] | None,
-        states: list[dict[str, Any]],
+        context: RuleContext,
         ascended: bool,
     ) -> None:
         """Overwrite ``grads`` (each parameter's ``.grad``) with the update direction.
 
         ``grads`` holds the gradient of the last pass: ``g(w + e)`` when ``ascended``, else ``g(w)`` (the
         cadence skipped the ascent). ``first_grads`` is ``g(w)`` when asked for and the step ascended.
-        ``states`` are the parameters' optimiser-state dicts, so whatever the rule keeps there is checkpointed
-        with the base optimiser's state. A rule that sets ``needs_learning_rates`` also gets ``lrs=``, each
-        parameter's current learning rate.
+        ``context`` (:class:`RuleContext`): the rule's own states (checkpointed by SAM), the base optimiser's,
+        each parameter's learning rate and the step.
         """
 
     @property

@@ -15,6 +15,7 @@ optimiser's, so LR schedulers, per-group options and checkpoints work as with th
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,13 +31,22 @@ from flatminima.optim.flat import FlatLayout
 from flatminima.optim.groups import GROUP_KEYS, RuleBook, build_base, check_group
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.plan import StepPlan, build_plan
-from flatminima.optim.rules import Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient
+from flatminima.optim.rules import (
+    Cadence,
+    DescentCapabilities,
+    DescentRule,
+    EveryStep,
+    PerturbationRule,
+    PerturbedGradient,
+    RuleContext,
+)
 from flatminima.optim.step_state import StepState
 from flatminima.optim.weights import CopiedShards, FlatWeights, SwappedWeights, WeightStore
 
 __all__ = ["SAM"]
 
 _STEP_KEY = "sam_steps"  # the step counter the cadence reads, saved beside the base optimiser's state
+_RULE_STATE_KEY = "sam_rule_state"  # the rules' per-parameter state, by parameter index as the base's "state"
 
 
 class SAM(Optimizer):
@@ -114,6 +124,7 @@ class SAM(Optimizer):
         self.descent = descent if descent is not None else PerturbedGradient()
         self.cadence = cadence if cadence is not None else EveryStep()
         self.steps = 0  # completed steps, as the cadence counts them
+        self.rule_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)  # the rules' own, per parameter
         self.last_plan: StepPlan | None = None  # the plan of the step under way, or of the last one
         self._running_stats = running_stats.RunningStatsFreezer(model)
         self._step = StepState()  # what is known of the step under way
@@ -283,6 +294,8 @@ class SAM(Optimizer):
             # move) there was no first pass: the next forward pass is the step's only one and must update them.
             self._running_stats.freeze()
         if zero_grad and not step.declined:
+            if not self.ascent_due and self._flat is None:  # g(w) kept for a second_step with no second pass
+                step.set_aside = [(p, p.grad) for p in self._params() if p.grad is not None]
             self.zero_grad()
         return step.ascended
 
@@ -300,6 +313,9 @@ class SAM(Optimizer):
         still advances).
         """
         self.restore()
+        if self._step.set_aside and not self._has_gradient():  # first_step on a cadence's off step, no 2nd pass
+            for param, grad in self._step.set_aside:
+                param.grad = grad
         if self.sharded and amp.is_active(grad_scaler):
             self._abandon_step()
             sharded.check_scaler(self.sharded, grad_scaler)
@@ -374,13 +390,18 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ checkpoints and groups
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimiser's state dict, plus the step counter the cadence reads."""
+        """The base optimiser's state dict, plus the step counter the cadence reads and the rules' state."""
         state = self.base_optimizer.state_dict()
         state[_STEP_KEY] = self.steps
+        kept = {i: dict(self.rule_state[p]) for i, p in enumerate(self._params()) if self.rule_state.get(p)}
+        if kept:
+            state[_RULE_STATE_KEY] = kept
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the base optimiser's state and the per-group SAM options; stays shared with the base."""
+        """Load the base optimiser's state, the per-group SAM options and the rules' state; stays shared with the
+        base. A checkpoint written before SAM kept the rules' state apart (their ``state_keys`` in the base
+        optimiser's state) loads too: those keys move to :attr:`rule_state`."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -389,6 +410,28 @@ class SAM(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             check_group(group)
+        params = self._params()
+        self.rule_state = defaultdict(dict)
+        for index, saved in state_dict.get(_RULE_STATE_KEY, {}).items():
+            owner = params[int(index)]
+            self.rule_state[owner] = {key: _on_param(value, owner) for key, value in saved.items()}
+        legacy = (*self.rules.declared(self.perturbation).state_keys, *self._declared_descent().state_keys)
+        for owner in params:
+            held = self.state.get(owner, {})
+            moved = {key: held.pop(key) for key in legacy if key in held}
+            if moved:
+                self.rule_state[owner].update(moved)
+
+    def rule_context(self, params: list[Tensor]) -> RuleContext:
+        """The :class:`~flatminima.optim.rules.RuleContext` of ``params`` (each field computed when read)."""
+        rule_state, state = self.rule_state, self.state
+
+        def learning_rates() -> list[float]:
+            lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+            return [float(lr_of[id(p)]) for p in params]
+
+        states = lambda: [rule_state[p] for p in params]  # noqa: E731
+        return RuleContext(states, lambda: [state[p] for p in params], learning_rates, self.steps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; with ``flatten=True`` the gradients stay views of the flat buffer, zeroed in place."""
@@ -418,6 +461,12 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ internals
 
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _declared_descent(self) -> DescentCapabilities:
+        return self.rules.declared(self.descent, DescentCapabilities)
+
     def _plain_store(self) -> WeightStore:
         return CopiedShards() if self.sharded else SwappedWeights()
 
@@ -436,3 +485,10 @@ class SAM(Optimizer):
                 f"{driver} cannot run the batch rule {self._batch_rule!r}, which chooses the examples of each pass; "
                 "train this optimiser with flatminima.SharpnessAwareStep (or set optimizer.batch_rule = None)."
             )
+
+
+def _on_param(value: Any, param: Tensor) -> Any:
+    """A saved rule-state value moved to its parameter's device, in its dtype when floating (as torch.optim does)."""
+    if isinstance(value, Tensor):
+        return value.to(device=param.device, dtype=param.dtype if value.is_floating_point() else value.dtype)
+    return value

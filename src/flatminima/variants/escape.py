@@ -28,7 +28,6 @@ the mean of one example's gradient per rank.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +37,7 @@ from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, tensor_norms
 from flatminima.optim.perturb import DualNorm, RandomDirection
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import AscentRule, AscentWrapper, DescentRule
+from flatminima.optim.rules import AscentRule, AscentWrapper, DescentRule, RuleContext
 from flatminima.optim.sam import SAM
 
 __all__ = ["OrthogonalEscape", "RandomSign", "SingleExample"]
@@ -56,7 +55,6 @@ class OrthogonalEscape(DescentRule):
     """
 
     needs_first_gradient = True
-    needs_learning_rates = True
 
     def __init__(self, epsilon: float, eta_prime: float, relative: bool = True) -> None:
         if not epsilon >= 0:
@@ -79,9 +77,8 @@ class OrthogonalEscape(DescentRule):
         params: list[Tensor],
         grads: list[Tensor],
         first_grads: list[Tensor] | None,
-        states: list[dict[str, Any]],
+        context: RuleContext,
         ascended: bool,
-        lrs: list[float] | None = None,
     ) -> None:
         """``grads`` (``u = g(w + e)``) becomes ``g + s (u - c g)`` with ``c = <u, g> / <g, g>`` (0 when ``g = 0``):
         foreach operations and two flat dot products, no host sync."""
@@ -95,7 +92,7 @@ class OrthogonalEscape(DescentRule):
         ug = torch.dot(torch.cat([t.reshape(-1) for t in u]).to(wide), flat_g)
         coefficient = torch.where(gg > 0, ug / torch.where(gg > 0, gg, 1.0), 0.0).to(u[0].dtype)
         torch._foreach_sub_(u, torch._foreach_mul(g, coefficient))  # v = u - c g
-        scales = self.eta_prime if self.relative else [self.eta_prime / lr for lr in lrs]
+        scales = self.eta_prime if self.relative else [self.eta_prime / lr for lr in context.lrs]
         torch._foreach_mul_(u, scales)
         torch._foreach_add_(u, g)
 
@@ -120,9 +117,9 @@ class RandomSign(AscentWrapper):
         rho: float,
         grad_norms: list[Tensor] | None = None,
         *,
-        states: list[dict[str, Any]] | None = None,
+        context: RuleContext | None = None,
     ) -> None:
-        self.perturb_inner_(params, grads, rho, grad_norms, states)
+        self.perturb_inner_(params, grads, rho, grad_norms, context)
         if torch.randint(2, (1,), generator=self.generator).item() == 0:
             torch._foreach_neg_(grads)
 

@@ -27,15 +27,13 @@ option or stated:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.perturb import DualNorm
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import AscentRule
+from flatminima.optim.rules import AscentRule, RuleContext
 from flatminima.optim.sam import SAM
 
 _SPHERE = DualNorm(2.0)  # SAM's L2 ascent: scale to radius rho
@@ -89,15 +87,15 @@ class FriendlyAscent(AscentRule):
         rho: float,
         grad_norms: list[Tensor] | None = None,
         *,
-        states: list[dict[str, Any]] | None = None,
+        context: RuleContext | None = None,
     ) -> None:
         """``grads`` (``g``) becomes ``e``; each state's ``m`` advances by one EMA step (or starts)."""
-        if states is None:
-            raise TypeError("FriendlyAscent keeps its mean in the optimiser state: SAM passes states= (needs_state).")
+        if context is None:
+            raise TypeError("FriendlyAscent keeps its mean in the rule state: SAM passes context= (a RuleContext).")
         if not grads:
             return
         gs, means = [], []
-        for grad, state in zip(grads, states):
+        for grad, state in zip(grads, context.states):
             mean = state.get(STATE_KEY)
             if mean is None and self.start == "gradient":
                 state[STATE_KEY] = grad.clone()  # m_0 = g_0; d_0 = g_0

@@ -31,7 +31,6 @@ the global batch's; the reference code perturbs and decomposes per worker and av
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ from torch import Tensor
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_sum
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import DescentRule
+from flatminima.optim.rules import DescentRule, RuleContext
 from flatminima.optim.sam import SAM
 
 __all__ = ["GSAMDescent"]
@@ -85,7 +84,7 @@ class GSAMDescent(DescentRule):
         params: list[Tensor],
         grads: list[Tensor],
         first_grads: list[Tensor] | None,
-        states: list[dict[str, Any]],
+        context: RuleContext,
         ascended: bool,
     ) -> None:
         """``grads`` (``g_p``) becomes ``g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g`` with

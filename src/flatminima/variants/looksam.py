@@ -39,7 +39,7 @@ from torch import Tensor
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, global_sum, tensor_norms
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import DescentRule, EveryKSteps
+from flatminima.optim.rules import DescentRule, EveryKSteps, RuleContext
 from flatminima.optim.sam import SAM
 from flatminima.variants.gsam import safe_ratio, wide_dots
 
@@ -58,7 +58,7 @@ class LookSAMDescent(DescentRule):
     """
 
     needs_first_gradient = True
-    state_keys = (STATE_KEY,)  # hidden from the base optimiser's step: Adam initialises its state when it is empty
+    state_keys = (STATE_KEY,)  # kept in SAM's rule state (older checkpoints: in the base optimiser's)
 
     def __init__(self, alpha: float = 0.7, per_tensor: bool = False) -> None:
         if isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha >= 0):
@@ -73,15 +73,15 @@ class LookSAMDescent(DescentRule):
         params: list[Tensor],
         grads: list[Tensor],
         first_grads: list[Tensor] | None,
-        states: list[dict[str, Any]],
+        context: RuleContext,
         ascended: bool,
     ) -> None:
         if not grads:
             return
         if first_grads is not None:  # an ascent step (first_grads are kept only then): store g_v, step along g_s
-            self._store(grads, first_grads, states, ascended)
+            self._store(grads, first_grads, context.states, ascended)
         else:  # grads hold g(w), the weights never moved: add the reused g_v
-            self._reuse(grads, states)
+            self._reuse(grads, context.states)
 
     def _store(self, gs: list[Tensor], g: list[Tensor], states: list[dict[str, Any]], ascended: bool) -> None:
         """``g_v = g_s - (<g, g_s> / ||g||^2) g`` (0 coefficient when ``g = 0``); zeros when the weights did not move

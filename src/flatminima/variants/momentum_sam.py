@@ -35,14 +35,12 @@ The paper's radii are large (rho = 3 for SGD on CIFAR and ImageNet) since ``e`` 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from flatminima.optim.perturb import DualNorm
 from flatminima.optim.registry import OptimizerRequest, register_optimizer
-from flatminima.optim.rules import AscentRule
+from flatminima.optim.rules import AscentRule, RuleContext
 from flatminima.optim.sam import SAM
 from flatminima.optim.sharded import local
 
@@ -102,13 +100,14 @@ class MomentumAscent(AscentRule):
         rho: float,
         grad_norms: list[Tensor] | None = None,
         *,
-        states: list[dict[str, Any]] | None = None,
+        context: RuleContext | None = None,
     ) -> None:
         """``grads`` (zeros) becomes ``-rho v / ||v||``, the norm over all of them; stays 0 without buffers."""
-        if states is None:
-            raise TypeError("MomentumAscent reads the optimiser state: SAM passes states= (needs_state = True).")
+        if context is None:
+            raise TypeError("MomentumAscent reads the optimiser state: SAM passes context= (a RuleContext).")
         if not grads:
             return
+        states = context.optimizer_states
         found = [(grad, local(state[self.buffer])) for grad, state in zip(grads, states) if self.buffer in state]
         if found:
             targets, buffers = zip(*found)
