@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 
 from flatminima.optim import functional as F
 from flatminima.optim import scaler as amp
 from flatminima.optim import sharded
 from flatminima.optim.groups import check_dense, check_rho
-from flatminima.optim.norms import flat_norm, tensor_norms
+from flatminima.optim.norms import FLAT_LIMIT, flat_norm, stack, tensor_norms
 
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
@@ -42,53 +43,108 @@ def perturb(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None)
     if flat is not None:
         _perturb_flat(sam, *flat)
         return True
-    buckets, grads = _buckets(sam)  # grads: the real gradients only
+    layout = _layout(sam)
+    buckets, grads = _buckets(sam, layout)  # grads: the real gradients only
     if not buckets:
         return True
     scaled = amp.is_active(grad_scaler)
     if scaled and grads and not amp.unscale_first_gradient(grad_scaler, grads):
         return False  # inf/NaN: no perturbation; the scaler skips this step in second_step
     with sharded.reducing(sam.shard_groups):
-        _perturb_buckets(sam, buckets, grads, zero_grad, scaled)
+        _perturb_buckets(sam, layout, buckets, grads, zero_grad, scaled)
     return True
 
 
-def _buckets(sam: SAM) -> tuple[list[F.Bucket], list[Tensor]]:
+class Layout:
+    """Which groups are perturbed, by which rule, decided once per set of group options (rho, p, ... and the
+    parameter lists): a step then only gathers gradients. Rebuilt when an option changes (a rho schedule)."""
+
+    def __init__(self, sam: SAM) -> None:
+        book = sam.rules
+        self.key = _layout_key(sam)
+        self.entries: list[tuple[Any, Any, float, list[Tensor]]] = []  # (rule, its declarations, rho, params)
+        for group in sam.param_groups:
+            rho = group["rho"]
+            if not group["perturb"] or rho == 0:
+                continue
+            check_rho(rho, "a param group has")
+            rule = book.rule_for(group)
+            self.entries.append((rule, book.declared(rule), rho, list(group["params"])))
+        params = [p for *_, group_params in self.entries for p in group_params]
+        self.on_cpu = all(p.device.type == "cpu" for p in params)  # reading a norm back is free there
+        self.low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
+        # one rule linear in g, on one device and dtype, small: its gradient's norm from one flat copy (one kernel
+        # instead of one per tensor; the per-tensor norms are not needed on the linear path)
+        rules = {id(entry[0]) for entry in self.entries}
+        linear = len(rules) == 1 and all(
+            not declared.needs_state and declared.needs_gradient and _linear_coefficient(rule, rho, 1.0) is not None
+            for rule, declared, rho, _ in self.entries
+        )
+        same = len({(p.device, p.dtype) for p in params}) == 1
+        self.flat_norm = linear and same and not sam.sharded and sum(p.numel() for p in params) <= FLAT_LIMIT
+        self.dense_checked = False  # sparse gradients refused once, at the first step with gradients
+
+
+_KEYS = ("rho", "perturb", "p", "adaptive", "adaptive_eta", "normalize")
+
+
+def _layout_key(sam: SAM) -> tuple:
+    return tuple((id(g["params"]), len(g["params"]), *(g[k] for k in _KEYS)) for g in sam.param_groups)
+
+
+def _layout(sam: SAM) -> Layout:
+    layout = sam._ascent_layout
+    if layout is None or layout.key != _layout_key(sam):
+        layout = sam._ascent_layout = Layout(sam)
+    return layout
+
+
+def _buckets(sam: SAM, layout: Layout) -> tuple[list[F.Bucket], list[Tensor]]:
     """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the real
     gradients among them. Sharded parameters are handed over as their local shards; each bucket's rule gets the
     :class:`~flatminima.optim.rules.RuleContext` of its parameters."""
-    book = sam.rules
     buckets: dict[Any, F.Bucket] = {}
     real: list[Tensor] = []
-    for group in sam.param_groups:
-        rho = group["rho"]
-        if not group["perturb"] or rho == 0:
-            continue
-        check_rho(rho, "a param group has")
-        rule = book.rule_for(group)
-        declared = book.declared(rule)
+    shards = sam.sharded
+    for rule, declared, rho, group_params in layout.entries:
         if declared.needs_gradient:
-            params = [p for p in group["params"] if p.grad is not None]
-            check_dense(params)
-            grads = sharded.locals_of(p.grad for p in params)
+            grads = [p.grad for p in group_params]
+            params = group_params
+            if any(g is None for g in grads):
+                params = [p for p in group_params if p.grad is not None]
+                grads = [p.grad for p in params]
+            if not layout.dense_checked:
+                check_dense(params)
+            if shards:
+                grads = sharded.locals_of(grads)
             real.extend(grads)
         else:
-            params = [p for p in group["params"] if p.requires_grad]
+            params = [p for p in group_params if p.requires_grad]
             grads = [torch.zeros_like(sharded.local(p)) for p in params]
         if not params:
             continue
         key = rule if declared.scales_with_rho else (rule, rho)
-        buckets.setdefault(key, F.Bucket(rule, declared.needs_state)).add(sharded.locals_of(params), grads, rho, params)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = F.Bucket(rule, declared.needs_state)
+        bucket.add(sharded.locals_of(params) if shards else params, grads, rho, params)
+    layout.dense_checked = layout.dense_checked or bool(real)
     for bucket in buckets.values():
         bucket.context = sam.rule_context(bucket.owners)
     return list(buckets.values()), real
 
 
-def _perturb_buckets(sam: SAM, buckets: list[F.Bucket], grads: list[Tensor], zero_grad: bool, scaled: bool) -> None:
-    norms = tensor_norms([g for b in buckets for g in b.grads])
-    totals: list[Tensor] | list[float] = F.bucket_norms(buckets, norms)
-    if sam.guard.checks or _host_sync_is_free(norms):
-        totals = torch.stack([t.to(totals[0].device) for t in totals]).tolist()  # one sync, free on a CPU
+def _perturb_buckets(
+    sam: SAM, layout: Layout, buckets: list[F.Bucket], grads: list[Tensor], zero_grad: bool, scaled: bool
+) -> None:
+    norms: list[Tensor] | None = None
+    if layout.flat_norm and len(buckets) == 1:
+        totals: list[Tensor] | list[float] = [flat_norm(_flatten_dense_tensors(buckets[0].grads))]
+    else:
+        norms = tensor_norms([g for b in buckets for g in b.grads], layout.low_precision or None)
+        totals = F.bucket_norms(buckets, norms)
+    if sam.guard.checks or layout.on_cpu:  # one sync, free on a CPU
+        totals = [totals[0].item()] if len(totals) == 1 else stack(totals).tolist()
         if grads and not scaled and not sam.guard.first_gradient_ok(totals):
             sam._step.skipped = True
             return
@@ -97,7 +153,7 @@ def _perturb_buckets(sam: SAM, buckets: list[F.Bucket], grads: list[Tensor], zer
     moved: list[Tensor] = []
     offset = 0
     for bucket, total in zip(buckets, totals):
-        bucket_norms = norms[offset : offset + len(bucket.params)]
+        bucket_norms = norms[offset : offset + len(bucket.params)] if norms is not None else None
         offset += len(bucket.params)
         moved.extend(F.perturbed_weights(bucket, total, bucket_norms, in_place=in_place))
     sam._weights.hold([p for b in buckets for p in b.params], moved)

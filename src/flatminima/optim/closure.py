@@ -25,9 +25,25 @@ if TYPE_CHECKING:
 __all__ = ["run_closure"]
 
 
-def run_closure(sam: SAM, closure: Callable[[], Tensor], grad_scaler: torch.amp.GradScaler | None) -> Tensor | None:
+def run_closure(
+    sam: SAM, closure: Callable[[], Tensor] | None, grad_scaler: torch.amp.GradScaler | None
+) -> Tensor | None:
     """One step of ``sam``'s plan, each pass a call of ``closure``; returns the loss of the pass that reports it
     (at ``w``, or at ``w + e`` when there is no pass at ``w``)."""
+    if sam.is_perturbed:
+        sam._abandon_step()
+        raise RuntimeError(
+            f"SAM.step({'' if closure is None else 'closure'}) was called between first_step() and "
+            "second_step(), with the weights at w + e; they are restored to w and this step is abandoned. "
+            "Finish a step begun with first_step() by calling second_step() after the second backward pass "
+            "(not step()), or use step(closure) alone."
+        )
+    if closure is None:
+        raise RuntimeError(
+            "SAM.step() needs a closure that runs forward and backward and returns the loss, e.g. "
+            "opt.step(lambda: (loss_fn(model(x), y).backward(), ...)[-1]); or call first_step() after the "
+            "first backward and second_step() after the second."
+        )
     plan = sam.plan(grad_scaler)
     sam.zero_grad()
     loss = None

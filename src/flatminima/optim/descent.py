@@ -42,6 +42,7 @@ def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradSc
     return sam.descent.declines_ascent(sam._step.first_grads[1])
 
 
+@torch.no_grad()
 def keep_first_gradient(sam: SAM, grad_scaler: torch.amp.GradScaler | None) -> bool:
     """A copy of the batch's ``g(w)`` kept before an ascent on another sample; returns whether the ascent goes
     ahead (see :meth:`SAM.keep_first_gradient`)."""
@@ -90,8 +91,11 @@ def apply_direction(sam: SAM, grad_scaler: torch.amp.GradScaler | None = None) -
     step.direction_ready = True
 
 
-def descent_gradient_ok(sam: SAM, grads: list[Tensor]) -> bool:
+def descent_gradient_ok(sam: SAM) -> bool:
     """The guard's check of the direction the base optimiser is about to take (one host sync)."""
+    if not sam.guard.checks:
+        return True
+    grads = [p.grad for p in _with_gradient(sam)]
     flat = sam.flat_layout
     if flat is not None and flat.gradients_are_views():
         return sam.guard.descent_gradient_ok([flat.grads])

@@ -25,7 +25,16 @@ from torch.optim import Optimizer
 from flatminima.optim.perturb import Adaptive, DualNorm, Unnormalized
 from flatminima.optim.rules import AscentCapabilities, AscentRule
 
-__all__ = ["GROUP_KEYS", "RuleBook", "build_base", "check_dense", "check_group", "check_rho"]
+__all__ = [
+    "GROUP_KEYS",
+    "RuleBook",
+    "build_base",
+    "check_dense",
+    "check_group",
+    "check_rho",
+    "check_seams",
+    "fill_group",
+]
 
 _RULE_KEYS = ("p", "adaptive", "adaptive_eta", "normalize")
 GROUP_KEYS = ("rho", *_RULE_KEYS, "perturb")
@@ -130,3 +139,20 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"p must be in [1, inf] (2 is SAM, inf the sign rule); got p={p!r}.")
     if not eta >= 0:
         raise ValueError(f"adaptive_eta must be >= 0; got {eta!r}.")
+
+
+def fill_group(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Give ``group`` the SAM options it does not set, then check them."""
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    check_group(group)
+
+
+def check_seams(perturbation: Any, descent: Any, cadence: Any) -> None:
+    """The three seams given to SAM are what they claim to be (or None, for SAM's own)."""
+    if perturbation is not None and not callable(getattr(perturbation, "perturb_", None)):
+        raise TypeError(f"perturbation must have a perturb_(params, grads, rho) method; got {perturbation!r}.")
+    if descent is not None and not callable(getattr(descent, "direction_", None)):
+        raise TypeError(f"descent must be a DescentRule (a direction_ method); got {descent!r}.")
+    if cadence is not None and not callable(getattr(cadence, "takes_ascent", None)):
+        raise TypeError(f"cadence must be a Cadence (a takes_ascent(step) method); got {cadence!r}.")

@@ -14,10 +14,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors
 
-__all__ = ["flat_norm", "global_max", "global_norm", "global_sum", "is_finite", "reduced_over", "tensor_norms"]
+__all__ = [
+    "FLAT_LIMIT",
+    "flat_norm",
+    "global_max",
+    "global_norm",
+    "global_sum",
+    "is_finite",
+    "reduced_over",
+    "tensor_norms",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+FLAT_LIMIT = 1 << 20  # elements: below this a flat copy of the tensors costs less than a kernel per tensor
 _SHARD_GROUPS: ContextVar[tuple[Any, ...] | None] = ContextVar("flatminima_shard_groups", default=None)
 
 
@@ -46,9 +57,11 @@ def _all_reduce(value: Tensor, op: str) -> Tensor:
     return value
 
 
-def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Per-tensor L2 norms, accumulated in float32 for half-precision tensors (their norm overflows fp16)."""
-    low = any(t.dtype in _LOW_PRECISION for t in tensors)
+def tensor_norms(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
+    """Per-tensor L2 norms, accumulated in float32 for half-precision tensors (their norm overflows fp16);
+    ``low``: whether any tensor is half precision, when the caller knows."""
+    if low is None:
+        low = any(t.dtype in _LOW_PRECISION for t in tensors)
     return torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
 
 
@@ -57,14 +70,18 @@ def flat_norm(tensor: Tensor) -> Tensor:
     return torch.linalg.vector_norm(tensor, dtype=torch.float32 if tensor.dtype in _LOW_PRECISION else None)
 
 
-def _stack(values: list[Tensor]) -> Tensor:
-    device = values[0].device
-    return torch.stack([v.to(device) for v in values] if any(v.device != device for v in values) else values)
+def stack(values: list[Tensor]) -> Tensor:
+    """0-d tensors stacked on the first one's device."""
+    try:
+        return torch.stack(values)
+    except RuntimeError:  # on several devices
+        device = values[0].device
+        return torch.stack([v.to(device) for v in values])
 
 
 def global_norm(norms: list[Tensor]) -> Tensor:
     """L2 norm of a list of tensors, from their per-tensor L2 norms, without a host sync."""
-    stacked = _stack(norms)
+    stacked = stack(norms)
     if _SHARD_GROUPS.get() is None:
         return torch.linalg.vector_norm(stacked)
     return _all_reduce(stacked.square().sum(), "sum").sqrt()
@@ -81,9 +98,18 @@ def global_max(tensors: list[Tensor]) -> Tensor:
 
 def global_sum(values: list[Tensor]) -> Tensor:
     """The sum of 0-d tensors, as a 0-d tensor on the first one's device."""
-    return _all_reduce(_stack(values).sum(), "sum")
+    return _all_reduce(stack(values).sum(), "sum")
 
 
 def is_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync; True for an empty list)."""
-    return bool(torch.isfinite(global_norm(tensor_norms(tensors))).item()) if tensors else True
+    """Whether the L2 norm over every tensor is finite (an inf/NaN entry, or a norm past the float range); one host
+    sync, True for an empty list. Small gradients on one device go through one flat copy (one kernel instead of
+    one per tensor)."""
+    if not tensors:
+        return True
+    if _SHARD_GROUPS.get() is None and sum(t.numel() for t in tensors) <= FLAT_LIMIT:
+        try:
+            return bool(torch.isfinite(flat_norm(_flatten_dense_tensors(tensors))).item())
+        except RuntimeError:  # several devices or dtypes: the per-tensor norms below
+            pass
+    return bool(torch.isfinite(global_norm(tensor_norms(tensors))).item())

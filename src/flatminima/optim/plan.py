@@ -31,11 +31,22 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.descent import keep_first_gradient
+from flatminima.optim.misuse import refuse_batch_rule
 
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
 
-__all__ = ["Ascend", "Descend", "KeepFirstGradient", "Pass", "SetAside", "StepPlan", "build_plan", "plan_step"]
+__all__ = [
+    "Ascend",
+    "Descend",
+    "KeepFirstGradient",
+    "Pass",
+    "SetAside",
+    "StepPlan",
+    "build_plan",
+    "checked_batch_rule",
+    "plan_step",
+]
 
 Sample = tuple[Tensor, Tensor]
 Outcome = Literal["ascended", "plain", "skipped"]
@@ -110,6 +121,7 @@ class KeepFirstGradient:
 class SetAside:
     """m-SAM, between groups: ``w`` restored, this group's perturbed gradient set aside for the next group's."""
 
+    @torch.no_grad()
     def run(self, plan: StepPlan) -> Outcome | None:
         plan.sam.restore()
         params = plan._params()
@@ -252,7 +264,7 @@ def build_plan(
     """``sam``'s plan of its next step (:meth:`SAM.plan`); the batch rule, if any, draws the ascent's sample now."""
     rule = sam.batch_rule
     if rule is not None and batch is None:
-        sam._refuse_batch_rule("this driver")
+        refuse_batch_rule(sam, "this driver")
     if sam.is_perturbed:
         sam._abandon_step()
         raise RuntimeError(
@@ -271,3 +283,10 @@ def build_plan(
         sync=sync_perturbation,
     )
     return StepPlan(sam, phases, grad_scaler, rule, batch, ascent_sample)
+
+
+def checked_batch_rule(rule: Any) -> Any:
+    """``rule`` if it is a batch rule that changes something, None for none or SAM's own (the batch everywhere)."""
+    if rule is not None and not callable(getattr(rule, "ascent_sample", None)):
+        raise TypeError(f"batch_rule must be a flatminima.batch_rules.BatchRule; got {type(rule).__name__}.")
+    return None if rule is None or getattr(rule, "is_default", False) else rule

@@ -111,10 +111,16 @@ def check_scaler(sharded: bool, grad_scaler: torch.amp.GradScaler | None) -> Non
         )
 
 
-def check_shardable(book: Any, descent: Any, groups: list[dict[str, Any]]) -> None:
-    """Sharded parameters: every rule in use must work on local shards (declare ``shard_aware``)."""
+def check_shardable(book: Any, descent: Any, groups: list[dict[str, Any]], flatten: bool = False) -> None:
+    """Sharded parameters: every rule in use must work on local shards (declare ``shard_aware``), and the
+    parameters cannot be re-pointed into one flat buffer."""
     from flatminima.optim.rules import DescentCapabilities
 
+    if flatten:
+        raise ValueError(
+            "flatten=True re-points the parameters into one buffer, which FSDP's sharded parameters do not "
+            "allow; use flatten=False with fully_shard."
+        )
     for rule in {book.rule_for(g) for g in groups}:  # rho = 0 now may grow (a rho schedule): all are checked
         if not book.declared(rule).shard_aware:
             raise ValueError(
