@@ -28,6 +28,7 @@ from flatminima.optim.rules import AscentCapabilities, AscentRule
 __all__ = [
     "GROUP_KEYS",
     "RuleBook",
+    "add_group",
     "build_base",
     "check_dense",
     "check_group",
@@ -156,3 +157,21 @@ def check_seams(perturbation: Any, descent: Any, cadence: Any) -> None:
         raise TypeError(f"descent must be a DescentRule (a direction_ method); got {descent!r}.")
     if cadence is not None and not callable(getattr(cadence, "takes_ascent", None)):
         raise TypeError(f"cadence must be a Cadence (a takes_ascent(step) method); got {cadence!r}.")
+
+
+def add_group(sam: Any, param_group: dict[str, Any]) -> None:
+    """``SAM.add_param_group``: the group gets SAM's options, is checked, and joins the base optimiser's."""
+    from flatminima.optim import sharded
+
+    if sam.flat_layout is not None:
+        raise ValueError("add_param_group is not supported with flatten=True; build SAM with all groups.")
+    fill_group(param_group, {key: sam.defaults[key] for key in GROUP_KEYS})
+    params = param_group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    groups = sharded.shard_groups([*params, *(p for g in sam.param_groups for p in g["params"])])
+    if groups is not None:
+        sharded.check_shardable(sam.rules, sam.descent, [*sam.param_groups, param_group])
+    sam.base_optimizer.add_param_group(param_group)
+    sam.shard_groups = groups
+    if not sam.is_perturbed:  # the weights' storage follows how the parameters are stored now
+        sam._weights = sam._plain_store()

@@ -10,7 +10,6 @@ written before they were kept apart (the rules' ``state_keys`` inside the base o
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -31,26 +30,29 @@ class RuleState(defaultdict):
     def __init__(self) -> None:
         super().__init__(dict)
 
-    def packed(self, params: list[Tensor]) -> dict[int, dict[str, Any]]:
-        """The non-empty states by index of ``params`` (the base optimiser's parameter order)."""
-        return {index: dict(self[p]) for index, p in enumerate(params) if self.get(p)}
+    def save(self, state_dict: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+        """``state_dict`` with the non-empty states added, by index of ``params`` (the base optimiser's order)."""
+        packed = {index: dict(self[p]) for index, p in enumerate(params) if self.get(p)}
+        if packed:
+            state_dict[KEY] = packed
+        return state_dict
 
-    def load(
-        self,
-        saved: dict[str, Any],
-        params: list[Tensor],
-        base_state: dict[Tensor, dict[str, Any]],
-        legacy_keys: Iterable[str],
-    ) -> None:
-        """Replace the states with those of the state dict ``saved``; the ``legacy_keys`` found in the base
-        optimiser's state (an older checkpoint's layout) are moved here."""
+    def load(self, state_dict: dict[str, Any], sam: SAM) -> None:
+        """Replace the states with those of ``state_dict``; the rules' ``state_keys`` found in the base optimiser's
+        state (the layout of checkpoints written before SAM kept them apart) are moved here."""
+        from flatminima.optim.rules import DescentCapabilities
+
+        params = [p for group in sam.param_groups for p in group["params"]]
         self.clear()
-        for index, kept in saved.get(KEY, {}).items():
+        for index, kept in state_dict.get(KEY, {}).items():
             owner = params[int(index)]
             self[owner] = {key: _on_param(value, owner) for key, value in kept.items()}
-        legacy = tuple(legacy_keys)
+        legacy = (
+            *sam.rules.declared(sam.perturbation).state_keys,
+            *sam.rules.declared(sam.descent, DescentCapabilities).state_keys,
+        )
         for owner in params:
-            held = base_state.get(owner, {})
+            held = sam.state.get(owner, {})
             moved = {key: held.pop(key) for key in legacy if key in held}
             if moved:
                 self[owner].update(moved)

@@ -1,15 +1,9 @@
 """SAM: the two-pass protocol around any ``torch.optim`` optimiser (Foret et al. 2021, Algorithm 1).
 
-One step: gradient ``g`` at ``w`` -> move to ``w + e`` (``e`` from an ascent rule) -> gradient there -> restore
-``w`` exactly -> base optimiser step along the descent rule's direction. Which passes a step runs is its plan
-(:mod:`flatminima.optim.plan`), decided here from three seams (:mod:`flatminima.optim.rules`: ascent, descent,
-cadence) and run by a driver (:mod:`flatminima.optim.closure`, :class:`~flatminima.step.SharpnessAwareStep`, the
-integrations). The ascent's buckets and fast paths are in :mod:`flatminima.optim.ascent`, the descent's in
-:mod:`flatminima.optim.descent`, per-group options in :mod:`flatminima.optim.groups`, where ``w`` is kept in
-:mod:`flatminima.optim.weights`, the inf/NaN policy in :mod:`flatminima.optim.guard`, GradScaler glue in
-:mod:`flatminima.optim.scaler` and sharded (FSDP2) parameters in :mod:`flatminima.optim.sharded`.
-
-The class is itself a :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are* the base
+One step: gradient ``g`` at ``w`` -> move to ``w + e`` (an ascent rule's) -> gradient there -> restore ``w``
+exactly -> base step along the descent rule's direction. The step's plan (:mod:`flatminima.optim.plan`) is decided
+here from three seams (:mod:`flatminima.optim.rules`) and run by a driver; the maths is in the sibling modules
+(ascent, descent, groups, weights, guard, scaler, sharded). ``param_groups`` and ``state`` *are* the base
 optimiser's, so LR schedulers, per-group options and checkpoints work as with the base optimiser.
 """
 
@@ -27,19 +21,11 @@ from flatminima.optim import ascent, descent, misuse, rule_state, sharded
 from flatminima.optim import scaler as amp
 from flatminima.optim.closure import run_closure
 from flatminima.optim.flat import FlatLayout
-from flatminima.optim.groups import GROUP_KEYS, RuleBook, build_base, check_seams, fill_group
+from flatminima.optim.groups import RuleBook, add_group, build_base, check_seams, fill_group
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.plan import StepPlan, build_plan, checked_batch_rule
 from flatminima.optim.rule_state import RuleState
-from flatminima.optim.rules import (
-    Cadence,
-    DescentCapabilities,
-    DescentRule,
-    EveryStep,
-    PerturbationRule,
-    PerturbedGradient,
-    RuleContext,
-)
+from flatminima.optim.rules import Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient, RuleContext
 from flatminima.optim.step_state import StepState
 from flatminima.optim.weights import CopiedShards, FlatWeights, SwappedWeights, WeightStore
 
@@ -127,9 +113,9 @@ class SAM(Optimizer):
         self.shard_groups = sharded.shard_groups(p for g in self.param_groups for p in g["params"])
         if self.sharded:
             sharded.check_shardable(self.rules, self.descent, self.param_groups, flatten)
-        self._flat = FlatLayout([p for g in self.param_groups for p in g["params"]]) if flatten else None
-        # where w is kept while the parameters hold w + e: one strategy, from how the parameters are stored
-        self._weights: WeightStore = FlatWeights(self._flat) if flatten else self._plain_store()
+        # the buffers parameters and gradients are views of (flatten=True); where w is kept while perturbed
+        self.flat_layout = FlatLayout(self._params()) if flatten else None
+        self._weights: WeightStore = FlatWeights(self.flat_layout) if flatten else self._plain_store()
 
     # ------------------------------------------------------------------ what the plan and users ask
 
@@ -145,8 +131,7 @@ class SAM(Optimizer):
 
     @property
     def sharded(self) -> bool:
-        """True when the parameters are sharded DTensors (FSDP2's ``fully_shard``)."""
-        return self.shard_groups is not None
+        return self.shard_groups is not None  # FSDP2's fully_shard made the parameters DTensors
 
     @property
     def ascent_due(self) -> bool:
@@ -167,11 +152,6 @@ class SAM(Optimizer):
     def step_skipped(self) -> bool:
         """True between a ``first_step`` that met a non-finite gradient (``nonfinite="skip"``) and ``second_step``."""
         return self._step.skipped
-
-    @property
-    def flat_layout(self) -> FlatLayout | None:
-        """The buffers parameters and gradients are views of (``flatten=True``), else None."""
-        return self._flat
 
     @property
     def batch_rule(self) -> Any:
@@ -205,10 +185,8 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def keep_first_gradient(self, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
-        """Hold ``.grad`` as ``g(w)`` for the descent rule before an ascent pass on another sample (then zero the
-        gradients). Returns whether the ascent goes ahead: if not, ``.grad`` still holds ``g(w)``: call
-        ``second_step``. Under ``grad_scaler`` a non-finite ``g(w)`` declines it, so that the scaler skips the step.
-        """
+        """Hold ``.grad`` as ``g(w)`` for the descent rule before an ascent on another sample; returns whether the
+        ascent goes ahead (if not, ``.grad`` still holds ``g(w)``: call ``second_step``)."""
         misuse.refuse_batch_rule(self, "keep_first_gradient()")
         return descent.keep_first_gradient(self, grad_scaler)
 
@@ -251,7 +229,7 @@ class SAM(Optimizer):
             # move) there was no first pass: the next forward pass is the step's only one and must update them.
             self._running_stats.freeze()
         if zero_grad and not step.declined:
-            if not self.ascent_due and self._flat is None:  # g(w) kept for a second_step with no second pass
+            if not self.ascent_due and self.flat_layout is None:  # g(w) kept for a second_step with no second pass
                 step.set_aside = [(p, p.grad) for p in self._params() if p.grad is not None]
             self.zero_grad()
         return step.ascended
@@ -320,21 +298,16 @@ class SAM(Optimizer):
         """The base optimiser's state dict, plus the step counter the cadence reads and the rules' state."""
         state = self.base_optimizer.state_dict()
         state[_STEP_KEY] = self.steps
-        if packed := self.rule_state.packed(self._params()):
-            state[rule_state.KEY] = packed
-        return state
+        return self.rule_state.save(state, self._params())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the base optimiser's state, the per-group SAM options and the rules' state (an older checkpoint's
-        too, whose rules kept their ``state_keys`` in the base optimiser's state); stays shared with the base."""
+        """Load the base optimiser's state, the per-group SAM options and the rules' state; stays shared."""
         self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
         self.steps = int(state_dict.get(_STEP_KEY, 0))
         for group in self.param_groups:
             fill_group(group, self.defaults)
-        legacy = (*self.rules.declared(self.perturbation).state_keys, *self._declared_descent().state_keys)
-        self.rule_state.load(state_dict, self._params(), self.state, legacy)
+        self.rule_state.load(state_dict, self)
 
     def rule_context(self, params: list[Tensor]) -> RuleContext:
         """The :class:`~flatminima.optim.rules.RuleContext` of ``params`` (each field computed when read)."""
@@ -342,44 +315,29 @@ class SAM(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; with ``flatten=True`` the gradients stay views of the flat buffer, zeroed in place."""
-        if self._flat is not None:
-            self._flat.zero_gradients()
+        if self.flat_layout is not None:
+            self.flat_layout.zero_gradients()
         else:
             super().zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not hasattr(self, "base_optimizer"):  # during Optimizer.__init__ the groups are already in place
+        if hasattr(self, "base_optimizer"):  # not during Optimizer.__init__, when the groups are in place already
+            add_group(self, param_group)
+        else:
             super().add_param_group(param_group)
-            return
-        if self._flat is not None:
-            raise ValueError("add_param_group is not supported with flatten=True; build SAM with all groups.")
-        fill_group(param_group, {key: self.defaults[key] for key in GROUP_KEYS})
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        groups = sharded.shard_groups([*params, *self._params()])
-        if groups is not None:
-            sharded.check_shardable(self.rules, self.descent, [*self.param_groups, param_group])
-        self.base_optimizer.add_param_group(param_group)
-        self.shard_groups = groups
-        if not self.is_perturbed:  # the weights' storage follows how the parameters are stored now
-            self._weights = self._plain_store()
 
     # ------------------------------------------------------------------ internals
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _declared_descent(self) -> DescentCapabilities:
-        return self.rules.declared(self.descent, DescentCapabilities)
-
     def _plain_store(self) -> WeightStore:
         return CopiedShards() if self.sharded else SwappedWeights()
 
     def _has_gradient(self) -> bool:
-        """Whether any parameter holds a gradient (a backward pass at ``w`` preceded ``first_step``)."""
-        return any(p.grad is not None for group in self.param_groups for p in group["params"])
+        return any(p.grad is not None for p in self._params())
 
     def _abandon_step(self) -> None:
-        """Back to ``w`` (exactly) with BatchNorm unfrozen, and nothing of this step kept: before a misuse error."""
+        """Back to ``w`` exactly, BatchNorm unfrozen, nothing of this step kept: before a misuse error."""
         self.restore()
         self._step = StepState()
