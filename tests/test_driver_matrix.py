@@ -500,29 +500,10 @@ def drive_sam_step(setup: Setup) -> Callable[[], None]:
 
 def hf_trainer(setup: Setup, tmp_path: Path) -> Any:
     """SAMTrainer over the setup's batches, in order, one optimizer step per batch, no clipping."""
-    import transformers
-
-    from flatminima.integrations.huggingface import SAMTrainer
-
-    class InOrder(SAMTrainer):
-        def _get_train_sampler(self, *args: object, **kwargs: object) -> torch.utils.data.Sampler:
-            return torch.utils.data.SequentialSampler(self.train_dataset)
+    from tests.test_integration_huggingface import InOrder, training_args
 
     x, y = training_set()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        per_device_train_batch_size=BATCH,
-        num_train_epochs=1,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    args = training_args(tmp_path, per_device_train_batch_size=BATCH)
     data = [{"x": x[i], "labels": y[i]} for i in range(N_TRAIN)]
     return InOrder(model=HFModel(setup.model), args=args, train_dataset=data, optimizers=(setup.opt, None))
 
