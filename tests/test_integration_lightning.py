@@ -342,6 +342,25 @@ def test_a_failing_second_pass_leaves_the_weights_at_w():
     assert net.model[1].track_running_stats and "log" not in vars(net)
 
 
+def test_a_one_pass_plan_with_accumulation_is_refused_before_any_step():
+    """Momentum-SAM's only pass is at w + e, but with accumulate_grad_batches=2 Lightning has run the window's first
+    batch at w already: refused at the first optimiser step, the weights untouched."""
+    from flatminima.variants.momentum_sam import MomentumAscent
+
+    class OnePass(Net):
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM,
+                       perturbation=MomentumAscent())  # fmt: skip
+
+    model = make_model()
+    net = OnePass(copy.deepcopy(model))
+    with pytest.raises(NotImplementedError, match="accumulate_grad_batches=1"):
+        fit(net, make_batches(), max_steps=1, accumulate_grad_batches=2)
+    assert not net.trainer.optimizers[0].is_perturbed
+    for p, q in zip(net.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_mixin_must_come_before_lightning_module():
     with pytest.raises(TypeError, match="before LightningModule"):
 

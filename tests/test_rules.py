@@ -266,6 +266,24 @@ def test_two_step_pattern_when_the_cadence_declines_is_a_plain_step() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.parametrize("flatten", [False, True])
+def test_two_step_pattern_on_an_off_step_without_a_second_pass_is_a_plain_step(flatten: bool) -> None:
+    """first_step(zero_grad=True) returns False on a cadence's off step; a loop that then skips the second pass
+    still gets the base optimiser's step along g(w) (set aside and put back: the same tensors, or the flat buffer's
+    copy), exactly: SGD's own step from the same pass at w."""
+    a, b = make_mlp(seed=8, dtype=torch.float64), make_mlp(seed=8, dtype=torch.float64)
+    opt = flatminima.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, cadence=EveryKSteps(2), flatten=flatten)
+    opt.steps = 1  # an off step
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1)
+    x, y = make_batch(dtype=torch.float64)
+    cross_entropy(a(x), y).backward()
+    assert opt.first_step(zero_grad=True) is False and not opt.is_perturbed
+    opt.second_step()
+    cross_entropy(b(x), y).backward()
+    sgd.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize(("k", "error"), [(0, ValueError), (1.5, ValueError), (True, ValueError)])
 def test_cadence_rejects_nonsense(k, error) -> None:
     with pytest.raises(error, match="k >= 1"):

@@ -488,3 +488,14 @@ def test_a_killed_run_resumes_exactly(tmp_path: Path, monkeypatch, optimizer: st
     config = TrainConfig(optimizer=optimizer, epochs=2, batch_size=128, threads=1, progress=False, lr=0.05, rho=0.5,
                          fsam_sigma=0.5, fsam_lambda=0.9)  # fmt: skip
     assert resumed_equals_straight(tmp_path, monkeypatch, config)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "friendly"])
+def test_msam_groups_refuse_a_hand_built_stateful_or_gradient_free_rule(rule: str) -> None:
+    """The builders refuse --group-size for these; a SAM built by hand is refused by the step itself, when built:
+    Momentum-SAM reads no g(w) (the groups would have nothing to split), Friendly SAM's mean would advance per group."""
+    model = _model()
+    perturbation = MomentumAscent() if rule == "momentum" else FriendlyAscent()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, perturbation=perturbation)
+    with pytest.raises(ValueError, match="group_size=None"):
+        SharpnessAwareStep(model, _per_example, opt, group_size=4)

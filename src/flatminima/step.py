@@ -2,8 +2,8 @@
 
 :class:`SharpnessAwareStep` owns forward and backward, and with them what SAM makes delicate: BatchNorm running
 statistics (one update per step, from the unperturbed pass), autocast and GradScaler, gradient accumulation,
-gradient clipping and DistributedDataParallel's ``no_sync``. It drives a :class:`~flatminima.optim.sam.SAM`
-optimiser through ``first_step`` / ``restore`` / ``second_step``.
+gradient clipping and DistributedDataParallel's ``no_sync``. It runs a :class:`~flatminima.optim.sam.SAM`
+optimiser's plan of each step (:meth:`SAM.plan`): every pass on the examples the plan names, then the descent.
 
 m-SAM (Foret et al. 2021, sec. 4.1): with ``group_size=m`` the batch is split into disjoint groups of m
 examples; each group is perturbed by its own ``e_k`` (from its own gradient), and the gradients taken at the
@@ -206,6 +206,15 @@ class SharpnessAwareStep:
             raise ValueError("sync_perturbation (one perturbation for all ranks) cannot be combined with m-SAM.")
         if group_size is not None and optimizer.flat_layout is not None:
             raise ValueError("m-SAM keeps earlier groups' gradients aside, which flatten=True does not allow.")
+        if group_size is not None:
+            for rule in {optimizer.rules.rule_for(group) for group in optimizer.param_groups}:
+                declared = optimizer.rules.declared(rule)
+                if declared.needs_state or not declared.needs_gradient:
+                    why = "keeps state it would advance once per group" if declared.needs_state else "reads no g(w)"
+                    raise ValueError(
+                        f"m-SAM takes each group's ascent from that group's g(w), but the ascent rule {rule!r} {why}; "
+                        "use group_size=None."
+                    )
         if group_size is not None and optimizer.descent.needs_first_gradient:
             raise ValueError(
                 f"the descent rule {optimizer.descent!r} combines g(w) with g(w + e), which m-SAM's per-group "

@@ -4,11 +4,13 @@ flatminima[huggingface]``).
 The Trainer does one forward-backward per micro-batch (``training_step``), then clips and calls
 ``optimizer.step()``, which Accelerate forwards as ``SAM.step(None)``: SAM's two passes do not fit. Here:
 
-- :class:`SAMTrainer` runs each optimizer step as SAM's: the Trainer's own passes at ``w`` over the step's k
-  micro-batches (their inputs are kept until the step), the ascent from their accumulated gradient, the same k
-  micro-batches again at ``w + e`` (same loss scaling, ``num_items_in_batch`` included), ``w`` restored exactly;
-  then the Trainer clips that gradient and its ``optimizer.step()`` takes SAM's descent step
-  (:meth:`SAM.second_step`), through Accelerate's GradScaler under fp16.
+- :class:`SAMTrainer` runs each optimizer step as SAM's plan (:meth:`SAM.plan`): the Trainer's own passes over
+  the step's k micro-batches are the plan's first pass (at ``w``, or at ``w + e`` for a rule that reads no
+  ``g(w)``; the inputs are kept until the step), the plan's later pass replays the same k micro-batches at
+  ``w + e`` (same loss scaling, ``num_items_in_batch`` included), ``w`` is restored exactly; then the Trainer
+  clips the descent direction and its ``optimizer.step()`` takes SAM's descent step (:meth:`SAM.second_step`),
+  through Accelerate's GradScaler under fp16. An optimiser with a batch rule is refused when the Trainer is
+  built.
 - :func:`sam_step` is one SAM step in your own Accelerate loop.
 
 Supported: one process or DDP (``accelerate launch`` / ``torchrun``), fp32, bf16 autocast, fp16 with Accelerate's
@@ -145,13 +147,14 @@ class SAMTrainer(transformers.Trainer):
     ``sam_kwargs`` (any other :class:`SAM` option: ``p``, ``perturbation``, ``descent``, ``cadence``,
     ``nonfinite``...).
 
-    Each optimizer step: the Trainer's passes at ``w`` over the k = ``gradient_accumulation_steps`` micro-batches
-    (the loss logged is this one), the ascent from their accumulated gradient, the same k micro-batches at
-    ``w + e`` with the same loss scaling, ``w`` restored exactly before ``training_step`` returns, then the
-    Trainer's clipping (``max_grad_norm``) of ``g(w + e)`` and its ``optimizer.step()``, which is SAM's descent
-    step. The inputs of the step's micro-batches are kept until its last one. BatchNorm running statistics come
-    from the passes at ``w`` only. Under fp16 the first gradient is unscaled before the ascent and an overflow in
-    either pass skips the step (no perturbation is left behind, the LR scheduler does not advance).
+    Each optimizer step runs SAM's plan: the Trainer's passes over the k = ``gradient_accumulation_steps`` micro-batches
+    (at ``w``, or at ``w + e`` for a rule that reads no ``g(w)``; the loss logged is this one), the ascent from their
+    accumulated gradient, the same k micro-batches at ``w + e`` with the same loss scaling, ``w`` restored exactly
+    before ``training_step`` returns, then the Trainer's clipping (``max_grad_norm``) of the descent direction and its
+    ``optimizer.step()``, which is SAM's descent step. The inputs of the step's micro-batches are kept until its last
+    one. BatchNorm running statistics come from the first pass only. Under fp16 the first gradient is unscaled before
+    the ascent and an overflow in either pass skips the step (no perturbation is left behind, the LR scheduler does not
+    advance).
     """
 
     def __init__(

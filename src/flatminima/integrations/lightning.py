@@ -4,16 +4,20 @@ Return a :class:`~flatminima.optim.sam.SAM` from ``configure_optimizers`` (sched
 optimiser) and put :class:`SharpnessAwareMixin` before ``LightningModule`` in the bases. The mixin overrides two
 hooks, ``optimizer_step`` and ``on_train_batch_start``; everything else stays Lightning's:
 
-- the first pass at ``w`` is Lightning's own closure (``training_step``, ``zero_grad`` at the start of an
-  accumulation window, the precision plugin's scaled ``backward``), so with ``accumulate_grad_batches=k`` the
-  ascent uses the gradient accumulated over the k batches of the window;
-- the second pass at ``w + e`` replays every batch of the window through ``strategy.training_step`` and
+- each step runs SAM's plan (:meth:`SAM.plan`). Its first pass is Lightning's own closure (``training_step``,
+  ``zero_grad`` at the start of an accumulation window, the precision plugin's scaled ``backward``): at ``w``, so
+  that with ``accumulate_grad_batches=k`` the ascent uses the gradient accumulated over the window's k batches, or
+  at ``w + e`` for rules that read no ``g(w)`` (Momentum-SAM, a random direction; refused with k > 1, whose earlier
+  batches already ran at ``w``);
+- the plan's later pass at ``w + e`` replays every batch of the window through ``strategy.training_step`` and
   ``strategy.backward`` (autocast, loss scaling, DDP's forward and ``no_sync`` as in the first pass), each loss
   divided by k as Lightning divides it; what the replayed ``training_step`` logs is dropped, so the logged loss
-  is the one at ``w``;
-- the descent is Lightning's tail of an optimiser step: unscaling by the GradScaler, ``on_before_optimizer_step``,
-  ``gradient_clip_val`` (``configure_gradient_clipping``) applied to ``g(w + e)``, then ``SAM.second_step`` on the
-  SAM object itself (so LR schedulers see the step) and ``scaler.update()``;
+  is the first pass's;
+- the descent is Lightning's tail of an optimiser step: unscaling by the GradScaler, the descent rule's direction,
+  ``on_before_optimizer_step``, ``gradient_clip_val`` (``configure_gradient_clipping``) applied to that direction,
+  then ``SAM.second_step`` on the SAM object itself (so LR schedulers see the step) and ``scaler.update()``;
+- an optimiser with a batch rule (n-SAM, RW-SAM, Ahn et al.'s SA) is refused at the first step: those rules pick
+  examples from ``(inputs, targets)`` tensors, which Lightning's batches need not be;
 - ``global_step``, LR schedulers and checkpoints are Lightning's automatic-optimisation bookkeeping, unchanged.
 
 Only single-device and DDP strategies with the standard precision plugins (32, 64, 16/bf16 true and mixed) are
@@ -68,10 +72,11 @@ class SharpnessAwareMixin:
                 opt = SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
                 return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30)}
 
-    ``training_step`` runs twice per batch: at ``w`` (Lightning's closure) and at ``w + e``
-    (:attr:`sam_second_pass` is then True and ``self.log`` does nothing). BatchNorm running statistics are kept
-    from the first pass. With an optimiser that is not a SAM the mixin steps as Lightning does.
-    If you override ``optimizer_step`` or ``on_train_batch_start``, call ``super()``.
+    ``training_step`` runs once per pass of SAM's plan: at ``w`` (Lightning's closure) and at ``w + e``
+    (:attr:`sam_second_pass` is then True and ``self.log`` does nothing), once on a step without the ascent or for a
+    rule that reads no ``g(w)``. BatchNorm running statistics are kept from the first pass. With an optimiser that is
+    not a SAM the mixin steps as Lightning does. If you override ``optimizer_step`` or ``on_train_batch_start``, call
+    ``super()``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -18,7 +18,15 @@ from flatminima.optim import sharded
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
 
-__all__ = ["apply_direction", "base_step", "descent_gradient_ok", "hold_first_gradient", "keep_first_gradient"]
+__all__ = [
+    "apply_direction",
+    "base_step",
+    "descent_gradient_ok",
+    "hold_first_gradient",
+    "keep_first_gradient",
+    "put_back",
+    "set_aside",
+]
 
 
 def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> bool:
@@ -109,6 +117,28 @@ def base_step(sam: SAM) -> Any:
     """The base optimiser's step (the rules keep their state in SAM's ``rule_state``, never in the base
     optimiser's, so one that initialises its state lazily, as Adam, is undisturbed)."""
     return sam.base_optimizer.step()
+
+
+def set_aside(sam: SAM) -> Any:
+    """``g(w)`` of a cadence's off step, before ``first_step(zero_grad=True)`` releases it: the tensors themselves,
+    or a copy of the flat buffer when the gradients are its views (zeroed in place)."""
+    flat = sam.flat_layout
+    if flat is not None and flat.gradients_are_views():
+        return flat.grads.clone()
+    return [(p, p.grad) for p in _with_gradient(sam)]
+
+
+def put_back(sam: SAM, kept: Any) -> None:
+    """Give ``.grad`` the ``g(w)`` set aside, if no backward pass has filled it since (a loop that took
+    ``first_step``'s False as "no second pass"); a second pass at ``w`` gave the same ``g(w)`` anew."""
+    if isinstance(kept, Tensor):
+        grads = sam.flat_layout.grads
+        if not grads.any():
+            grads.copy_(kept)
+        return
+    if not any(p.grad is not None and p.grad.any() for group in sam.param_groups for p in group["params"]):
+        for param, grad in kept:
+            param.grad = grad
 
 
 def _with_gradient(sam: SAM) -> list[Tensor]:

@@ -77,12 +77,12 @@ class Pass:
 class Descend:
     """The end of the step: the driver clips if it will, then takes the descent (``SAM.second_step``).
 
-    ``outcome``: ``"ascended"`` (the last pass was at ``w + e``), ``"plain"`` (no ascent this step: the cadence
-    exempted it or the ascent was declined at ``g(w)``, which ``.grad`` holds) or ``"skipped"`` (no step at all:
-    ``second_step`` only clears the gradients and counts the step).
+    ``outcome`` (set on the one the iteration yields): ``"ascended"`` (the last pass was at ``w + e``), ``"plain"`` (no
+    ascent this step: the cadence exempted it or the ascent was declined at ``g(w)``, which ``.grad`` holds) or
+    ``"skipped"`` (no step at all: ``second_step`` only clears the gradients and counts the step).
     """
 
-    outcome: Outcome = "ascended"
+    outcome: Outcome | None = None  # None in the plan's list: the iteration yields the real one
 
 
 @dataclass(frozen=True)

@@ -229,8 +229,8 @@ class SAM(Optimizer):
             # move) there was no first pass: the next forward pass is the step's only one and must update them.
             self._running_stats.freeze()
         if zero_grad and not step.declined:
-            if not self.ascent_due and self.flat_layout is None:  # g(w) kept for a second_step with no second pass
-                step.set_aside = [(p, p.grad) for p in self._params() if p.grad is not None]
+            if not self.ascent_due:  # g(w) kept for a second_step that follows with no second pass
+                step.set_aside = descent.set_aside(self)
             self.zero_grad()
         return step.ascended
 
@@ -244,9 +244,8 @@ class SAM(Optimizer):
         optimiser's ``step()`` on ``.grad``.
         """
         self.restore()
-        if self._step.set_aside and not self._has_gradient():  # first_step on a cadence's off step, no 2nd pass
-            for param, grad in self._step.set_aside:
-                param.grad = grad
+        if self._step.set_aside is not None:  # first_step on a cadence's off step: g(w), unless a 2nd pass ran
+            descent.put_back(self, self._step.set_aside)
         if self.sharded and amp.is_active(grad_scaler):
             self._abandon_step()
             sharded.check_scaler(self.sharded, grad_scaler)

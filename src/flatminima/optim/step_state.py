@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -20,4 +21,4 @@ class StepState:
     first_grads: tuple[list[Tensor], list[Tensor]] | None = None  # (params, g(w)) for a descent rule that asks
     first_kept: bool = False  # g(w) was kept by keep_first_gradient(), before an ascent on another sample
     direction_ready: bool = False  # the descent rule has already turned .grad into the direction
-    set_aside: list[tuple[Tensor, Tensor]] | None = None  # g(w) of a cadence's off step, zeroed by first_step
+    set_aside: Any = None  # g(w) of a cadence's off step, released by first_step (optim.descent.set_aside)

@@ -131,6 +131,9 @@ class SingleExample(BatchRule):
         self.generator = generator
         self.index: int | None = None
 
+    def __repr__(self) -> str:
+        return "SingleExample()"
+
     def ascent_sample(self, inputs: Tensor, targets: Tensor, step: int) -> Sample | None:
         self.index = random_index(inputs.shape[0], self.generator)
         return inputs[self.index : self.index + 1], targets[self.index : self.index + 1]

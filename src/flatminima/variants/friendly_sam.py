@@ -8,7 +8,7 @@ The paper's F-SAM step, with ``g_t`` the batch gradient at ``w_t``:
     e_t = rho d_t / ||d_t||,   w_{t+1} = base step along grad L_B(w_t + e_t)
 
 sigma = 1 in the paper's experiments. On the seams: the ascent rule :class:`FriendlyAscent` (``needs_state``: the
-EMA ``m`` lives in each parameter's optimiser state under ``"fsam_mean"``, so checkpoints carry it), SAM's descent
+EMA ``m`` lives in each parameter's rule state under ``"fsam_mean"``, so checkpoints carry it), SAM's descent
 and cadence; two forward-backward passes per step, as SAM, and one more parameter-sized buffer. Choices, each an
 option or stated:
 
@@ -40,7 +40,7 @@ _SPHERE = DualNorm(2.0)  # SAM's L2 ascent: scale to radius rho
 
 __all__ = ["STATE_KEY", "SUBTRACT", "FriendlyAscent"]
 
-STATE_KEY = "fsam_mean"  # where m lives in each parameter's optimiser state
+STATE_KEY = "fsam_mean"  # where m lives in each parameter's rule state
 SUBTRACT = ("updated", "previous")
 STARTS = ("gradient", "zero")
 

@@ -8,12 +8,12 @@ With ``g = grad f(w)`` at every step:
                   w <- w - lr g_s
     otherwise:    w <- w - lr (g + alpha (||g|| / ||g_v||) g_v)            (one pass at w)
 
-``g_v`` is the part of ``g_s`` orthogonal to ``g`` (``||g_s|| cos(theta) g / ||g|| = (<g, g_s> / ||g||^2) g``),
-the component that steers toward flatter regions and changes slowly between steps. On the seams: ascent
+``g_v`` is the part of ``g_s`` orthogonal to ``g`` (``||g_s|| cos(theta) g / ||g|| = (<g, g_s> / ||g||^2) g``), the
+component that steers toward flatter regions and changes slowly between steps. On the seams: ascent
 :class:`~flatminima.optim.DualNorm` (SAM's), cadence :class:`~flatminima.optim.EveryKSteps` ``(k)``, descent
-:class:`LookSAMDescent`, which keeps ``g_v`` in each parameter's optimiser state (so checkpoints carry it). Cost:
-``(k + 1) / k`` forward-backward passes per step on average (2 on the ascent steps, 1 on the others, where the
-weights never leave ``w``), plus one stored copy of the gradient (``g_v``) and, on ascent steps, one kept ``g``.
+:class:`LookSAMDescent`, which keeps ``g_v`` in each parameter's rule state (``SAM.rule_state``, so checkpoints carry
+it). Cost: ``(k + 1) / k`` forward-backward passes per step on average (2 on the ascent steps, 1 on the others, where
+the weights never leave ``w``), plus one stored copy of the gradient (``g_v``) and, on ascent steps, one kept ``g``.
 
 Choices, each an option: ``k`` (default 5, the paper's LookSAM-5), ``alpha`` (default 0.7, the paper's), and
 ``per_tensor``: the projection and the rescaling per parameter tensor (``cos(theta)``, ``||g||`` and ``||g_v||``
@@ -24,7 +24,7 @@ without a gradient at an ascent step keeps the ``g_v`` of its last ascent with o
 step whose weights did not move (``rho = 0``) stores ``g_v = 0``, so LookSAM with ``rho = 0`` is the base
 optimiser; an ascent step whose ``g_v`` is not finite (an overflow that a GradScaler or ``nonfinite="skip"`` then
 skips) keeps the previous ``g_v``. ``k = 1`` is SAM bit for bit; ``alpha = 0`` is periodic SAM. Not declared
-``shard_aware``: on FSDP2's sharded parameters ``g_v`` would be kept as a local shard in the optimiser state, which
+``shard_aware``: on FSDP2's sharded parameters ``g_v`` would be kept as a local shard in the rule state, which
 FSDP's state dicts do not expect, so SAM refuses the rule there.
 """
 
@@ -45,7 +45,7 @@ from flatminima.variants.gsam import safe_ratio, wide_dots
 
 __all__ = ["STATE_KEY", "LookSAMDescent"]
 
-STATE_KEY = "looksam_gv"  # where g_v lives in each parameter's optimiser state
+STATE_KEY = "looksam_gv"  # where g_v lives in each parameter's rule state
 
 
 class LookSAMDescent(DescentRule):
