@@ -102,6 +102,22 @@ def test_sparse_gradient_gives_the_clear_message(flatten: bool) -> None:
     assert_identical(model, saved)
 
 
+def test_sparse_gradient_is_refused_also_when_it_first_appears_later() -> None:
+    """The ascent's layout is worked out once; the sparse check runs until a step where every parameter had a
+    gradient, so an embedding that gets its first (sparse) gradient at step 2 still gets the clear message."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)
+    opt = flatminima.SAM([*embedding.parameters(), *head.parameters()], torch.optim.SGD, rho=0.1, lr=0.1)
+    head(torch.randn(3, 4)).sum().backward()  # step 1: the embedding has no gradient
+    opt.first_step(zero_grad=True)
+    head(torch.randn(3, 4)).sum().backward()
+    opt.second_step(zero_grad=True)
+    head(embedding(torch.tensor([1, 2, 3]))).sum().backward()  # step 2: its first gradient, sparse
+    with pytest.raises(RuntimeError, match=SPARSE_MESSAGE):
+        opt.first_step()
+    assert not opt.is_perturbed
+
+
 # ---------------------------------------------------------------- 4. exceptions inside SharpnessAwareStep
 
 

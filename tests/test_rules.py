@@ -105,7 +105,7 @@ class ScaledSign(AscentRule):
     def __init__(self) -> None:
         self.calls: list[float] = []
 
-    def perturb_(self, params, grads, rho, grad_norms=None, *, context=None) -> None:
+    def perturb_(self, params, grads, rho, grad_norms=None) -> None:  # no context: a rule written before it
         self.calls.append(rho)
         torch._foreach_sign_(grads)
         torch._foreach_mul_(grads, rho)
@@ -282,6 +282,67 @@ def test_two_step_pattern_on_an_off_step_without_a_second_pass_is_a_plain_step(f
     cross_entropy(b(x), y).backward()
     sgd.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_first_gradient_kept_for_the_descent_survives_a_backward_into_bucket_views() -> None:
+    """DDP with gradient_as_bucket_view=True makes each .grad a view of a bucket that the next backward overwrites:
+    the g(w) a descent rule reads must then be a copy, not the view (the plan's ascent releases the gradients)."""
+    from flatminima.variants.gsam import GSAMDescent
+
+    model = make_mlp(seed=9, dtype=torch.float64)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, descent=GSAMDescent(0.4))
+    x, y = make_batch(dtype=torch.float64)
+    phases = iter(opt.plan())
+    next(phases)  # the pass at w
+    cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    bucket = torch.cat([p.grad.reshape(-1) for p in params])
+    views, start = [], 0
+    for p in params:  # gradients as views of one bucket, as DDP makes them
+        views.append(bucket[start : start + p.numel()].view_as(p))
+        start += p.numel()
+    for p, view in zip(params, views):
+        p.grad = view
+    g_w = bucket.clone()
+    next(phases)  # the ascent; then the pass at w + e writes into the bucket
+    bucket.fill_(7.0)
+    kept = torch.cat([t.reshape(-1) for t in opt._step.first_grads[1]])
+    assert torch.equal(kept, g_w)
+    opt.restore()
+
+
+class LegacyStatesDescent(DescentRule):
+    """A descent rule written before RuleContext: it iterates its fourth argument as the list of states."""
+
+    needs_first_gradient = True
+
+    def direction_(self, params, grads, first_grads, states, ascended) -> None:
+        for state in states:
+            state["calls"] = state.get("calls", 0) + 1
+
+
+def test_a_descent_rule_reading_states_as_a_list_still_runs() -> None:
+    model = make_mlp(seed=10)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, descent=LegacyStatesDescent())
+    x, y = make_batch()
+    opt.step(lambda: cross_entropy(model(x), y).backward())
+    assert all(opt.rule_state[p]["calls"] == 1 for p in model.parameters())
+
+
+def test_a_parameter_replaced_in_its_group_is_perturbed() -> None:
+    """The ascent's layout is keyed on the groups' parameters themselves: one swapped in place is seen."""
+    model = make_mlp(seed=11, dtype=torch.float64)
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.0)
+    x, y = make_batch(dtype=torch.float64)
+    opt.step(lambda: cross_entropy(model(x), y).backward())
+    replacement = nn.Parameter(model[0].weight.detach().clone())
+    opt.param_groups[0]["params"][0] = replacement
+    model[0].weight = replacement
+    before = replacement.detach().clone()
+    cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert not torch.equal(replacement, before)  # moved to w + e
+    opt.restore()
 
 
 @pytest.mark.parametrize(("k", "error"), [(0, ValueError), (1.5, ValueError), (True, ValueError)])

@@ -220,7 +220,10 @@ class SAMTrainer(transformers.Trainer):
         """
         sam = self._prepare_sam(model)
         if not self._sam_micro_batches:  # the step's first micro-batch: its plan, up to the first pass
-            self._sam_phases = iter(sam.plan(_active(self.accelerator.scaler), sync_perturbation=True))
+            # with k > 1 micro-batches the plan keeps a pass at w (the weights stay at w between micro-batches)
+            first_pass = self.args.gradient_accumulation_steps > 1
+            scaler = _active(self.accelerator.scaler)
+            self._sam_phases = iter(sam.plan(scaler, sync_perturbation=True, first_pass=first_pass))
             first = next(self._sam_phases)
             if not isinstance(first, Pass):  # pragma: no cover - every plan has a pass
                 raise AssertionError("a SAM step plan begins with a pass")

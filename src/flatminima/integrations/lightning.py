@@ -7,8 +7,9 @@ hooks, ``optimizer_step`` and ``on_train_batch_start``; everything else stays Li
 - each step runs SAM's plan (:meth:`SAM.plan`). Its first pass is Lightning's own closure (``training_step``,
   ``zero_grad`` at the start of an accumulation window, the precision plugin's scaled ``backward``): at ``w``, so
   that with ``accumulate_grad_batches=k`` the ascent uses the gradient accumulated over the window's k batches, or
-  at ``w + e`` for rules that read no ``g(w)`` (Momentum-SAM, a random direction; refused with k > 1, whose earlier
-  batches already ran at ``w``);
+  at ``w + e`` for rules that read no ``g(w)`` (Momentum-SAM, a random direction) when k = 1 (with k > 1 the
+  window's earlier batches ran at ``w`` already, so the plan keeps its pass there and replays the window at
+  ``w + e``);
 - the plan's later pass at ``w + e`` replays every batch of the window through ``strategy.training_step`` and
   ``strategy.backward`` (autocast, loss scaling, DDP's forward and ``no_sync`` as in the first pass), each loss
   divided by k as Lightning divides it; what the replayed ``training_step`` logs is dropped, so the logged loss
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim import scaler as amp
-from flatminima.optim.plan import Ascend, Descend
+from flatminima.optim.plan import Descend
 from flatminima.optim.sam import SAM
 
 try:
@@ -156,13 +157,8 @@ class _SamStep:
         sam, k = self.sam, self.trainer.accumulate_grad_batches
         window = self._window(batch_idx, k)
         self._watch_running_stats()
-        plan = sam.plan(self.scaler, sync_perturbation=True)  # refuses a batch rule (it needs the tensors)
-        if isinstance(plan.phases[0], Ascend) and k > 1:
-            raise NotImplementedError(
-                f"SAM's rules ({sam.perturbation!r}) read no gradient at w, so its step's only pass is at w + e, "
-                f"but with accumulate_grad_batches={k} Lightning has already run the window's earlier batches at w; "
-                "use accumulate_grad_batches=1 with this optimiser."
-            )
+        # with k > 1 the window's earlier batches ran at w already: the plan then has its pass at w, whatever the rules
+        plan = sam.plan(self.scaler, sync_perturbation=True, first_pass=k > 1)  # refuses a batch rule
         phases = iter(plan)
         try:
             next(phases)  # up to the first pass: at w, or at w + e for an ascent that reads no g(w)

@@ -82,14 +82,15 @@ class Layout:
         )
         same = len({(p.device, p.dtype) for p in params}) == 1
         self.flat_norm = linear and same and not sam.sharded and sum(p.numel() for p in params) <= FLAT_LIMIT
-        self.dense_checked = False  # sparse gradients refused once, at the first step with gradients
+        self.dense_checked = False  # sparse gradients refused until a step where every parameter had a gradient
 
 
 _KEYS = ("rho", "perturb", "p", "adaptive", "adaptive_eta", "normalize")
 
 
 def _layout_key(sam: SAM) -> tuple:
-    return tuple((id(g["params"]), len(g["params"]), *(g[k] for k in _KEYS)) for g in sam.param_groups)
+    """The groups' options and parameters (by identity: the layout holds them, so no id is reused meanwhile)."""
+    return tuple((tuple(map(id, g["params"])), *(g[k] for k in _KEYS)) for g in sam.param_groups)
 
 
 def _layout(sam: SAM) -> Layout:
@@ -105,12 +106,13 @@ def _buckets(sam: SAM, layout: Layout) -> tuple[list[F.Bucket], list[Tensor]]:
     :class:`~flatminima.optim.rules.RuleContext` of its parameters."""
     buckets: dict[Any, F.Bucket] = {}
     real: list[Tensor] = []
-    shards = sam.sharded
+    shards, complete = sam.sharded, True
     for rule, declared, rho, group_params in layout.entries:
         if declared.needs_gradient:
             grads = [p.grad for p in group_params]
             params = group_params
             if any(g is None for g in grads):
+                complete = False
                 params = [p for p in group_params if p.grad is not None]
                 grads = [p.grad for p in params]
             if not layout.dense_checked:
@@ -128,7 +130,7 @@ def _buckets(sam: SAM, layout: Layout) -> tuple[list[F.Bucket], list[Tensor]]:
         if bucket is None:
             bucket = buckets[key] = F.Bucket(rule, declared.needs_state)
         bucket.add(sharded.locals_of(params) if shards else params, grads, rho, params)
-    layout.dense_checked = layout.dense_checked or bool(real)
+    layout.dense_checked = layout.dense_checked or (complete and bool(real))
     for bucket in buckets.values():
         bucket.context = sam.rule_context(bucket.owners)
     return list(buckets.values()), real

@@ -45,7 +45,9 @@ def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradSc
         if not amp.unscale_first_gradient(grad_scaler, kept):
             return True
     else:
-        own = zero_grad and sam.flat_layout is None
+        # the tensors themselves when they are released and own their memory (not a flat buffer's or DDP's
+        # bucket views, which the next backward pass writes g(w + e) into)
+        own = zero_grad and sam.flat_layout is None and all(p.grad._base is None for p in params)
         sam._step.first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
     return sam.descent.declines_ascent(sam._step.first_grads[1])
 

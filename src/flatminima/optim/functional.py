@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flatminima.optim.norms import global_norm
-from flatminima.optim.rules import AscentRule, RuleContext
+from flatminima.optim.rules import AscentRule, RuleContext, takes_context
 
 __all__ = ["Bucket", "apply_rule_", "bucket_norms", "linear_coefficients", "perturb_flat_", "perturbed_weights"]
 
@@ -59,8 +59,8 @@ def apply_rule_(
     context: RuleContext | None = None,
 ) -> None:
     """Overwrite ``grads`` with ``e``, one rho per param group inside the bucket (the rule must scale with rho);
-    ``context`` goes to every :class:`AscentRule` (a rule that only has ``perturb_`` gets the four arguments)."""
-    extra: dict[str, Any] = {"context": context} if isinstance(rule, AscentRule) else {}
+    ``context`` goes to every rule whose ``perturb_`` accepts it (others get the four arguments)."""
+    extra: dict[str, Any] = {"context": context} if takes_context(rule) else {}
     distinct = {rho for _, rho in rhos}
     if len(distinct) == 1:
         rule.perturb_(params, grads, distinct.pop(), norms, **extra)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from flatminima.optim.descent import keep_first_gradient
 from flatminima.optim.misuse import refuse_batch_rule
+from flatminima.optim.step_state import StepState
 
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
@@ -142,19 +143,22 @@ def plan_step(
     weighted_ascent: bool = False,
     groups: int = 1,
     sync: bool = False,
+    first_pass: bool = False,
 ) -> list[Phase]:
     """The phases of ``sam``'s next step.
 
     ``batch_rule``: a batch rule picks the passes' examples (the descent's sample and weights included);
     ``separate_ascent_sample``: it draws the ascent's examples apart from the batch (n-SAM, one example);
     ``weighted_ascent``: it weights the ascent's per-example losses (RW-SAM); ``groups``: m-SAM's number of groups
-    in the batch; ``sync``: under DDP, all-reduce the ascent's gradient too (one perturbation for all ranks).
+    in the batch; ``sync``: under DDP, all-reduce the ascent's gradient too (one perturbation for all ranks);
+    ``first_pass``: a pass at ``w`` even where the rules read no ``g(w)`` (a driver whose accumulation window has
+    begun at ``w`` already); BatchNorm then keeps that pass's statistics.
     """
     descent = Pass(at="w+e", sample="descent" if batch_rule else "batch", weighted=batch_rule)
     perturbed = Pass(at="w+e", sample=descent.sample, weighted=batch_rule, updates_running_stats=False)
     if not sam.ascent_due:  # LookSAM's and periodic SAM's cheap steps: the base optimiser's step on the batch
         return [Pass(at="w"), Descend()]
-    if not sam.needs_first_pass:  # the ascent reads no g(w): move first, then the step's only pass
+    if not (sam.needs_first_pass or first_pass):  # the ascent reads no g(w): move first, then the only pass
         return [Ascend(first_pass=False), descent, Descend()]
     first_sync = sync or sam.descent.needs_first_gradient  # a descent that reads g(w) must see the global one
     if separate_ascent_sample and sam.descent.needs_first_gradient:  # g(w) of the batch, then the ascent's sample
@@ -218,6 +222,7 @@ class StepPlan:
                 if outcome is None:
                     continue
             self.outcome = outcome
+            self._batch = self._ascent_sample = self._descent_sample = None  # not kept alive by last_plan
             yield Descend(outcome)
             return
 
@@ -260,6 +265,7 @@ def build_plan(
     batch: Sample | None,
     groups: int,
     sync_perturbation: bool,
+    first_pass: bool = False,
 ) -> StepPlan:
     """``sam``'s plan of its next step (:meth:`SAM.plan`); the batch rule, if any, draws the ascent's sample now."""
     rule = sam.batch_rule
@@ -271,6 +277,7 @@ def build_plan(
             "a new step was begun with the weights at w + e (first_step() without second_step()); they are "
             "restored to w and that step is abandoned."
         )
+    sam._step = StepState()  # nothing of an earlier step that a driver's error cut short carries over
     ascent_sample = None
     if rule is not None and sam.ascent_due:
         ascent_sample = rule.ascent_sample(batch[0], batch[1], sam.steps)
@@ -281,6 +288,7 @@ def build_plan(
         weighted_ascent=rule is not None and rule.needs_per_example_losses,
         groups=groups,
         sync=sync_perturbation,
+        first_pass=first_pass,
     )
     return StepPlan(sam, phases, grad_scaler, rule, batch, ascent_sample)
 

@@ -17,7 +17,9 @@ from an ascent transformation passed in, and keeps the maths out of the optimise
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -34,6 +36,7 @@ __all__ = [
     "PerturbationRule",
     "PerturbedGradient",
     "RuleContext",
+    "takes_context",
 ]
 
 
@@ -67,6 +70,20 @@ class DescentCapabilities(_Declarations):
     is_identity: bool = False
 
 
+@functools.cache
+def _takes_context(kind: type) -> bool:
+    try:
+        parameters = inspect.signature(kind.perturb_).parameters
+    except (TypeError, ValueError):  # a builtin or a callable without a signature
+        return False
+    return "context" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def takes_context(rule: Any) -> bool:
+    """Whether ``rule.perturb_`` accepts ``context=`` (rules written before it existed take four arguments)."""
+    return _takes_context(type(rule))
+
+
 class RuleContext:
     """What SAM hands every rule call besides the tensors, aligned with the call's ``params``.
 
@@ -79,7 +96,8 @@ class RuleContext:
 
     Each list may be given as a zero-argument function, called the first time the field is read: what a rule
     does not read costs the step nothing. Under sharded parameters the dicts are those of the DTensor
-    parameters (take ``.to_local()`` of their tensors).
+    parameters (take ``.to_local()`` of their tensors). The context also reads as its list of ``states`` (iterate,
+    index, ``len``), as the ``states`` argument it replaced did, so descent rules written before it still run.
     """
 
     __slots__ = ("_lrs", "_optimizer_states", "_states", "step")
@@ -96,6 +114,15 @@ class RuleContext:
     @property
     def states(self) -> list[dict[str, Any]]:
         return self._read("_states")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.states)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.states[index]
 
     @property
     def optimizer_states(self) -> list[dict[str, Any]]:
@@ -175,7 +202,7 @@ class AscentRule:
         ``grads`` holds ``g(w)`` (or zeros when ``needs_gradient`` is False) and may be overwritten freely: the
         optimiser hands over tensors it owns. ``grad_norms``, when given, holds the L2 norm of each gradient
         tensor (computed once for the finiteness check); a rule that needs them reuses them. ``context``: the
-        states, learning rates and step (:class:`RuleContext`); SAM always passes it to an ``AscentRule``.
+        states, learning rates and step (:class:`RuleContext`), passed whenever ``perturb_`` accepts it.
         """
         raise NotImplementedError
 
@@ -208,7 +235,7 @@ class AscentWrapper(AscentRule):
         grad_norms: list[Tensor] | None,
         context: RuleContext | None,
     ) -> None:
-        if isinstance(self.inner, AscentRule):
+        if takes_context(self.inner):
             self.inner.perturb_(params, grads, rho, grad_norms, context=context)
         else:
             self.inner.perturb_(params, grads, rho, grad_norms)

@@ -89,7 +89,6 @@ class SAM(Optimizer):
         base = build_base(params, base_optimizer, base_kwargs)
         check_seams(perturbation, descent, cadence)
         self.guard = NonFiniteGuard(nonfinite)
-        self.nonfinite: NonFinitePolicy = nonfinite
         defaults = dict(rho=rho, p=p, adaptive=adaptive, adaptive_eta=adaptive_eta, normalize=normalize, perturb=True)
         for group in base.param_groups:
             fill_group(group, defaults)
@@ -123,6 +122,10 @@ class SAM(Optimizer):
     def perturbation(self) -> PerturbationRule | None:
         """The ascent rule given for all groups (``perturbation=``), else None (rules built from group options)."""
         return self.rules.perturbation
+
+    @property
+    def nonfinite(self) -> NonFinitePolicy:
+        return self.guard.policy
 
     @property
     def is_perturbed(self) -> bool:
@@ -170,11 +173,12 @@ class SAM(Optimizer):
         batch: tuple[Tensor, Tensor] | None = None,
         groups: int = 1,
         sync_perturbation: bool = False,
+        first_pass: bool = False,
     ) -> StepPlan:
         """The plan of the next step (:mod:`flatminima.optim.plan`) for a driver to run; ``batch``: the step's
         ``(inputs, targets)``, for a :attr:`batch_rule`; ``groups``: m-SAM's; ``sync_perturbation``: under DDP,
-        one perturbation for all ranks."""
-        self.last_plan = build_plan(self, grad_scaler, batch, groups, sync_perturbation)
+        one perturbation for all ranks; ``first_pass``: a pass at ``w`` even if the rules read no ``g(w)``."""
+        self.last_plan = build_plan(self, grad_scaler, batch, groups, sync_perturbation, first_pass)
         return self.last_plan
 
     def watch_running_stats(self, model: nn.Module) -> None:
