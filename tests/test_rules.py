@@ -428,3 +428,22 @@ def test_random_sign_flips_a_stateful_rules_perturbation() -> None:
     for p, q, w0 in zip(signed_model.parameters(), plain_model.parameters(), w, strict=True):
         torch.testing.assert_close(p - w0, -(q - w0), rtol=0, atol=1e-15)
         assert (q - w0).abs().max() > 1e-3  # the perturbation is not negligible
+
+
+def test_sharded_parameters_refuse_a_shard_aware_rule_with_state_of_its_own() -> None:
+    """Its state would be kept as local shards, which FSDP's state-dict functions do not gather."""
+    from flatminima.optim import sharded
+    from flatminima.optim.groups import RuleBook
+    from flatminima.optim.rules import PerturbedGradient
+
+    class StatefulShardAware(AscentRule):
+        shard_aware = True
+        needs_state = True
+        state_keys = ("mine",)
+
+        def perturb_(self, params, grads, rho, grad_norms=None, *, context=None) -> None:
+            pass
+
+    group = {"params": [torch.zeros(2)], "rho": 0.1, "perturb": True}
+    with pytest.raises(ValueError, match="keeps state of its own"):
+        sharded.check_shardable(RuleBook(StatefulShardAware()), PerturbedGradient(), [group])

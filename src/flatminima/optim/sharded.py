@@ -122,16 +122,16 @@ def check_shardable(book: Any, descent: Any, groups: list[dict[str, Any]], flatt
             "allow; use flatten=False with fully_shard."
         )
     for rule in {book.rule_for(g) for g in groups}:  # rho = 0 now may grow (a rho schedule): all are checked
-        if book.declared(rule).state_keys:
-            raise ValueError(
-                f"the ascent rule {rule!r} keeps state of its own, which on FSDP's sharded parameters would be kept "
-                "as local shards that FSDP's state-dict functions do not gather; use a rule without state_keys."
-            )
         if not book.declared(rule).shard_aware:
             raise ValueError(
                 f"the ascent rule {rule!r} is not declared shard_aware, so it cannot run on FSDP's sharded "
                 "parameters (its totals would cover this rank's shard only). The built-in DualNorm (any p), "
                 "Adaptive and Unnormalized rules can."
+            )
+        if book.declared(rule).state_keys:
+            raise ValueError(
+                f"the ascent rule {rule!r} keeps state of its own, which on FSDP's sharded parameters would be kept "
+                "as local shards that FSDP's state-dict functions do not gather; use a rule without state_keys."
             )
     declared = book.declared(descent, DescentCapabilities)
     if not (declared.is_identity or declared.shard_aware):
