@@ -107,7 +107,7 @@ def is_finite(tensors: list[Tensor]) -> bool:
     one per tensor)."""
     if not tensors:
         return True
-    if _SHARD_GROUPS.get() is None and sum(t.numel() for t in tensors) <= FLAT_LIMIT:
+    if _SHARD_GROUPS.get() is None and sum(map(Tensor.numel, tensors)) <= FLAT_LIMIT:
         try:
             return bool(torch.isfinite(flat_norm(_flatten_dense_tensors(tensors))).item())
         except RuntimeError:  # several devices or dtypes: the per-tensor norms below
