@@ -15,19 +15,13 @@ from flatminima.train import TrainConfig, train
 
 
 def _sam_clone(request: OptimizerRequest) -> torch.optim.Optimizer:
-    """Exactly what the built-in "sam" builds, under another name."""
-    return SAM(
-        request.model.parameters(), request.base_class, rho=request.rho, p=request.p, model=request.model,
-        **request.base_options,
-    )  # fmt: skip
+    """Exactly what the built-in "sam" builds, under another name: the documented way, request.sam()."""
+    return request.sam()
 
 
 def _random_direction(request: OptimizerRequest) -> torch.optim.Optimizer:
     generator = torch.Generator().manual_seed(request.config.seed)
-    return SAM(
-        request.model.parameters(), request.base_class, rho=request.rho, model=request.model,
-        perturbation=RandomDirection(generator), **request.base_options,
-    )  # fmt: skip
+    return request.sam(perturbation=RandomDirection(generator))
 
 
 @pytest.fixture
@@ -58,8 +52,11 @@ def test_built_in_names_and_their_steps() -> None:
 
 def test_bad_registrations_are_refused(registered: list[str]) -> None:
     _register(registered, "toy", _sam_clone, True)
-    with pytest.raises(ValueError, match="already registered"):
-        register_optimizer("toy", "again", _sam_clone, sharpness_aware=True)
+    register_optimizer("toy", "again, from the same module", _sam_clone, sharpness_aware=True)  # replaces
+    assert optimizer_spec("toy").help == "again, from the same module"
+    elsewhere = {"__name__": "another.module", "register_optimizer": register_optimizer, "build": _sam_clone}
+    with pytest.raises(ValueError, match=r"already registered \(by (tests\.)?test_registry\)"):
+        exec("register_optimizer('toy', 'from elsewhere', build, sharpness_aware=True)", elsewhere)
     with pytest.raises(ValueError, match="lower-case"):
         register_optimizer("Bad Name", "x", _sam_clone, sharpness_aware=True)
     with pytest.raises(TypeError, match="callable"):
@@ -102,3 +99,58 @@ def test_a_toy_variant_trains_from_the_command_line(tmp_path: Path, registered: 
     argv = ["train", "--optimizer", "toy-random", "--epochs", "1", "--batch-size", "64", "--threads", "1"]
     assert main([*argv, "--no-progress", "--output", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_the_documented_build_gives_every_common_setting(registered: list[str]) -> None:
+    """request.sam() (docs/architecture.md's way) hands SAM the run's rho, p, model, non-finite policy and base
+    optimiser options: each flag given reaches the optimiser."""
+    from flatminima.train.builders import build_optimizer
+
+    _register(registered, "toy-documented", _random_direction, True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    config = TrainConfig(optimizer="toy-documented", rho=0.07, p=3.0, nonfinite="skip", lr=0.03, momentum=0.5,
+                         weight_decay=1e-3)  # fmt: skip
+    opt = build_optimizer(config, model)
+    group = opt.param_groups[0]
+    assert isinstance(opt, SAM) and isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert (group["rho"], group["p"], group["lr"], group["momentum"], group["weight_decay"]) == (
+        0.07, 3.0, 0.03, 0.5, 1e-3
+    )  # fmt: skip
+    assert opt.nonfinite == "skip" and isinstance(opt.perturbation, RandomDirection)
+    assert opt._running_stats.watching  # the model's BatchNorm is kept from the first pass
+
+
+def test_an_installed_plugin_is_found_listed_and_trained(tmp_path: Path) -> None:
+    """A variant in a package of its own, found through the flatminima.variants entry-point group: listed by
+    `flatminima variants` and trained by `flatminima train --optimizer`, from the shell."""
+    import os
+    import subprocess
+    import sys
+
+    package = tmp_path / "site" / "toyplugin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from flatminima.optim import register_optimizer\n"
+        "from flatminima.optim.rules import EveryKSteps\n\n"
+        "def build(request):\n"
+        "    return request.sam(cadence=EveryKSteps(2))\n\n"
+        "register_optimizer('toy-plugin', 'SAM every other step, from a plugin', build, sharpness_aware=True,\n"
+        "                   passes='1 + 1/2')\n"
+    )
+    info = tmp_path / "site" / "toyplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[flatminima.variants]\ntoy-plugin = toyplugin\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flatminima", *argv], env=env, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)  # fmt: skip
+
+    listed = run("variants")
+    assert listed.returncode == 0, listed.stderr
+    assert "toy-plugin" in listed.stdout and "toyplugin" in listed.stdout and "1 + 1/2" in listed.stdout
+    trained = run("train", "--optimizer", "toy-plugin", "--model", "mlp", "--epochs", "1", "--batch-size", "256",
+                  "--no-progress", "--threads", "1", "--output", str(tmp_path / "run"))  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "run" / "model.pt").is_file()

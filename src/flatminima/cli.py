@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         "reproduction does not honour is refused",
     )
     add_arguments(paper_scale, TRAINING_FIELDS)
-    for sub in (train, demo, sharp, reproduce):
+    variants = commands.add_parser("variants", help="list the optimisers --optimizer accepts (plugins included)")
+    for sub in (train, demo, sharp, reproduce, variants):
         sub.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 
@@ -93,7 +94,8 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "sharpness": _sharpness, "demo": _demo, "reproduce": _reproduce}[args.command]
+    commands = {"train": _train, "sharpness": _sharpness, "demo": _demo, "reproduce": _reproduce, "variants": _variants}
+    command = commands[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:
@@ -177,6 +179,22 @@ def _train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _variants(args: argparse.Namespace) -> int:
+    """One line per registered optimiser: name, passes per step, the step that drives it, where it comes from, and
+    its summary (which names its options)."""
+    from flatminima.optim.registry import optimizer_names, optimizer_spec
+
+    specs = [optimizer_spec(name) for name in optimizer_names()]
+    width = max(len(spec.name) for spec in specs)
+    passes = max(len(spec.passes) for spec in specs)
+    print(f"{'name':<{width}}  {'passes per step':<{passes}}  kind            from")
+    for spec in specs:
+        kind = "batch rule" if spec.batch_rule is not None else "SAM family" if spec.sharpness_aware else "plain"
+        print(f"{spec.name:<{width}}  {spec.passes:<{passes}}  {kind:<14}  {spec.module}")
+        print(f"{'':<{width}}  {spec.help}")
     return 0
 
 

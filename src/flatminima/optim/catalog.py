@@ -17,15 +17,12 @@ __all__ = ["build_sam"]
 
 
 def _base(request: OptimizerRequest) -> torch.optim.Optimizer:
-    return request.base_class(request.model.parameters(), **request.base_options)
+    return request.base()
 
 
 def build_sam(request: OptimizerRequest, **options: Any) -> SAM:
-    """SAM around the requested base optimiser, with rho, p, the model and the non-finite policy of the request;
-    ``options`` go to :class:`SAM` (``adaptive=``, ``perturbation=``, ``descent=``...). Variants build with it."""
-    settings: dict[str, Any] = dict(rho=request.rho, p=request.p, model=request.model, nonfinite=request.nonfinite)
-    settings.update(options)
-    return SAM(request.model.parameters(), request.base_class, **settings, **request.base_options)
+    """``request.sam(**options)`` (:meth:`OptimizerRequest.sam`), kept for variants written against it."""
+    return request.sam(**options)
 
 
 def _sam(adaptive: bool = False, normalize: bool = True):

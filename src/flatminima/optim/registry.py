@@ -6,14 +6,21 @@ A variant registers itself once, in the module that defines it:
 
 ``build`` receives an :class:`OptimizerRequest` (the model, the base optimiser chosen by the config with its
 options, rho, p, the whole training config for a variant's own fields, and a sampler of training examples) and
-returns the optimiser; an optional ``batch_rule`` builder does the same for the variant's
-:class:`~flatminima.batch_rules.BatchRule`.
+returns the optimiser, most simply ``request.sam(perturbation=..., descent=..., cadence=...)``, which applies every
+setting the run gives (rho, p, the model, the non-finite policy, the base optimiser and its options); an optional
+``batch_rule`` builder does the same for the variant's :class:`~flatminima.batch_rules.BatchRule`.
+
+Registering a name again from the module that registered it (a module imported twice, a notebook cell run again)
+replaces the entry; from another module it is an error. Variants installed as packages of their own are found
+through the entry-point group ``flatminima.variants`` (each entry a module, or a function taking no argument,
+that registers its names), loaded the first time a name is looked up.
 ``sharpness_aware`` tells the training loop which batch step drives it: :class:`~flatminima.step.SharpnessAwareStep`
 (two passes, m-SAM groups, rho schedule) or :class:`~flatminima.step.PlainStep`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "OptimizerRequest",
     "OptimizerSpec",
+    "load_plugins",
     "optimizer_help",
     "optimizer_names",
     "optimizer_spec",
@@ -45,7 +53,21 @@ class OptimizerRequest:
     draw_examples: Callable[[int | None, torch.Generator], tuple[Tensor, Tensor]] | None = None
     train_size: int = 0  # examples in the training split (what draw_examples draws from)
     rank: int = 0  # this process's rank under torchrun, for per-rank draws
-    nonfinite: str = "raise"  # SAM's policy for inf/NaN gradients (pass it as SAM(nonfinite=...))
+    nonfinite: str = "raise"  # SAM's policy for inf/NaN gradients (request.sam passes it)
+
+    def base(self) -> torch.optim.Optimizer:
+        """The base optimiser alone, on the model's parameters, with the run's options."""
+        return self.base_class(self.model.parameters(), **self.base_options)
+
+    def sam(self, **options: Any) -> torch.optim.Optimizer:
+        """A :class:`~flatminima.optim.sam.SAM` around the requested base optimiser with every setting of the run:
+        rho, p, the model (its BatchNorm statistics kept from the first pass) and the non-finite policy;
+        ``options`` go to ``SAM`` and win (``perturbation=``, ``descent=``, ``cadence=``, ``adaptive=``...)."""
+        from flatminima.optim.sam import SAM
+
+        settings: dict[str, Any] = dict(rho=self.rho, p=self.p, model=self.model, nonfinite=self.nonfinite)
+        settings.update(options)
+        return SAM(self.model.parameters(), self.base_class, **settings, **self.base_options)
 
 
 @dataclass(frozen=True)
@@ -57,9 +79,13 @@ class OptimizerSpec:
     build: Callable[[OptimizerRequest], torch.optim.Optimizer]
     sharpness_aware: bool
     batch_rule: Callable[[OptimizerRequest], Any] | None = None  # -> a flatminima.batch_rules.BatchRule
+    passes: str = "1"  # forward-backward passes per step, as the variant states them (flatminima variants)
+    module: str = ""  # the module that registered the name
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
+_PLUGIN_GROUP = "flatminima.variants"
+_plugins_loaded = False
 
 
 def register_optimizer(
@@ -69,21 +95,26 @@ def register_optimizer(
     *,
     sharpness_aware: bool,
     batch_rule: Callable[[OptimizerRequest], Any] | None = None,
+    passes: str | None = None,
 ) -> OptimizerSpec:
     """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error).
 
     ``batch_rule``, for variants that choose the examples of each pass (n-SAM, RW-SAM, a single example):
     ``batch_rule(request)`` returns the :class:`~flatminima.batch_rules.BatchRule` the batch step is given.
+    ``passes``: the forward-backward passes per step, in words (default "2" for a sharpness-aware name, else "1"),
+    listed by ``flatminima variants``.
     """
+    module = sys._getframe(1).f_globals.get("__name__", "")
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
         raise ValueError(f"an optimiser name is lower-case letters, digits, '-' or '_'; got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"optimiser {name!r} is already registered (by {_REGISTRY[name].build.__module__})")
+    if name in _REGISTRY and _REGISTRY[name].module != module:
+        raise ValueError(f"optimiser {name!r} is already registered (by {_REGISTRY[name].module})")
     if not callable(build):
         raise TypeError(f"build must be callable as build(request) -> optimizer, got {type(build).__name__}")
     if batch_rule is not None and not sharpness_aware:
         raise ValueError(f"optimiser {name!r}: a batch rule needs the sharpness-aware step (sharpness_aware=True)")
-    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule)
+    passes = passes if passes is not None else ("2" if sharpness_aware else "1")
+    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule, passes, module)
     _REGISTRY[name] = spec
     return spec
 
@@ -95,16 +126,39 @@ def unregister_optimizer(name: str) -> None:
 
 
 def optimizer_names() -> tuple[str, ...]:
-    """The registered names, in registration order."""
+    """The registered names, in registration order (those of installed plugins included)."""
+    load_plugins()
     return tuple(_REGISTRY)
 
 
 def optimizer_spec(name: str) -> OptimizerSpec:
     """The spec registered as ``name``; an unknown name is an error that lists the known ones."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def load_plugins() -> None:
+    """Load, once, the variants installed under the ``flatminima.variants`` entry-point group; a plugin that fails
+    to load is reported with its name and error, not hidden."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=_PLUGIN_GROUP):
+        try:
+            loaded = entry.load()
+            if callable(loaded) and not isinstance(loaded, type(sys)):
+                loaded()
+        except Exception as error:
+            raise RuntimeError(
+                f"the flatminima variant plugin {entry.name!r} ({entry.value}) failed to load: {error}"
+            ) from error
 
 
 def optimizer_help() -> str:

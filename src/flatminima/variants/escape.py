@@ -165,11 +165,13 @@ register_optimizer(
     "Ahn et al. Alg. 1: random-direction perturbation, orthogonal part (--ahn-*)",
     _build_rs,
     sharpness_aware=True,
+    passes="2 (1 while the gradient is larger than epsilon)",
 )
 register_optimizer(
     "ahn-sa",
     "Ahn et al. Alg. 2: one random example's SAM perturbation, orthogonal part (--ahn-*)",
     _build_sa,
     sharpness_aware=True,
+    passes="3 (1 while the gradient is larger than epsilon)",
     batch_rule=lambda request: SingleExample(),
 )

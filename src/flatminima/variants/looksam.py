@@ -129,4 +129,5 @@ register_optimizer(
     "LookSAM: SAM every k steps, its part orthogonal to g(w) reused in between (--looksam-*)",
     _build,
     sharpness_aware=True,
+    passes="1 + 1/k on average",
 )

@@ -137,4 +137,5 @@ register_optimizer(
     "Momentum-SAM: perturb along -momentum, one forward-backward per step (rho ~ 1-3, base with momentum)",
     _build,
     sharpness_aware=True,
+    passes="1",
 )

@@ -87,5 +87,6 @@ register_optimizer(
     "n-SAM: ascent on another sample of --nsam-sample-size examples",
     build_sam,
     sharpness_aware=True,
+    passes="1 + ceil(n / batch)",
     batch_rule=_batch_rule,
 )

@@ -124,10 +124,12 @@ register_optimizer(
     "SAM every k-th step, plain base steps between (--sam-every)",
     _build_periodic,
     sharpness_aware=True,
+    passes="1 + 1/k on average",
 )
 register_optimizer(
     "random-sam",
     "SAM with probability p per step (RST), plain base steps otherwise (--sam-probability)",
     _build_random,
     sharpness_aware=True,
+    passes="1 + p on average",
 )

@@ -122,5 +122,6 @@ register_optimizer(
     "RW-SAM: SAM with the ascent reweighted toward sharp examples (--rwsam-*)",
     build_sam,
     sharpness_aware=True,
+    passes="2, and one forward pass to score the examples",
     batch_rule=_batch_rule,
 )
