@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,15 @@ dist.destroy_process_group()
 """
 
 # Hidden setup for pages whose examples take a model and data as given.
+# the worked example's options reached the run: its config.yaml, and a bad value's one-line error
+_VARIANT_OPTIONS_CHECK = """
+import yaml
+from flatminima.cli import main as _main
+_saved = yaml.safe_load(open("runs/random-direction/config.yaml"))
+assert _saved["random_every"] == 2 and _saved["random_seed_offset"] == 0, _saved
+assert _main(["train", "--optimizer", "random-direction", "--random-every", "0", "--output", "runs/bad"]) == 2
+"""
+
 SETUP: dict[str, str | dict[int | str, str]] = {
     "variants.md": """
 import torch
@@ -116,7 +126,7 @@ train = [{"x": torch.randn(8), "labels": torch.tensor(i % 2)} for i in range(64)
 loader = torch.utils.data.DataLoader(train, batch_size=16)
 """,
     "integrations-lightning.md": _TINY_CLASSIFIER,
-    "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER},
+    "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER, AFTER_LAST: _VARIANT_OPTIONS_CHECK},
     "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
     "guide-training.md": {
         "DistributedDataParallel(model)": _PROCESS_GROUP,
@@ -161,7 +171,9 @@ def run_page(page: str) -> None:
     assert blocks, f"{page} has no runnable python block"
     setup = SETUP.get(page, {})
     setup = {0: setup} if isinstance(setup, str) else setup
-    namespace: dict = {"__name__": f"docs_{page.replace('.', '_').replace('-', '_')}"}
+    module = types.ModuleType(f"docs_{page.replace('.', '_').replace('-', '_')}")  # a module, as a user's file is
+    sys.modules[module.__name__] = module  # (dataclasses look their module up there)
+    namespace: dict = module.__dict__
     steps, pending = [], dict(setup)
     for index, (line, code) in enumerate(blocks):
         for key in [k for k in pending if k == index or (isinstance(k, str) and k in code)]:

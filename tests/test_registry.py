@@ -130,12 +130,18 @@ def test_an_installed_plugin_is_found_listed_and_trained(tmp_path: Path) -> None
     package = tmp_path / "site" / "toyplugin"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(
+        "from dataclasses import dataclass\n"
         "from flatminima.optim import register_optimizer\n"
+        "from flatminima.optim.registry import option\n"
         "from flatminima.optim.rules import EveryKSteps\n\n"
+        "@dataclass(frozen=True)\n"
+        "class ToyOptions:\n"
+        "    toy_every: int = option(2, 'toy-plugin: SAM every k-th step', check=lambda k: k >= 1,\n"
+        "                            why='must be >= 1')\n\n"
         "def build(request):\n"
-        "    return request.sam(cadence=EveryKSteps(2))\n\n"
-        "register_optimizer('toy-plugin', 'SAM every other step, from a plugin', build, sharpness_aware=True,\n"
-        "                   passes='1 + 1/2')\n"
+        "    return request.sam(cadence=EveryKSteps(request.options.toy_every))\n\n"
+        "register_optimizer('toy-plugin', 'SAM every k-th step, from a plugin', build, sharpness_aware=True,\n"
+        "                   passes='1 + 1/k', options=ToyOptions)\n"
     )
     info = tmp_path / "site" / "toyplugin-0.1.dist-info"
     info.mkdir()
@@ -149,8 +155,13 @@ def test_an_installed_plugin_is_found_listed_and_trained(tmp_path: Path) -> None
 
     listed = run("variants")
     assert listed.returncode == 0, listed.stderr
-    assert "toy-plugin" in listed.stdout and "toyplugin" in listed.stdout and "1 + 1/2" in listed.stdout
-    trained = run("train", "--optimizer", "toy-plugin", "--model", "mlp", "--epochs", "1", "--batch-size", "256",
-                  "--no-progress", "--threads", "1", "--output", str(tmp_path / "run"))  # fmt: skip
+    assert "toy-plugin" in listed.stdout and "toyplugin" in listed.stdout and "1 + 1/k" in listed.stdout
+    assert "--toy-every 2" in listed.stdout
+    trained = run("train", "--optimizer", "toy-plugin", "--toy-every", "3", "--model", "mlp", "--epochs", "1",
+                  "--batch-size", "256", "--no-progress", "--threads", "1",
+                  "--output", str(tmp_path / "run"))  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "model.pt").is_file()
+    assert "toy_every: 3" in (tmp_path / "run" / "config.yaml").read_text()
+    refused = run("train", "--optimizer", "toy-plugin", "--toy-every", "0", "--output", str(tmp_path / "bad"))
+    assert refused.returncode == 2 and "toy_every must be >= 1" in refused.stderr + refused.stdout

@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from flatminima import __version__
+    from flatminima.experiments.label_noise import VARIANTS as DEMO_VARIANTS
     from flatminima.experiments.reproduce import TRAINING_FIELDS
     from flatminima.train.config import add_arguments
 
@@ -48,9 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=["sgd", "sam"],
-        help="what to compare (default: sgd sam); any of sgd, sam, msam-4, msam-16, nsam, rwsam, rwsam-0.1, "
-        "rwsam-1, ahn-rs, ahn-sa, gsam, looksam, looksam-0.1, looksam-per-tensor, looksam-rho0.05, sam-rho0.05, "
-        "momentum-sam, friendly-sam, periodic-sam, random-sam (docs/variants.md)",
+        help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} (docs/variants.md)",
     )
     demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
     sharp = commands.add_parser("sharpness", help="Hessian spectrum, trace, m-sharpness and landscape of a model")
@@ -183,8 +182,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    """One line per registered optimiser: name, passes per step, the step that drives it, where it comes from, and
-    its summary (which names its options)."""
+    """Each registered optimiser: name, passes per step, the step that drives it, where it comes from, its summary
+    and its options' flags with their defaults."""
+    import dataclasses
+
     from flatminima.optim.registry import optimizer_names, optimizer_spec
 
     specs = [optimizer_spec(name) for name in optimizer_names()]
@@ -195,6 +196,9 @@ def _variants(args: argparse.Namespace) -> int:
         kind = "batch rule" if spec.batch_rule is not None else "SAM family" if spec.sharpness_aware else "plain"
         print(f"{spec.name:<{width}}  {spec.passes:<{passes}}  {kind:<14}  {spec.module}")
         print(f"{'':<{width}}  {spec.help}")
+        if spec.options is not None:
+            flags = ", ".join(f"--{f.name.replace('_', '-')} {f.default}" for f in dataclasses.fields(spec.options))
+            print(f"{'':<{width}}  options: {flags}")
     return 0
 
 

@@ -20,9 +20,10 @@ that registers its names), loaded the first time a name is looked up.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ __all__ = [
     "optimizer_help",
     "optimizer_names",
     "optimizer_spec",
+    "option",
+    "option_fields",
     "register_optimizer",
     "unregister_optimizer",
 ]
@@ -53,6 +56,7 @@ class OptimizerRequest:
     draw_examples: Callable[[int | None, torch.Generator], tuple[Tensor, Tensor]] | None = None
     train_size: int = 0  # examples in the training split (what draw_examples draws from)
     rank: int = 0  # this process's rank under torchrun, for per-rank draws
+    options: Any = None  # the variant's options (an instance of its registered dataclass), or None
     nonfinite: str = "raise"  # SAM's policy for inf/NaN gradients (request.sam passes it)
 
     def base(self) -> torch.optim.Optimizer:
@@ -81,6 +85,7 @@ class OptimizerSpec:
     batch_rule: Callable[[OptimizerRequest], Any] | None = None  # -> a flatminima.batch_rules.BatchRule
     passes: str = "1"  # forward-backward passes per step, as the variant states them (flatminima variants)
     module: str = ""  # the module that registered the name
+    options: type | None = None  # the dataclass of the variant's own options (command-line flags, YAML fields)
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -96,13 +101,16 @@ def register_optimizer(
     sharpness_aware: bool,
     batch_rule: Callable[[OptimizerRequest], Any] | None = None,
     passes: str | None = None,
+    options: type | None = None,
 ) -> OptimizerSpec:
     """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error).
 
     ``batch_rule``, for variants that choose the examples of each pass (n-SAM, RW-SAM, a single example):
     ``batch_rule(request)`` returns the :class:`~flatminima.batch_rules.BatchRule` the batch step is given.
     ``passes``: the forward-backward passes per step, in words (default "2" for a sharpness-aware name, else "1"),
-    listed by ``flatminima variants``.
+    listed by ``flatminima variants``. ``options``: a dataclass of the variant's own settings, each field made
+    with :func:`option` (default, help, a check); every field becomes a ``flatminima train`` flag and a YAML field
+    of the same name, validated and listed in ``--help``, and the builder reads them as ``request.options``.
     """
     module = sys._getframe(1).f_globals.get("__name__", "")
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
@@ -111,10 +119,12 @@ def register_optimizer(
         raise ValueError(f"optimiser {name!r} is already registered (by {_REGISTRY[name].module})")
     if not callable(build):
         raise TypeError(f"build must be callable as build(request) -> optimizer, got {type(build).__name__}")
+    if options is not None:
+        _check_options(name, options)
     if batch_rule is not None and not sharpness_aware:
         raise ValueError(f"optimiser {name!r}: a batch rule needs the sharpness-aware step (sharpness_aware=True)")
     passes = passes if passes is not None else ("2" if sharpness_aware else "1")
-    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule, passes, module)
+    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule, passes, module, options)
     _REGISTRY[name] = spec
     return spec
 
@@ -139,6 +149,48 @@ def optimizer_spec(name: str) -> OptimizerSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    check: Callable[[Any], bool] | None = None,
+    why: str = "",
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A field of a variant's options dataclass: its default, its help text, and what makes a value valid
+    (``check(value)``, with ``why``, e.g. ``"must be >= 1"``, for the error message) or the ``choices``."""
+    return field(default=default, metadata={"help": help, "check": check, "why": why, "choices": choices})
+
+
+def option_fields() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every registered variant's option fields: name -> (its dataclass, the field), in registration order."""
+    load_plugins()
+    found: dict[str, tuple[type, dataclasses.Field]] = {}
+    for spec in _REGISTRY.values():
+        if spec.options is not None:
+            for option_field in dataclasses.fields(spec.options):
+                found.setdefault(option_field.name, (spec.options, option_field))
+    return found
+
+
+def _check_options(name: str, options: type) -> None:
+    if not dataclasses.is_dataclass(options) or not isinstance(options, type):
+        raise TypeError(f"optimiser {name!r}: options must be a dataclass (fields made with option()); got {options!r}")
+    for option_field in dataclasses.fields(options):
+        if "help" not in option_field.metadata:
+            raise TypeError(f"optimiser {name!r}: option {option_field.name!r} needs a help text: use option()")
+        owner = next(
+            (spec for spec in _REGISTRY.values() if spec.options is not None and spec.options is not options
+             and spec.name != name and option_field.name in {f.name for f in dataclasses.fields(spec.options)}),
+            None,
+        )  # fmt: skip
+        if owner is not None:
+            raise ValueError(
+                f"optimiser {name!r}: option {option_field.name!r} is already an option of {owner.name!r}; "
+                "prefix the variant's options with its name"
+            )
 
 
 def load_plugins() -> None:

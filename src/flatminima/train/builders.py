@@ -65,6 +65,7 @@ def optimizer_request(
         train_size=train_size,
         rank=rank,
         nonfinite=config.nonfinite,
+        options=config.variant_options_of(spec),
     )
 
 

@@ -1,7 +1,10 @@
 """The training configuration: one dataclass, read from YAML, every field also a command-line flag.
 
-The fields and their help texts live here once; ``flatminima train --help`` and the YAML reader are generated
-from them, and the effective configuration is written beside the results.
+The fields every run has, and their help texts, live here once; a variant's own options live in the dataclass it
+registers (``register_optimizer(..., options=)``) and join the configuration by name: ``config.looksam_k``, the
+flag ``--looksam-k`` and the YAML field ``looksam_k``, validated by the variant's own checks. ``flatminima train
+--help`` and the YAML reader are generated from both, and the effective configuration is written beside the
+results.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from flatminima.data.registry import DATASETS
 from flatminima.models import MODEL_NAMES as MODELS
 from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
-from flatminima.variants.friendly_sam import SUBTRACT
-from flatminima.variants.rwsam import SCORES
 
-__all__ = ["RESUMABLE", "TrainConfig", "add_arguments", "config_from_args"]
+__all__ = ["RESUMABLE", "TrainConfig", "add_arguments", "config_fields", "config_from_args", "option_fields"]
 
 SCHEDULES = ("cosine", "step", "constant")
 RHO_SCHEDULES = ("constant", "linear", "cosine", "step", "lr")
@@ -49,8 +50,8 @@ def _help(field_: dataclasses.Field) -> str:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs; see ``flatminima train --help``."""
+class _RunFields:
+    """The fields every training run has (:class:`TrainConfig` adds the variants' options)."""
 
     dataset: str = _option(
         "digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise", tuple(DATASETS)
@@ -75,29 +76,6 @@ class TrainConfig:
     rho_min: float = _option(0.0, "the rho the linear, cosine, step and lr rho schedules start from or decay to")
     p: float = _option(2.0, "the L_p ball of the SAM ascent (2 = SAM, inf = sign)")
     group_size: int | None = _option(None, "m of m-SAM: each group of m examples gets its own perturbation")
-    nsam_sample_size: int = _option(512, "nsam: examples in the ascent sample (0: the whole training set)")
-    nsam_refresh_every: int = _option(1, "nsam: draw a new ascent sample every k steps (0: one fixed sample)")
-    rwsam_lambda: float = _option(0.01, "rwsam: Gibbs temperature lambda of the example weights (0 is SAM)")
-    rwsam_delta: float = _option(1e-3, "rwsam: finite-difference step delta of the sharpness scores")
-    rwsam_z_group_size: int = _option(0, "rwsam: a fresh sign vector z per group of k examples (0: one per batch)")
-    rwsam_weighted_descent: bool = _option(False, "rwsam: weight the descent pass too")
-    rwsam_score: str = _option("difference", "rwsam: score by finite difference, or exact gradient norms", SCORES)
-    gsam_alpha: float = _option(0.01, "gsam: weight alpha of the surrogate-gap term (0: SAM; the paper's for ResNets)")
-    looksam_k: int = _option(5, "looksam: a full SAM step every k steps, one pass reusing g_v in between (1 is SAM)")
-    looksam_alpha: float = _option(0.7, "looksam: weight alpha of the reused sharpness component g_v")
-    looksam_per_tensor: bool = _option(
-        False, "looksam: project and rescale g_v per parameter tensor (pytorch_optimizer's) instead of globally"
-    )
-    ahn_epsilon: float = _option(float("inf"), "ahn-rs/ahn-sa: perturb only when ||grad|| <= epsilon (inf: always)")
-    ahn_eta_prime: float = _option(0.1, "ahn-rs/ahn-sa: step eta' of the perturbation, as a multiple of lr")
-    fsam_sigma: float = _option(1.0, "friendly-sam: sigma, how much of the gradient's running mean to remove")
-    fsam_lambda: float = _option(0.6, "friendly-sam: lambda, decay of the running mean (EMA) of the gradients")
-    fsam_subtract: str = _option(
-        "updated", "friendly-sam: remove the mean updated with this gradient (the paper) or the previous one", SUBTRACT
-    )
-    ahn_eta_prime_absolute: bool = _option(False, "ahn-rs/ahn-sa: eta' is absolute, not a multiple of lr")
-    sam_every: int = _option(2, "periodic-sam: the SAM step on every k-th step, plain base steps between (1: SAM)")
-    sam_probability: float = _option(0.5, "random-sam: probability of the SAM step on each step (RST; 1: SAM)")
     lr: float = _option(0.1, "peak learning rate")
     lr_schedule: str = _option("cosine", "cosine, step (x0.2 at 30/60/80 % of training) or constant", SCHEDULES)
     warmup_epochs: int = _option(0, "linear learning-rate warm-up, in epochs")
@@ -143,6 +121,7 @@ class TrainConfig:
         "under torchrun: shard weights, gradients and optimiser state across the processes with FSDP2's "
         "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient (docs/compile-fsdp.md)",
     )
+    variant_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "", "internal": True})
 
     def validate(self) -> None:
         """Clear errors for nonsense values, naming the field and what it accepts."""
@@ -182,26 +161,15 @@ class TrainConfig:
                 self.rho_min == 0 or self.rho_schedule != "constant",
                 "rho_min has no effect with rho_schedule constant (use linear, cosine, step or lr)",
             ),
-            (self.nsam_sample_size >= 0, "nsam_sample_size must be >= 0 (0: the whole training set)"),
-            (self.nsam_refresh_every >= 0, "nsam_refresh_every must be >= 0 (0: one fixed sample)"),
-            (math.isfinite(self.rwsam_lambda) and self.rwsam_lambda >= 0, "rwsam_lambda must be finite and >= 0"),
-            (math.isfinite(self.rwsam_delta) and self.rwsam_delta > 0, "rwsam_delta must be finite and > 0"),
-            (self.rwsam_z_group_size >= 0, "rwsam_z_group_size must be >= 0 (0: one z per batch)"),
-            (math.isfinite(self.gsam_alpha) and self.gsam_alpha >= 0, "gsam_alpha must be finite and >= 0"),
-            (self.looksam_k >= 1, "looksam_k must be >= 1 (1: every step is a full SAM step)"),
-            (math.isfinite(self.looksam_alpha) and self.looksam_alpha >= 0, "looksam_alpha must be finite and >= 0"),
-            (self.ahn_epsilon >= 0, "ahn_epsilon must be >= 0 (inf: always perturb)"),
-            (math.isfinite(self.ahn_eta_prime) and self.ahn_eta_prime >= 0, "ahn_eta_prime must be finite and >= 0"),
-            (math.isfinite(self.fsam_sigma) and self.fsam_sigma >= 0, "fsam_sigma must be finite and >= 0"),
-            (0 <= self.fsam_lambda <= 1, "fsam_lambda must be in [0, 1]"),
-            (self.sam_every >= 1, "sam_every must be >= 1 (1: the SAM step on every step)"),
-            (0 <= self.sam_probability <= 1, "sam_probability must be in [0, 1] (1: SAM, 0: the base optimiser)"),
             *self._fsdp_checks(),
         ]
-        for field_ in dataclasses.fields(self):
+        for field_ in config_fields():
             choices = _choices(field_)
             if choices and getattr(self, field_.name) not in choices:
                 checks.append((False, f"{field_.name} must be one of {', '.join(choices)}"))
+            check = field_.metadata.get("check")
+            if check is not None and not check(getattr(self, field_.name)):
+                checks.append((False, f"{field_.name} {field_.metadata['why']}"))
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors) + ".")
@@ -262,18 +230,80 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"a training config is a mapping of field: value, got {type(values).__name__}.")
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in config_fields()}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(known)}.")
         return cls(**{name: _coerce(known[name], value) for name, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field by name, the variants' options among them (the layout of a saved config.yaml)."""
+        return {f.name: getattr(self, f.name) for f in config_fields()}
+
+
+class TrainConfig(_RunFields):
+    """Everything a training run needs; see ``flatminima train --help``.
+
+    Besides the fields every run has, it takes each registered variant's options by name (``looksam_k=3``), keeps
+    them in ``variant_options`` and reads them as attributes (``config.looksam_k``; the variant's default when not
+    given).
+    """
+
+    def __init__(self, variant_options: dict[str, Any] | None = None, **values: Any) -> None:
+        options = option_fields()
+        given = dict(variant_options or {})
+        for name in [name for name in values if name in options]:
+            given[name] = values.pop(name)
+        super().__init__(**values)
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise TypeError(f"TrainConfig got unknown variant option(s) {unknown}")
+        self.variant_options = given
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the variants' options
+        options = self.__dict__.get("variant_options")
+        if options is not None and name in options:
+            return options[name]
+        known = option_fields()
+        if name in known:
+            return known[name][1].default
+        raise AttributeError(f"{type(self).__name__} has no field or variant option {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "variant_options" and name not in _RunFields.__dataclass_fields__ and name in option_fields():
+            self.variant_options[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def variant_options_of(self, spec: Any) -> Any:
+        """The options dataclass of the registered variant ``spec`` filled from this config, or None."""
+        if spec.options is None:
+            return None
+        return spec.options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(spec.options)})
+
+
+def option_fields() -> dict[str, tuple[type, dataclasses.Field]]:
+    """The registered variants' option fields, name -> (their dataclass, the field); none may shadow a run field."""
+    import flatminima.variants  # noqa: F401  (the built-in variants register their options on import)
+    from flatminima.optim.registry import option_fields as registered
+
+    found = registered()
+    clash = sorted(set(found) & set(_RunFields.__dataclass_fields__))
+    if clash:
+        raise ValueError(f"variant option(s) {clash} have the name of a training config field; rename them")
+    return found
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """Every field of a training config: those of every run, then the variants' options."""
+    run = [f for f in dataclasses.fields(_RunFields) if not f.metadata.get("internal")]
+    return run + [option_field for _, option_field in option_fields().values()]
 
 
 def _base_type(field_: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(TrainConfig)
+    options = option_fields()
+    owner = options[field_.name][0] if field_.name in options else _RunFields
+    hints = typing.get_type_hints(owner)
     hint = hints[field_.name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
@@ -323,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None
     """
     if names is None:
         parser.add_argument("--config", help="YAML file of field: value; flags given here override it")
-    for field_ in dataclasses.fields(TrainConfig):
+    for field_ in config_fields():
         if names is not None and field_.name not in names:
             continue
         flag = "--" + field_.name.replace("_", "-")
@@ -364,11 +394,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config:
         values.update(TrainConfig.from_yaml(args.config).to_dict())
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
+    given = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
     if given.get("resume") and not args.config:
         saved = Path(given.get("output", TrainConfig.output)) / "config.yaml"
         if saved.is_file():

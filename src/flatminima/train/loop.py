@@ -36,7 +36,7 @@ from flatminima.train.builders import (
     optimizer_request,
 )
 from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
-from flatminima.train.config import RESUMABLE, TrainConfig
+from flatminima.train.config import RESUMABLE, TrainConfig, config_fields
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
 from flatminima.train.prepare import PreparedData, model_for, prepare_data
@@ -427,7 +427,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 def _default(name: str) -> Any:
-    return TrainConfig.__dataclass_fields__[name].default
+    return next(f.default for f in config_fields() if f.name == name)
 
 
 def _write_config(path: Path, config: TrainConfig) -> None:

@@ -28,6 +28,7 @@ the mean of one example's gradient per rank.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ from flatminima.batch_rules import BatchRule, Sample, random_index
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, tensor_norms
 from flatminima.optim.perturb import DualNorm, RandomDirection
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import AscentRule, AscentWrapper, DescentRule, RuleContext
 from flatminima.optim.sam import SAM
 
@@ -143,13 +144,33 @@ class SingleExample(BatchRule):
         return inputs[i : i + 1], targets[i : i + 1]
 
 
+@dataclass(frozen=True)
+class AhnOptions:
+    """The options of Ahn et al.'s two algorithms (``--ahn-*``)."""
+
+    ahn_epsilon: float = option(
+        float("inf"),
+        "ahn-rs/ahn-sa: perturb only when ||grad|| <= epsilon (inf: always)",
+        check=lambda v: v >= 0,
+        why="must be >= 0 (inf: always perturb)",
+    )
+    ahn_eta_prime: float = option(
+        0.1,
+        "ahn-rs/ahn-sa: step eta' of the perturbation, as a multiple of lr",
+        check=lambda v: math.isfinite(v) and v >= 0,
+        why="must be finite and >= 0",
+    )
+    ahn_eta_prime_absolute: bool = option(False, "ahn-rs/ahn-sa: eta' is absolute, not a multiple of lr")
+
+
 # ---------------------------------------------------------------- command line: draws from the global RNG, which
 # the training loop checkpoints, so a resumed run draws the same directions, signs and examples.
 
 
 def _escape(request: OptimizerRequest) -> OrthogonalEscape:
-    config = request.config
-    return OrthogonalEscape(config.ahn_epsilon, config.ahn_eta_prime, relative=not config.ahn_eta_prime_absolute)
+    return OrthogonalEscape(
+        request.options.ahn_epsilon, request.options.ahn_eta_prime, relative=not request.options.ahn_eta_prime_absolute
+    )
 
 
 def _build_rs(request: OptimizerRequest) -> SAM:
@@ -165,6 +186,7 @@ register_optimizer(
     "Ahn et al. Alg. 1: random-direction perturbation, orthogonal part (--ahn-*)",
     _build_rs,
     sharpness_aware=True,
+    options=AhnOptions,
     passes="2 (1 while the gradient is larger than epsilon)",
 )
 register_optimizer(
@@ -172,6 +194,7 @@ register_optimizer(
     "Ahn et al. Alg. 2: one random example's SAM perturbation, orthogonal part (--ahn-*)",
     _build_sa,
     sharpness_aware=True,
+    options=AhnOptions,
     passes="3 (1 while the gradient is larger than epsilon)",
     batch_rule=lambda request: SingleExample(),
 )

@@ -27,12 +27,15 @@ option or stated:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.perturb import DualNorm
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import AscentRule, RuleContext
 from flatminima.optim.sam import SAM
 
@@ -116,6 +119,29 @@ class FriendlyAscent(AscentRule):
         _SPHERE.perturb_(params, grads, rho)  # e = rho d / ||d|| (0 for d = 0), the norm over all ranks' shards
 
 
+@dataclass(frozen=True)
+class FriendlySAMOptions:
+    """Friendly SAM's options (``--fsam-*``)."""
+
+    fsam_sigma: float = option(
+        1.0,
+        "friendly-sam: sigma, how much of the gradient's running mean to remove",
+        check=lambda v: math.isfinite(v) and v >= 0,
+        why="must be finite and >= 0",
+    )
+    fsam_lambda: float = option(
+        0.6,
+        "friendly-sam: lambda, decay of the running mean (EMA) of the gradients",
+        check=lambda v: 0 <= v <= 1,
+        why="must be in [0, 1]",
+    )
+    fsam_subtract: str = option(
+        "updated",
+        "friendly-sam: remove the mean updated with this gradient (the paper) or the previous one",
+        choices=SUBTRACT,
+    )
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -126,7 +152,9 @@ def _build(request: OptimizerRequest) -> SAM:
             "friendly-sam keeps one running mean of the batch gradient per step, which m-SAM's groups would each "
             "advance; drop --group-size."
         )
-    rule = FriendlyAscent(config.fsam_sigma, config.fsam_lambda, subtract=config.fsam_subtract)
+    rule = FriendlyAscent(
+        request.options.fsam_sigma, request.options.fsam_lambda, subtract=request.options.fsam_subtract
+    )
     return build_sam(request, perturbation=rule)
 
 
@@ -135,4 +163,5 @@ register_optimizer(
     "Friendly SAM: perturb along the batch gradient minus its running mean (--fsam-*)",
     _build,
     sharpness_aware=True,
+    options=FriendlySAMOptions,
 )

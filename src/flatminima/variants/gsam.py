@@ -31,13 +31,14 @@ the global batch's; the reference code perturbs and decomposes per worker and av
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_sum
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import DescentRule, RuleContext
 from flatminima.optim.sam import SAM
 
@@ -106,11 +107,23 @@ class GSAMDescent(DescentRule):
         torch._foreach_add_(gp, torch._foreach_mul(g, 1.0 - alpha * c))
 
 
+@dataclass(frozen=True)
+class GSAMOptions:
+    """GSAM's option (``--gsam-alpha``)."""
+
+    gsam_alpha: float = option(
+        0.01,
+        "gsam: weight alpha of the surrogate-gap term (0: SAM; the paper's for ResNets)",
+        check=lambda v: math.isfinite(v) and v >= 0,
+        why="must be finite and >= 0",
+    )
+
+
 # ---------------------------------------------------------------- command line
 
 
 def _build(request: OptimizerRequest) -> SAM:
-    return build_sam(request, descent=GSAMDescent(request.config.gsam_alpha))
+    return build_sam(request, descent=GSAMDescent(request.options.gsam_alpha))
 
 
 register_optimizer(
@@ -118,4 +131,5 @@ register_optimizer(
     "GSAM: SAM's step minus alpha times the part of g(w) orthogonal to g(w+e) (--gsam-alpha; --rho-schedule lr)",
     _build,
     sharpness_aware=True,
+    options=GSAMOptions,
 )

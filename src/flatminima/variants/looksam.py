@@ -31,6 +31,7 @@ FSDP's state dicts do not expect, so SAM refuses the rule there.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, global_sum, tensor_norms
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import DescentRule, EveryKSteps, RuleContext
 from flatminima.optim.sam import SAM
 from flatminima.variants.gsam import safe_ratio, wide_dots
@@ -115,13 +116,33 @@ class LookSAMDescent(DescentRule):
         torch._foreach_add_(g, torch._foreach_mul(gv, scale))
 
 
+@dataclass(frozen=True)
+class LookSAMOptions:
+    """LookSAM's options (``--looksam-*``)."""
+
+    looksam_k: int = option(
+        5,
+        "looksam: a full SAM step every k steps, one pass reusing g_v in between (1 is SAM)",
+        check=lambda v: v >= 1,
+        why="must be >= 1 (1: every step is a full SAM step)",
+    )
+    looksam_alpha: float = option(
+        0.7,
+        "looksam: weight alpha of the reused sharpness component g_v",
+        check=lambda v: math.isfinite(v) and v >= 0,
+        why="must be finite and >= 0",
+    )
+    looksam_per_tensor: bool = option(
+        False, "looksam: project and rescale g_v per parameter tensor (pytorch_optimizer's) instead of globally"
+    )
+
+
 # ---------------------------------------------------------------- command line
 
 
 def _build(request: OptimizerRequest) -> SAM:
-    config = request.config
-    descent = LookSAMDescent(config.looksam_alpha, per_tensor=config.looksam_per_tensor)
-    return build_sam(request, descent=descent, cadence=EveryKSteps(config.looksam_k))
+    descent = LookSAMDescent(request.options.looksam_alpha, per_tensor=request.options.looksam_per_tensor)
+    return build_sam(request, descent=descent, cadence=EveryKSteps(request.options.looksam_k))
 
 
 register_optimizer(
@@ -129,5 +150,6 @@ register_optimizer(
     "LookSAM: SAM every k steps, its part orthogonal to g(w) reused in between (--looksam-*)",
     _build,
     sharpness_aware=True,
+    options=LookSAMOptions,
     passes="1 + 1/k on average",
 )

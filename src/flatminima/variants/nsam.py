@@ -22,13 +22,14 @@ and the descent gradients are all-reduced.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flatminima.batch_rules import BatchRule, Sample
 from flatminima.optim.catalog import build_sam
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 
 __all__ = ["AscentSample"]
 
@@ -68,9 +69,27 @@ class AscentSample(BatchRule):
         return self._sample
 
 
+@dataclass(frozen=True)
+class NSAMOptions:
+    """n-SAM's options (``--nsam-*``)."""
+
+    nsam_sample_size: int = option(
+        512,
+        "nsam: examples in the ascent sample (0: the whole training set)",
+        check=lambda v: v >= 0,
+        why="must be >= 0 (0: the whole training set)",
+    )
+    nsam_refresh_every: int = option(
+        1,
+        "nsam: draw a new ascent sample every k steps (0: one fixed sample)",
+        check=lambda v: v >= 0,
+        why="must be >= 0 (0: one fixed sample)",
+    )
+
+
 def _batch_rule(request: OptimizerRequest) -> AscentSample:
     config = request.config
-    size = config.nsam_sample_size if config.nsam_sample_size > 0 else None
+    size = request.options.nsam_sample_size if request.options.nsam_sample_size > 0 else None
     if request.draw_examples is None:
         raise ValueError("n-SAM draws its ascent sample from the training set; this run offers no sampler")
     if size is not None and size > request.train_size:
@@ -79,7 +98,7 @@ def _batch_rule(request: OptimizerRequest) -> AscentSample:
             "the whole training set"
         )
     seed = config.seed * 7919 + request.rank
-    return AscentSample(request.draw_examples, size, config.nsam_refresh_every, seed)
+    return AscentSample(request.draw_examples, size, request.options.nsam_refresh_every, seed)
 
 
 register_optimizer(
@@ -87,6 +106,7 @@ register_optimizer(
     "n-SAM: ascent on another sample of --nsam-sample-size examples",
     build_sam,
     sharpness_aware=True,
+    options=NSAMOptions,
     passes="1 + ceil(n / batch)",
     batch_rule=_batch_rule,
 )

@@ -26,13 +26,14 @@ draws the same trials, bit for bit, and every rank under DDP draws the same (the
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
 from flatminima.optim.catalog import build_sam
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import Cadence, EveryKSteps
 from flatminima.optim.sam import SAM
 
@@ -107,16 +108,36 @@ def random_sam(
     return SAM(params, base_optimizer, cadence=RandomCadence(probability, seed), **options)
 
 
+@dataclass(frozen=True)
+class PeriodicSAMOptions:
+    """Periodic SAM's option (``--sam-every``)."""
+
+    sam_every: int = option(
+        2, "periodic-sam: the SAM step on every k-th step, plain base steps between (1: SAM)",
+        check=lambda v: v >= 1, why="must be >= 1 (1: the SAM step on every step)",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RandomSAMOptions:
+    """Random SAM's option (``--sam-probability``)."""
+
+    sam_probability: float = option(
+        0.5, "random-sam: probability of the SAM step on each step (RST; 1: SAM)",
+        check=lambda v: 0 <= v <= 1, why="must be in [0, 1] (1: SAM, 0: the base optimiser)",
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- command line
 
 
 def _build_periodic(request: OptimizerRequest) -> SAM:
-    return build_sam(request, cadence=EveryKSteps(request.config.sam_every))
+    return build_sam(request, cadence=EveryKSteps(request.options.sam_every))
 
 
 def _build_random(request: OptimizerRequest) -> SAM:
     config = request.config
-    return build_sam(request, cadence=RandomCadence(config.sam_probability, seed=config.seed))
+    return build_sam(request, cadence=RandomCadence(request.options.sam_probability, seed=config.seed))
 
 
 register_optimizer(
@@ -124,6 +145,7 @@ register_optimizer(
     "SAM every k-th step, plain base steps between (--sam-every)",
     _build_periodic,
     sharpness_aware=True,
+    options=PeriodicSAMOptions,
     passes="1 + 1/k on average",
 )
 register_optimizer(
@@ -131,5 +153,6 @@ register_optimizer(
     "SAM with probability p per step (RST), plain base steps otherwise (--sam-probability)",
     _build_random,
     sharpness_aware=True,
+    options=RandomSAMOptions,
     passes="1 + p on average",
 )

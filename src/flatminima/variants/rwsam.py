@@ -24,13 +24,14 @@ Under DDP each rank weights its own batch (softmax over the local examples).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flatminima.batch_rules import BatchRule, Probe
 from flatminima.optim.catalog import build_sam
-from flatminima.optim.registry import OptimizerRequest, register_optimizer
+from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 
 __all__ = ["SCORES", "GibbsReweighting"]
 
@@ -106,14 +107,41 @@ class GibbsReweighting(BatchRule):
         return self.weights if self.weighted_descent else None
 
 
+@dataclass(frozen=True)
+class RWSAMOptions:
+    """RW-SAM's options (``--rwsam-*``)."""
+
+    rwsam_lambda: float = option(
+        0.01,
+        "rwsam: Gibbs temperature lambda of the example weights (0 is SAM)",
+        check=lambda v: math.isfinite(v) and v >= 0,
+        why="must be finite and >= 0",
+    )
+    rwsam_delta: float = option(
+        1e-3,
+        "rwsam: finite-difference step delta of the sharpness scores",
+        check=lambda v: math.isfinite(v) and v > 0,
+        why="must be finite and > 0",
+    )
+    rwsam_z_group_size: int = option(
+        0,
+        "rwsam: a fresh sign vector z per group of k examples (0: one per batch)",
+        check=lambda v: v >= 0,
+        why="must be >= 0 (0: one z per batch)",
+    )
+    rwsam_weighted_descent: bool = option(False, "rwsam: weight the descent pass too")
+    rwsam_score: str = option(
+        "difference", "rwsam: score by finite difference, or exact gradient norms", choices=SCORES
+    )
+
+
 def _batch_rule(request: OptimizerRequest) -> GibbsReweighting:
-    config = request.config
     return GibbsReweighting(  # z from the global RNG, which the training loop checkpoints
-        config.rwsam_lambda,
-        config.rwsam_delta,
-        z_group_size=config.rwsam_z_group_size or None,
-        weighted_descent=config.rwsam_weighted_descent,
-        score=config.rwsam_score,
+        request.options.rwsam_lambda,
+        request.options.rwsam_delta,
+        z_group_size=request.options.rwsam_z_group_size or None,
+        weighted_descent=request.options.rwsam_weighted_descent,
+        score=request.options.rwsam_score,
     )
 
 
@@ -122,6 +150,7 @@ register_optimizer(
     "RW-SAM: SAM with the ascent reweighted toward sharp examples (--rwsam-*)",
     build_sam,
     sharpness_aware=True,
+    options=RWSAMOptions,
     passes="2, and one forward pass to score the examples",
     batch_rule=_batch_rule,
 )
