@@ -40,6 +40,7 @@ from flatminima.train.config import RESUMABLE, TrainConfig, config_fields
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
 from flatminima.train.prepare import PreparedData, model_for, prepare_data
+from flatminima.train.run_state import RunState
 from flatminima.train.summary import plot_curves, write_summary
 
 __all__ = ["RUN_FILES", "PreparedData", "TrainResult", "model_for", "prepare_data", "train"]
@@ -123,7 +124,60 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
         ctx.close()
 
 
+@dataclass
+class _Run:
+    """A run's parts, built once (:func:`_setup`) and used by each phase of :func:`_train`."""
+
+    config: TrainConfig
+    ctx: Distributed
+    output: Path
+    checkpoint_path: Path
+    device: torch.device
+    data: PreparedData
+    model: nn.Module
+    network: nn.Module
+    batches: BatchPipeline
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rho_scheduler: Any
+    step: PlainStep | SharpnessAwareStep
+    tracker: SharpnessTracker | None
+    state: RunState
+    per_epoch: int
+
+
 def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> TrainResult:
+    """The phases of a run: build its parts, resume if asked, train epoch by epoch (a checkpoint after each), and
+    write the final model and summary."""
+    run = _setup(config, ctx, dataset)
+    history, start_epoch = _resume(run) if config.resume else ([], 0)
+    metrics = MetricsLog(run.output, enabled=ctx.is_main)
+    if ctx.is_main:
+        run.output.mkdir(parents=True, exist_ok=True)
+        _write_config(run.output / "config.yaml", config)
+        metrics.truncate_after(start_epoch)
+    progress = _progress(config, ctx, start_epoch, run.per_epoch)
+    run.model.train()
+    for epoch in range(start_epoch, config.epochs):
+        record = _epoch(run, epoch, progress)
+        history.append(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{100 * record['test_accuracy']:.1f}%")
+        state = run.state.save()  # on every rank: under --fsdp the model and optimiser are gathered together
+        if ctx.is_main:
+            metrics.write(record)
+            state.update(epoch=epoch + 1, history=history, config=config.to_dict(), world_size=ctx.world_size)
+            save_checkpoint(state, run.checkpoint_path)
+        ctx.barrier()
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    _finish(run, history)
+    return TrainResult(config, history, run.output, run.model)
+
+
+def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> _Run:
+    """Check the output folder and the data, then build the model, optimiser, schedules and batch step."""
     if config.fsdp and not ctx.enabled:
         raise ValueError(
             "--fsdp shards the model across torchrun processes, and this run has one: start it with torchrun "
@@ -178,123 +232,92 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         )
 
     tracker = _tracker(config, data, batches)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if config.resume:
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        _check_resumable(state["config"], config)
-        _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
-        if ctx.is_main:
-            for stale in output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
-        if config.fsdp:  # full state dicts, sharded again
-            fsdp.load_full_state(model, optimizer, state["model"], state["optimizer"])
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if rho_scheduler is not None:
-            rho_scheduler.load_state_dict(state.get("rho_scheduler", {"last_step": scheduler.last_epoch}))
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if tracker is not None and "sharpness_tracker" in state:
-            tracker.load_state_dict(state["sharpness_tracker"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
+    state = _run_state(config, ctx, model, optimizer, scheduler, rho_scheduler, scaler, tracker)
+    return _Run(config, ctx, output, checkpoint_path, device, data, model, network, batches, optimizer, scheduler,
+                rho_scheduler, step, tracker, state, per_epoch)  # fmt: skip
 
-    metrics = MetricsLog(output, enabled=ctx.is_main)
+
+def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
+    """The run's state back from its checkpoint; returns the history so far and the epoch to continue from."""
+    config, ctx = run.config, run.ctx
+    state = load_checkpoint(run.checkpoint_path, map_location=run.device)
+    _check_resumable(state["config"], config)
+    _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        _write_config(output / "config.yaml", config)
-        metrics.truncate_after(start_epoch)
-    progress = _progress(config, ctx, start_epoch, per_epoch)
-    model.train()
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
-        augment = _epoch_generator(config.seed, epoch, 1)
-        measured: list[dict[str, Any]] = []
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = torch.zeros((), dtype=torch.float64, device=device)  # examples whose loss was finite
-        for index in range(per_epoch):
-            global_batch = order[index * config.batch_size : (index + 1) * config.batch_size]
-            local = ctx.shard(global_batch)
-            inputs = batches(data.train_images[local], augment)
-            try:
-                loss = step(inputs, data.train_labels[local].to(device))
-            except FloatingPointError as error:
-                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
-                raise FloatingPointError(
-                    f"epoch {epoch + 1}, step {index + 1}: {str(error).rstrip('.')}; {kept}. Lower --lr (now "
-                    f"{config.lr:g}), or pass --nonfinite skip to skip such steps"
-                ) from None
-            scheduler.step()
-            if rho_scheduler is not None:  # after the lr's: rho_schedule lr reads the lr of the next step
-                rho_scheduler.step()
-            if tracker is not None:
-                record = tracker.maybe_measure(model, epoch * per_epoch + index + 1)
-                if record is not None:
-                    measured.append(record.to_dict())
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss.double() * local.numel(), 0.0)
-            seen += finite.double() * local.numel()
-            if progress is not None:
-                progress.update(1)
-        _check_finite(model, seen, epoch, output, config, ctx)
-        if config.fsdp:
-            fsdp.sync_buffers(model)
-        totals = ctx.sum(torch.stack([loss_sum, seen]))
-        record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
-        evaluation_started = time.perf_counter()
-        record["test_loss"], record["test_accuracy"] = evaluate(
-            network, data.test_images, data.test_labels, batches, ctx, _eval_batch(config, ctx, data.test_images)
-        )
-        if data.val_images is not None:
-            record["val_loss"], record["val_accuracy"] = evaluate(
-                network, data.val_images, data.val_labels, batches, ctx, _eval_batch(config, ctx, data.val_images)
-            )
-        if measured:
-            record["lambda_max"] = measured[-1]["lambda_max"]
-            record["sharpness"] = measured
-        record["seconds"] = time.perf_counter() - started
-        record["eval_seconds"] = time.perf_counter() - evaluation_started
-        history.append(record)
+        for stale in run.output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+    run.state.load(state)
+    return list(state["history"]), int(state["epoch"])
+
+
+def _epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
+    """One epoch of steps, then its record: train loss (finite steps only), lr, test (and validation) metrics."""
+    config, ctx, data, model, network, step = run.config, run.ctx, run.data, run.model, run.network, run.step
+    device, batches, per_epoch = run.device, run.batches, run.per_epoch
+    scheduler, rho_scheduler, tracker = run.scheduler, run.rho_scheduler, run.tracker
+    count = data.train_images.shape[0]
+    started = time.perf_counter()
+    order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
+    augment = _epoch_generator(config.seed, epoch, 1)
+    measured: list[dict[str, Any]] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = torch.zeros((), dtype=torch.float64, device=device)  # examples whose loss was finite
+    for index in range(per_epoch):
+        global_batch = order[index * config.batch_size : (index + 1) * config.batch_size]
+        local = ctx.shard(global_batch)
+        inputs = batches(data.train_images[local], augment)
+        try:
+            loss = step(inputs, data.train_labels[local].to(device))
+        except FloatingPointError as error:
+            kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
+            raise FloatingPointError(
+                f"epoch {epoch + 1}, step {index + 1}: {str(error).rstrip('.')}; {kept}. Lower --lr (now "
+                f"{config.lr:g}), or pass --nonfinite skip to skip such steps"
+            ) from None
+        scheduler.step()
+        if rho_scheduler is not None:  # after the lr's: rho_schedule lr reads the lr of the next step
+            rho_scheduler.step()
+        if tracker is not None:
+            record = tracker.maybe_measure(model, epoch * per_epoch + index + 1)
+            if record is not None:
+                measured.append(record.to_dict())
+        finite = torch.isfinite(loss)
+        loss_sum += torch.where(finite, loss.double() * local.numel(), 0.0)
+        seen += finite.double() * local.numel()
         if progress is not None:
-            progress.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{100 * record['test_accuracy']:.1f}%")
-        model_state, optimizer_state = _states(config, ctx, model, optimizer)
-        if ctx.is_main:
-            metrics.write(record)
-            state = {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "epoch": epoch + 1,
-                "history": history,
-                "config": config.to_dict(),
-            }
-            state["world_size"] = ctx.world_size
-            if tracker is not None:
-                state["sharpness_tracker"] = tracker.state_dict()
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            if rho_scheduler is not None:
-                state["rho_scheduler"] = rho_scheduler.state_dict()
-            save_checkpoint(state, checkpoint_path)
-        ctx.barrier()
-    if progress is not None:
-        progress.close()
-    metrics.close()
-    model_state, _ = _states(config, ctx, model, None)
+            progress.update(1)
+    _check_finite(model, seen, epoch, run.output, config, ctx)
+    if config.fsdp:
+        fsdp.sync_buffers(model)
+    totals = ctx.sum(torch.stack([loss_sum, seen]))
+    record = {"epoch": epoch + 1, "train_loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0]}
+    evaluation_started = time.perf_counter()
+    record["test_loss"], record["test_accuracy"] = evaluate(
+        network, data.test_images, data.test_labels, batches, ctx, _eval_batch(config, ctx, data.test_images)
+    )
+    if data.val_images is not None:
+        record["val_loss"], record["val_accuracy"] = evaluate(
+            network, data.val_images, data.val_labels, batches, ctx, _eval_batch(config, ctx, data.val_images)
+        )
+    if measured:
+        record["lambda_max"] = measured[-1]["lambda_max"]
+        record["sharpness"] = measured
+    record["seconds"] = time.perf_counter() - started
+    record["eval_seconds"] = time.perf_counter() - evaluation_started
+    return record
+
+
+def _finish(run: _Run, history: list[dict[str, Any]]) -> None:
+    """The final model, the curves and the summary (rank 0); every rank leaves together."""
+    config, ctx = run.config, run.ctx
+    model_state, _ = _states(config, ctx, run.model, None)
     if ctx.is_main:
-        save_checkpoint({"model": model_state, "config": config.to_dict()}, output / "model.pt")
-        figure = plot_curves({config.optimizer: history}, output / "test_accuracy.png")
-        write_summary(output, config.to_dict(), history, figure)
+        save_checkpoint({"model": model_state, "config": config.to_dict()}, run.output / "model.pt")
+        figure = plot_curves({config.optimizer: history}, run.output / "test_accuracy.png")
+        write_summary(run.output, config.to_dict(), history, figure)
     # every rank leaves together: a rank tearing down its process group while rank 0 still writes made gloo
     # abort at exit now and then under --fsdp (about 1 run in 7 with bf16 on the CPU)
     ctx.barrier()
-    return TrainResult(config, history, output, model)
 
 
 def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_main: bool) -> None:
@@ -357,6 +380,42 @@ def _check_data_fits(config: TrainConfig, data: PreparedData, ctx: Distributed) 
             f"cutout {config.cutout} exceeds the {images.shape[-2]}x{images.shape[-1]} images (it would blank them); "
             f"use at most {side}, or 0."
         )
+
+
+def _run_state(
+    config: TrainConfig,
+    ctx: Distributed,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rho_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    tracker: SharpnessTracker | None,
+) -> RunState:
+    """The checkpoint's stateful parts, each registered once (loaded back in this order)."""
+    run = RunState()
+
+    def save_weights() -> dict[str, Any]:
+        model_state, optimizer_state = _states(config, ctx, model, optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_weights(state: dict[str, Any]) -> None:
+        if config.fsdp:  # full state dicts, sharded again
+            fsdp.load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+
+    run.register(save_weights, load_weights)
+    run.register_object("scheduler", scheduler)
+    if rho_scheduler is not None:  # a checkpoint from before the rho schedule: it stands where the lr's does
+        run.register_object("rho_scheduler", rho_scheduler, fallback=lambda: {"last_step": scheduler.last_epoch})
+    if scaler is not None:
+        run.register_object("scaler", scaler, optional=True)
+    run.register(lambda: {"rng": torch.get_rng_state()}, lambda state: torch.set_rng_state(state["rng"]))
+    if tracker is not None:
+        run.register_object("sharpness_tracker", tracker, optional=True)
+    return run
 
 
 def _states(
