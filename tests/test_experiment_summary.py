@@ -32,7 +32,7 @@ def test_saved_figure_writes_the_file_and_closes_it(tmp_path) -> None:
     plt = pyplot()
     before = len(plt.get_fignums())
     path = tmp_path / "curve.png"
-    with saved_figure(path, 1, 2, title="two panels") as (figure, (left, right)):
+    with saved_figure(path, 1, 2, title="two panels") as (_figure, (left, right)):
         left.plot([0, 1], [1, 0])
         right.plot([0, 1], [0, 1])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -43,8 +43,7 @@ def test_saved_figure_closes_on_error_and_writes_nothing(tmp_path) -> None:
     plt = pyplot()
     before = len(plt.get_fignums())
     path = tmp_path / "broken.png"
-    with pytest.raises(RuntimeError, match="drawing failed"):
-        with saved_figure(path) as (figure, axis):
-            raise RuntimeError("drawing failed")
+    with pytest.raises(RuntimeError, match="drawing failed"), saved_figure(path):
+        raise RuntimeError("drawing failed")
     assert not path.exists()
     assert len(plt.get_fignums()) == before

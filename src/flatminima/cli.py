@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(paper_scale, TRAINING_FIELDS)
     variants = commands.add_parser("variants", help="list the optimisers --optimizer accepts (plugins included)")
+    variants.add_argument(
+        "--markdown", action="store_true", help="print the optimisers and their options as markdown tables (the docs')"
+    )
     for sub in (train, demo, sharp, reproduce, variants):
         sub.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
@@ -188,6 +191,11 @@ def _variants(args: argparse.Namespace) -> int:
 
     from flatminima.optim.registry import optimizer_names, optimizer_spec
 
+    if args.markdown:
+        from flatminima.variant_tables import optimizers_table, options_table
+
+        print(optimizers_table() + "\n\n" + options_table())
+        return 0
     specs = [optimizer_spec(name) for name in optimizer_names()]
     width = max(len(spec.name) for spec in specs)
     passes = max(len(spec.passes) for spec in specs)
