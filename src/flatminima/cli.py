@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} (docs/variants.md)",
     )
     demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
+    demo.add_argument("--overwrite", action="store_true", help="replace files of the demo's names it did not write")
     sharp = commands.add_parser("sharpness", help="Hessian spectrum, trace, m-sharpness and landscape of a model")
     sharp.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt written by flatminima train")
     sharp.add_argument("--data-root", default=None, help="dataset folder, if not the one in the checkpoint's config")
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     sharp.add_argument("--m", type=int, default=32, help="m of m-sharpness (default: 32)")
     sharp.add_argument("--rho", type=float, default=0.05, help="radius of m-sharpness (default: 0.05)")
     sharp.add_argument("--output", default=None, help="folder for the figures (default: beside the checkpoint)")
+    sharp.add_argument("--overwrite", action="store_true", help="replace files of the names it writes that it did not")
     sharp.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to measure (default: auto)"
     )
@@ -126,8 +129,6 @@ def _say(line: str) -> None:
 def _resume_hint(args: argparse.Namespace) -> str:
     if args.command != "train":
         return ""
-    from pathlib import Path
-
     from flatminima.train.config import TrainConfig
 
     output = Path(args.output or TrainConfig.output)
@@ -225,6 +226,7 @@ def _demo(args: argparse.Namespace) -> int:
         variants=tuple(args.variants),
         workers=args.workers,
         quick=args.quick,
+        overwrite=args.overwrite,
     )
     names = " vs ".join(name.upper() for name in args.variants)
     print(f"{names} on digits, 40 % symmetric label noise on the training labels (clean test labels):\n")
@@ -237,17 +239,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _sharpness(args: argparse.Namespace) -> int:
     """Rebuild the trained model and its training data from the checkpoint's config, then measure."""
-    from pathlib import Path
-
-    import torch
-
-    from flatminima.data.dataset import to_float
-    from flatminima.data.transforms import normalize
-    from flatminima.sharpness.report import sharpness_report
+    from flatminima.output_folder import OutputFolder
     from flatminima.train.checkpoint import load_checkpoint
-    from flatminima.train.config import TrainConfig
-    from flatminima.train.loop import device_for
-    from flatminima.train.prepare import model_for, prepare_data
 
     counts = {"--examples": args.examples, "--k": args.k, "--m": args.m, "--trace-probes": args.trace_probes}
     counts["--density-runs"] = args.density_runs
@@ -262,6 +255,22 @@ def _sharpness(args: argparse.Namespace) -> int:
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"{path} holds no training config; it was not written by flatminima train.")
+    output = Path(args.output) if args.output else path.parent / "sharpness"
+    with OutputFolder(output, "sharpness", overwrite=args.overwrite):
+        return _measure_sharpness(args, path, state, output)
+
+
+def _measure_sharpness(args: argparse.Namespace, path: Path, state: dict[str, Any], output: Path) -> int:
+    """Rebuild the model and data the checkpoint ``state`` (read from ``path``) names, measure, report."""
+    import torch
+
+    from flatminima.data.dataset import to_float
+    from flatminima.data.transforms import normalize
+    from flatminima.sharpness.report import sharpness_report
+    from flatminima.train.config import TrainConfig
+    from flatminima.train.loop import device_for
+    from flatminima.train.prepare import model_for, prepare_data
+
     config = TrainConfig.from_dict(state["config"])
     if args.data_root:
         config.data_root = args.data_root
@@ -282,7 +291,6 @@ def _sharpness(args: argparse.Namespace) -> int:
         images = normalize(images, data.dataset.mean, data.dataset.std)
     labels = data.train_labels[: args.examples]
     model, images, labels = model.to(device), images.to(device), labels.to(device)
-    output = Path(args.output) if args.output else path.parent / "sharpness"
     torch.manual_seed(0)
     report = sharpness_report(
         model,

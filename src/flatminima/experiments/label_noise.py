@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatminima.output_folder import OutputFolder, write_atomically
 from flatminima.train import BatchPipeline, TrainConfig, train
+from flatminima.train.loop import run_folder_foreign_files
 from flatminima.train.prepare import prepare_data
 from flatminima.train.summary import plot_curves
 
@@ -92,6 +94,7 @@ def run_label_noise_demo(
     variants: tuple[str, ...] = ("sgd", "sam"),
     workers: int = 1,
     quick: bool = False,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train each variant for each seed; returns each run's final record, and writes a figure and a table.
@@ -99,7 +102,9 @@ def run_label_noise_demo(
     ``epochs`` defaults to the demo's 60, or to :data:`QUICK_EPOCHS` with ``quick`` (the same comparison, short).
 
     ``workers`` > 1 runs that many trainings at once, in separate processes (one thread each by the demo's
-    config); the results do not depend on it.
+    config); the results do not depend on it. The output folder is checked before any training (see
+    :mod:`flatminima.output_folder`; ``overwrite`` replaces files of the demo's names that it did not write) and
+    held for the demo's lifetime.
     """
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
@@ -119,6 +124,21 @@ def run_label_noise_demo(
                 **overrides,
             )
             jobs.append((name, seed, config))
+    with OutputFolder(output, "demo", overwrite=overwrite):
+        for _, _, config in jobs:  # each run's own folder, before any run starts (train would refuse it late)
+            foreign = run_folder_foreign_files(Path(config.output))
+            if foreign:
+                raise FileExistsError(
+                    f"{config.output} holds files that are not a flatminima run ({', '.join(foreign[:3])}); move "
+                    "them, or choose another --output."
+                )
+        return _run_jobs(output, jobs, variants, workers)
+
+
+def _run_jobs(
+    output: Path, jobs: list[tuple[str, int, TrainConfig]], variants: tuple[str, ...], workers: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Train every job, then write the figure and the table."""
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(train_and_measure, [config for _, _, config in jobs]))
@@ -131,7 +151,7 @@ def run_label_noise_demo(
         histories[f"{name.upper()} seed {seed}"] = history
     figure = plot_curves(histories, output / "test_accuracy.png")
     table = format_table(finals)
-    (output / "results.md").write_text(table + f"\n\n![clean test accuracy]({figure.name})\n")
+    write_atomically(output / "results.md", table + f"\n\n![clean test accuracy]({figure.name})\n")
     return finals
 
 

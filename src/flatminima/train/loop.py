@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flatminima.data.dataset import ImageDataset
 from flatminima.optim import optimizer_spec, sharded
 from flatminima.optim.norms import is_finite
+from flatminima.output_folder import LOCK_NAME, MANIFEST_NAME, FolderLock
 from flatminima.sharpness.tracking import SharpnessTracker
 from flatminima.step import PlainStep, SharpnessAwareStep
 from flatminima.train import distributed_fsdp as fsdp
@@ -43,11 +44,12 @@ from flatminima.train.prepare import PreparedData, model_for, prepare_data
 from flatminima.train.run_state import RunState
 from flatminima.train.summary import plot_curves, write_summary
 
-__all__ = ["RUN_FILES", "PreparedData", "TrainResult", "model_for", "prepare_data", "train"]
+__all__ = ["RUN_FILES", "PreparedData", "TrainResult", "model_for", "prepare_data", "run_folder_foreign_files", "train"]
 
 # what a run writes in its output folder; --overwrite replaces these and nothing else
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.md", "test_accuracy.png", "tensorboard"}
+    | {LOCK_NAME, MANIFEST_NAME}
 )
 
 
@@ -118,9 +120,11 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
     if config.threads:
         torch.set_num_threads(config.threads)
     ctx = Distributed.from_environment("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    lock = FolderLock(Path(config.output))
     try:
-        return _train(config, ctx, dataset)
+        return _train(config, ctx, dataset, lock)
     finally:
+        lock.release()
         ctx.close()
 
 
@@ -146,10 +150,10 @@ class _Run:
     per_epoch: int
 
 
-def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> TrainResult:
+def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None, lock: FolderLock) -> TrainResult:
     """The phases of a run: build its parts, resume if asked, train epoch by epoch (a checkpoint after each), and
-    write the final model and summary."""
-    run = _setup(config, ctx, dataset)
+    write the final model and summary. Rank 0 holds ``lock`` on the output folder from its check to the end."""
+    run = _setup(config, ctx, dataset, lock)
     history, start_epoch = _resume(run) if config.resume else ([], 0)
     metrics = MetricsLog(run.output, enabled=ctx.is_main)
     if ctx.is_main:
@@ -176,7 +180,7 @@ def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
     return TrainResult(config, history, run.output, run.model)
 
 
-def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) -> _Run:
+def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None, lock: FolderLock) -> _Run:
     """Check the output folder and the data, then build the model, optimiser, schedules and batch step."""
     if config.fsdp and not ctx.enabled:
         raise ValueError(
@@ -185,7 +189,7 @@ def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None) 
         )
     output = Path(config.output)
     checkpoint_path = output / "checkpoint.pt"
-    _check_output(config, output, checkpoint_path, ctx.is_main)
+    _check_output(config, output, checkpoint_path, ctx.is_main, lock)
     device = device_for(config, ctx.local_rank)
     data = prepare_data(config, dataset)
     _check_data_fits(config, data, ctx)
@@ -320,20 +324,35 @@ def _finish(run: _Run, history: list[dict[str, Any]]) -> None:
     ctx.barrier()
 
 
-def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_main: bool) -> None:
-    """Before any work: a run to resume is there, or the folder is free (or the user said --overwrite)."""
+def run_folder_foreign_files(output: Path) -> list[str]:
+    """The entries of ``output`` that are not a flatminima run's (its files, lock and interrupted writes)."""
+    if not output.is_dir():
+        return []
+    return sorted(p.name for p in output.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+
+
+def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_main: bool, lock: FolderLock) -> None:
+    """Before any work: the folder is this run's alone (rank 0 takes its lock), and a run to resume is there, or
+    the folder is free (or the user said --overwrite)."""
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"--output {output} is a file, not a folder; choose another --output.")
-    if config.resume:
-        if not checkpoint_path.is_file():
-            raise FileNotFoundError(
-                f"nothing to resume in {output}: it holds no checkpoint.pt; drop --resume to start a new run there."
-            )
-        return
+    if config.resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(
+            f"nothing to resume in {output}: it holds no checkpoint.pt; drop --resume to start a new run there."
+        )
     if not is_main:
         return
-    entries = sorted(p.name for p in output.iterdir() if not p.name.endswith(".tmp")) if output.is_dir() else []
-    foreign = [name for name in entries if name not in RUN_FILES]
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create --output {output}: {error.strerror}; choose another folder.") from None
+    if not os.access(output, os.W_OK):
+        raise PermissionError(f"--output {output} is not writable; choose another folder.")
+    lock.acquire()
+    if config.resume:
+        return
+    entries = sorted(p.name for p in output.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".tmp"))
+    foreign = run_folder_foreign_files(output)
     if foreign:
         raise FileExistsError(
             f"--output {output} holds files that are not a flatminima run ({', '.join(foreign[:3])}); "
@@ -349,12 +368,6 @@ def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_m
     for name in entries:
         path = output / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"cannot create --output {output}: {error.strerror}; choose another folder.") from None
-    if not os.access(output, os.W_OK):
-        raise PermissionError(f"--output {output} is not writable; choose another folder.")
 
 
 def _check_data_fits(config: TrainConfig, data: PreparedData, ctx: Distributed) -> None:

@@ -1,0 +1,178 @@
+"""One policy for every command's output folder: checked before any work, owned for the run's lifetime.
+
+* **The user's files are safe.** A folder may hold only what flatminima wrote there: the names listed in its
+  manifest (``.flatminima-files``, updated when a command ends) and, for ``train``, a run's own files. A folder
+  holding anything else is refused before any work starts, unless the user passes ``--overwrite`` (then files of
+  the same names as the command's are replaced and the others are left alone).
+* **One run per folder.** The command holds an exclusive lock (``.flatminima.lock``, an ``flock`` released by the
+  kernel when the process ends, however it ends) for its lifetime; a second command into the same folder is
+  refused with one line naming the holder's PID.
+* **Writes are atomic**: :func:`write_atomically` writes a temporary file beside the target and renames it over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["LOCK_NAME", "MANIFEST_NAME", "FolderInUseError", "FolderLock", "OutputFolder", "write_atomically"]
+
+LOCK_NAME = ".flatminima.lock"
+MANIFEST_NAME = ".flatminima-files"
+_OWN = frozenset({LOCK_NAME, MANIFEST_NAME})
+
+
+class FolderInUseError(RuntimeError):
+    """Another flatminima command holds the output folder."""
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a reader (or a crash)
+    never sees half a file; the file gets the permissions of a normally created one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; results are for everyone to read
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each entry's (inode, size, modification time): what tells a file this command wrote from one it found."""
+    found = {}
+    for entry in os.scandir(folder):
+        stat = entry.stat(follow_symlinks=False)
+        found[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one process's lifetime (the kernel drops it when the process ends, however
+    it ends); a second holder is refused with one line naming the first one's PID."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (the other guarantees hold)
+            return
+        handle = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 32).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            raise FolderInUseError(
+                f"--output {self.path} is in use by another flatminima command (PID {holder}); wait for it to end "
+                "or choose another --output."
+            ) from None
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()}\n".encode())
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._handle)  # closing the descriptor releases the flock
+            self._handle = None
+
+
+class OutputFolder:
+    """The output folder of one command (``command``: its name in messages, e.g. ``"reproduce"``).
+
+    Use as a context manager, around all the command's work::
+
+        with OutputFolder(path, "sharpness", overwrite=args.overwrite) as folder:
+            ...  # write into folder.path
+    """
+
+    def __init__(self, path: str | Path, command: str, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.command = command
+        self.overwrite = overwrite
+        self._lock = FolderLock(self.path)
+        self._claimed = False
+        self._before: dict[str, tuple[int, int, int]] = {}
+
+    # ------------------------------------------------------------------ claiming and releasing
+
+    def __enter__(self) -> OutputFolder:
+        self.claim()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def claim(self) -> None:
+        """Create the folder, take its lock and refuse files the command did not write (unless ``overwrite``)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"--output {self.path} is a file, not a folder; choose another --output.")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"cannot create --output {self.path}: {error.strerror}; choose another folder.") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise PermissionError(f"--output {self.path} is not writable; choose another folder.")
+        self._lock.acquire()
+        try:
+            foreign = self.foreign_files()
+            if foreign and not self.overwrite:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise FileExistsError(
+                    f"--output {self.path} holds files that flatminima {self.command} did not write ({shown}); "
+                    "choose another --output, or pass --overwrite to replace those of the names it writes."
+                )
+            self._before = _snapshot(self.path)
+            self._claimed = True
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def release(self) -> None:
+        """Record what the command wrote in the manifest, then let the folder go."""
+        if not self._claimed:
+            return
+        self._claimed = False
+        try:
+            after = _snapshot(self.path)
+            written = {name for name, stamp in after.items() if self._before.get(name) != stamp}
+            owned = (self.manifest() | written) & set(after)
+            names = sorted(n for n in owned - _OWN if not n.endswith(".tmp"))
+            write_atomically(self.path / MANIFEST_NAME, "".join(f"{name}\n" for name in names))
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------------ what the folder holds
+
+    def manifest(self) -> set[str]:
+        """The names earlier flatminima commands wrote into this folder."""
+        try:
+            return {line for line in (self.path / MANIFEST_NAME).read_text().splitlines() if line}
+        except (FileNotFoundError, UnicodeDecodeError):
+            return set()
+
+    def foreign_files(self) -> list[str]:
+        """The entries that no flatminima command wrote (temporary files of an interrupted write excepted)."""
+        known = self.manifest() | _OWN
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.path)
+            if entry.name not in known and not (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+        )
