@@ -65,12 +65,31 @@ def _train(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
         (["--optimizer", "sam", "--group-size", "1000"], "group_size 1000 exceeds batch_size 64"),
         (["--optimizer", "sam", "--lr", "1e6"], "--nonfinite skip"),
         (["--lr", "1e6"], "the loss is nan, so no step was taken; no checkpoint was written"),
+        # settings the chosen optimiser would ignore (FAST trains with sgd)
+        (["--group-size", "8"], "--group-size is a setting of the SAM family, and --optimizer sgd does not read it"),
+        (["--rho", "0.3"], "--rho is a setting of the SAM family"),
+        (["--base-optimizer", "adamw"], "--base-optimizer is a setting of the SAM family"),
+        (["--gsam-alpha", "0.5"], "--gsam-alpha is an option of gsam, and --optimizer sgd does not read it"),
+        (["--optimizer", "sam", "--sam-every", "3"], "--sam-every is an option of periodic-sam"),
+        (["--optimizer", "ahn-rs", "--looksam-k", "3"], "use --optimizer looksam"),
+        (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum is SGD's, and AdamW (the optimiser)"),
+        (["--optimizer", "sam", "--base-optimizer", "adamw", "--momentum", "0"], "AdamW (the base optimiser)"),
     ],
 )
 def test_bad_flags_give_one_line(tmp_path: Path, capsys, extra: list[str], expected: str) -> None:
     code, err = _run(capsys, _train(tmp_path, *extra))
     _assert_one_line(code, err, expected)
     assert not (tmp_path / "run" / "model.pt").exists()  # nothing written that looks like a result
+
+
+def test_an_option_is_read_by_every_optimiser_that_declares_it(tmp_path: Path, capsys) -> None:
+    """ahn-rs and ahn-sa share their options; a YAML file may set them for either (and to defaults for any)."""
+    (tmp_path / "ahn.yaml").write_text("optimizer: ahn-sa\nahn_epsilon: 3.0\nrho: 0.1\n")
+    assert main(_train(tmp_path, "--config", str(tmp_path / "ahn.yaml"), "--optimizer", "ahn-sa")) == 0
+    (tmp_path / "defaults.yaml").write_text("gsam_alpha: 0.01\nrho: 0.05\n")  # the defaults: nothing is ignored
+    assert main(_train(tmp_path, "--config", str(tmp_path / "defaults.yaml"), name="plain")) == 0
+    code, err = _run(capsys, _train(tmp_path, "--config", str(tmp_path / "ahn.yaml"), name="sgd"))
+    _assert_one_line(code, err, "--rho is a setting of the SAM family, and --optimizer sgd does not read it")
 
 
 def test_device_cuda_without_a_gpu(tmp_path: Path, capsys) -> None:

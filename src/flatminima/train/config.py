@@ -402,4 +402,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update(given)
     config = TrainConfig.from_dict(values)
     config.validate()
+    if not config.resume:  # a resumed run keeps the settings it was started with
+        refuse_unused_settings(config)
     return config
+
+
+# the run fields only the SAM family reads (a plain optimiser ignores them)
+SAM_FIELDS = ("rho", "rho_schedule", "rho_min", "p", "group_size", "base_optimizer")
+
+
+def refuse_unused_settings(config: TrainConfig) -> None:
+    """Refuse a setting the chosen optimiser would ignore (set away from its default by a flag or the YAML file):
+    SAM's settings under a plain optimiser, and a variant's options under another optimiser. One line, naming the
+    setting, the optimiser and the fix."""
+    import dataclasses as dc
+
+    from flatminima.optim.registry import optimizer_spec
+
+    spec = optimizer_spec(config.optimizer)
+    defaults = {f.name: f.default for f in dc.fields(_RunFields)}
+    if not spec.sharpness_aware:
+        for name in SAM_FIELDS:
+            if getattr(config, name) != defaults[name]:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} is a setting of the SAM family, and --optimizer {config.optimizer} "
+                    "does not read it: drop it, or choose a sharpness-aware --optimizer (flatminima variants)"
+                )
+    base = config.base_optimizer if spec.sharpness_aware else config.optimizer
+    if base == "adamw" and config.momentum != defaults["momentum"]:
+        raise ValueError(
+            "--momentum is SGD's, and AdamW (the "
+            + ("base optimiser" if spec.sharpness_aware else "optimiser")
+            + ") does not read it: drop it, or use SGD"
+        )
+    own = {f.name for f in dc.fields(spec.options)} if spec.options is not None else set()
+    for name, (_, option_field) in option_fields().items():
+        if name in own or getattr(config, name) == option_field.default:
+            continue
+        readers = [
+            other
+            for other in optimizer_names()
+            if (o := optimizer_spec(other).options) is not None and name in {f.name for f in dc.fields(o)}
+        ]
+        raise ValueError(
+            f"--{name.replace('_', '-')} is an option of {' and '.join(readers)}, and --optimizer {config.optimizer} "
+            f"does not read it: drop it, or use --optimizer {readers[0]}"
+        )
