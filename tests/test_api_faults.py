@@ -207,3 +207,62 @@ def test_nonfinite_rho_set_on_a_group_is_rejected_at_the_step(flatten: bool) -> 
         opt.first_step()
     assert not opt.is_perturbed
     assert_identical(model, saved)
+
+
+# ---------------------------------------------------------------- 6. hyperparameters handed to the base optimiser
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": math.nan}, r"lr must be a finite number >= 0; got lr=nan"),
+        ({"lr": math.inf}, r"lr must be a finite number >= 0; got lr=inf"),
+        ({"lr": 0.1, "rho": "0.05"}, r"rho must be a finite float >= 0 .* rho='0.05'"),
+        ({"lr": 0.1, "rho": True}, r"rho must be a finite float"),
+        ({"lr": 0.1, "p": "2"}, r"p must be a number in \[1, inf\]"),
+        ({"lr": 0.1, "adaptive": True, "adaptive_eta": math.nan}, r"adaptive_eta must be a finite number >= 0"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_at_construction(options: dict, message: str) -> None:
+    model = make_mlp()
+    with pytest.raises(ValueError, match=message):
+        flatminima.SAM(model.parameters(), torch.optim.SGD, **options)
+
+
+def _loss_closure(model: nn.Module, opt: torch.optim.Optimizer):
+    x, y = make_batch()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure, x, y
+
+
+@pytest.mark.parametrize("driver", ["closure", "two-step", "SharpnessAwareStep"])
+@pytest.mark.parametrize("lr", [math.nan, math.inf, -0.1])
+def test_a_bad_lr_set_later_stops_the_step_with_the_weights_unchanged(driver: str, lr: float) -> None:
+    """An LR scheduler gone wrong: every driver refuses before the base step, and w is restored exactly."""
+    model = make_mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    closure, x, y = _loss_closure(model, opt)
+    opt.step(closure)  # one good step: momentum state exists
+    opt.param_groups[0]["lr"] = lr
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0; a param group has lr="):
+        if driver == "closure":
+            opt.step(closure)
+        elif driver == "two-step":
+            closure()
+            opt.first_step(zero_grad=True)
+            cross_entropy(model(x), y).backward()
+            opt.second_step()
+        else:
+            flatminima.SharpnessAwareStep(model, lambda out, t: cross_entropy(out, t, reduction="none"), opt)(x, y)
+    assert not opt.is_perturbed
+    assert_identical(model, saved)
+    opt.param_groups[0]["lr"] = 0.1  # fixed: the optimiser goes on
+    opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -16,6 +16,7 @@ paper); a rule passed as ``perturbation=`` replaces these for every group.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "build_base",
     "check_dense",
     "check_group",
+    "check_lrs",
     "check_rho",
     "check_seams",
     "fill_group",
@@ -118,13 +120,32 @@ def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
     return flat
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_rho(rho: Any, where: str = "got") -> None:
     """A radius is a finite float >= 0 (a tensor would make each step sync; inf or NaN ruin the weights)."""
-    if isinstance(rho, Tensor) or not (rho >= 0 and math.isfinite(rho)):
+    if not _is_real(rho) or not (rho >= 0 and math.isfinite(rho)):
         raise ValueError(
             f"rho must be a finite float >= 0 (0 gives the base optimiser); {where} rho={rho!r}. "
             "Fix the value, the param group or the rho scheduler."
         )
+
+
+def check_lrs(groups: list[dict[str, Any]], where: str = "a param group has") -> None:
+    """Every group's learning rate is a finite number >= 0, checked before the base optimiser steps: a NaN or
+    infinite lr would turn every weight NaN in one step. (A tensor lr, for capturable optimisers, is the user's
+    to keep finite: reading it would synchronise every step.)"""
+    for group in groups:
+        lr = group.get("lr", 0.0)
+        if isinstance(lr, Tensor):
+            continue
+        if not _is_real(lr) or not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(
+                f"lr must be a finite number >= 0; {where} lr={lr!r}. Fix the value, the param group or the "
+                "learning-rate scheduler."
+            )
 
 
 def check_dense(params: list[Tensor]) -> None:
@@ -136,10 +157,11 @@ def check_dense(params: list[Tensor]) -> None:
 def check_group(group: dict[str, Any]) -> None:
     p, eta = group["p"], group["adaptive_eta"]
     check_rho(group["rho"])
-    if not float(p) >= 1:
-        raise ValueError(f"p must be in [1, inf] (2 is SAM, inf the sign rule); got p={p!r}.")
-    if not eta >= 0:
-        raise ValueError(f"adaptive_eta must be >= 0; got {eta!r}.")
+    check_lrs([group], "got")
+    if not _is_real(p) or not p >= 1:
+        raise ValueError(f"p must be a number in [1, inf] (2 is SAM, inf the sign rule); got p={p!r}.")
+    if not _is_real(eta) or not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"adaptive_eta must be a finite number >= 0; got {eta!r}.")
 
 
 def fill_group(group: dict[str, Any], defaults: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from flatminima.optim import ascent, descent, misuse, rule_state, sharded
 from flatminima.optim import scaler as amp
 from flatminima.optim.closure import run_closure
 from flatminima.optim.flat import FlatLayout
-from flatminima.optim.groups import RuleBook, add_group, build_base, check_seams, fill_group
+from flatminima.optim.groups import RuleBook, add_group, build_base, check_lrs, check_seams, fill_group
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.plan import StepPlan, build_plan, checked_batch_rule
 from flatminima.optim.rule_state import RuleState
@@ -255,6 +255,7 @@ class SAM(Optimizer):
             sharded.check_scaler(self.sharded, grad_scaler)
         self._opt_called = True  # tells LR schedulers the optimiser has stepped (the two-step pattern too)
         try:
+            check_lrs(self.param_groups)  # w is restored: a bad lr stops here, before any weight moves
             if self._step.skipped:
                 self.zero_grad()
             elif amp.is_active(grad_scaler):
