@@ -13,13 +13,19 @@ from test_reproduce import _quick
 from flatminima.experiments.cnn_data_model import (
     SAM_RHO,
     TRACKED,
+    CnnDataModelResult,
+    OptimiserGrid,
     Setting,
+    TrainedCNN,
     benign_cells,
     benign_threshold,
     make_data,
     noise_patches,
+    report,
     train_cnn,
 )
+from flatminima.experiments.cnn_data_model.compute import boundary_constant
+from flatminima.experiments.reproduce import Context
 
 
 @pytest.mark.slow
@@ -80,3 +86,40 @@ def test_benign_cells_and_threshold() -> None:
     assert benign_threshold(benign[1], norms) == 4.0
     assert math.isnan(benign_threshold(benign[2], norms))
     assert benign_threshold([True, False, True], norms) == 4.0  # only an unbroken run up to the strongest signal
+
+
+def _made_result(errors: dict[float | None, list[list[float]]], signal_norms: tuple[float, ...]) -> CnnDataModelResult:
+    """A grid's result made by hand from each optimiser's test errors (d = 300 and 900, one seed)."""
+    dims = (300, TRACKED[1])
+    grids = {}
+    for rho, rows in errors.items():
+        runs = [[[TrainedCNN(e, 0.0, 0.1, 2, 1, 1.0, 0.5)] for e in row] for row in rows]
+        curves = [[(0, 0.1, 0.0), (200, 1.0, 0.5)]]
+        benign = benign_cells(rows)
+        thresholds = [benign_threshold(row, signal_norms) for row in benign]
+        grids[rho] = OptimiserGrid(rho, runs, curves, rows, benign, thresholds)
+    return CnnDataModelResult((0,), signal_norms, dims, grids, boundary_constant(grids[None].thresholds, dims))
+
+
+def test_report_says_what_the_tracked_cell_and_the_boundary_show(tmp_path: Path) -> None:
+    ctx = Context(output=tmp_path, quick=False, seeds=(0,))
+    norms = (1.0, TRACKED[0], 7.0)
+    sgd = [[0.3, 0.2, 0.0], [0.3, 0.2, 0.0]]  # benign only at the strongest signal
+    sam = [[0.3, 0.0, 0.0], [0.3, 0.0, 0.0]]
+    differ = report(_made_result({None: sgd, SAM_RHO: sam, 0.1: sgd}, norms), ctx)
+    assert differ.caption.endswith("in one cell where they differ.")
+    assert "C = 107, draws the dashed curve" in differ.report  # the median of n 7^4 / d: 160 and 53.4
+    assert [path.name for path in differ.figures] == [
+        "test_error_maps.png",
+        "rho_ablation.png",
+        "noise_memorisation.png",
+    ]
+    assert differ.rows[0][1] == "2/6" and differ.rows[1][1] == "4/6" and differ.rows[2][0] == "SAM rho=0.1"
+    both = report(_made_result({None: sam, SAM_RHO: sam}, norms), ctx)
+    assert both.caption.endswith("in one cell where both are benign.")
+    harmful = [[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]
+    neither = report(_made_result({None: harmful, SAM_RHO: harmful}, norms), ctx)
+    assert neither.caption.endswith("in one cell where neither is benign.")
+    assert "C is undefined and no curve is drawn" in neither.report and "dashed curve" not in neither.report
+    two = report(_made_result({None: [row[1:] for row in sgd], SAM_RHO: [row[1:] for row in sam]}, norms[1:]), ctx)
+    assert "no curve is drawn on a grid of 2 signal strengths" in two.report and "dashed curve" not in two.report

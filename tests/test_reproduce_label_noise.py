@@ -22,8 +22,13 @@ from flatminima.experiments.label_noise_sweep import (
     QUICK_RHO_GRID,
     SELECTION_NOISE,
     VALIDATION_FRACTION,
+    LabelNoiseResult,
+    RunRecord,
+    Validation,
     choose_rho,
+    report,
 )
+from flatminima.experiments.reproduce import Context
 from flatminima.train import prepare_data
 
 
@@ -59,6 +64,53 @@ def test_label_noise_quick_sam_memorises_less_and_generalises_better(
 def test_choose_rho_takes_the_best_validation_accuracy_and_the_smaller_rho_on_a_tie() -> None:
     assert choose_rho({0.05: 0.8, 0.1: 0.9, 0.3: 0.85}) == 0.1
     assert choose_rho({0.05: 0.8, 0.1: 0.9, 0.3: 0.9}) == 0.1
+
+
+def _made_result(validation: dict[float, Validation], rho_given: bool = False) -> LabelNoiseResult:
+    """A sweep's result made by hand: noise 0 and 40 %, one seed, SGD memorising and SAM not."""
+
+    def run(optimizer: str, noise: float, accuracy: float, noisy: float) -> RunRecord:
+        rho = 0.1 if optimizer == "sam" else None
+        return RunRecord(optimizer, noise, 0, rho, accuracy, accuracy, noisy, 1.0, 0.1, 0.2, [accuracy])
+
+    return LabelNoiseResult(
+        base=DEMO_CONFIG,
+        epochs=20,
+        seeds=(0,),
+        noise_levels=(0.0, 0.4),
+        rho_grid=(0.1, 0.3),
+        rho=0.1,
+        rho_given=rho_given,
+        selection_seed=0,
+        validation=validation,
+        validation_examples=202,
+        train_examples=1347,
+        test_examples=450,
+        runs=[
+            run("sgd", 0.0, 0.99, math.nan),
+            run("sam", 0.0, 0.98, math.nan),
+            run("sgd", 0.4, 0.85, 0.44),
+            run("sam", 0.4, 0.97, 0.03),
+        ],
+    )
+
+
+def test_report_says_how_the_best_rho_moves_only_where_it_was_measured(tmp_path: Path) -> None:
+    ctx = Context(output=tmp_path, quick=True, seeds=(0,))
+    chosen = Validation({0.1: 0.98, 0.3: 0.2}, 0.88, 0.1)
+    alone = report(_made_result({SELECTION_NOISE: chosen}), ctx)
+    text = " ".join(alone.report.split())  # the report is wrapped at 118 characters
+    assert "how the best radius moves with the noise is not measured here" in text and "the others show" not in text
+    assert alone.rows[1][:4] == ["40 %", "85.0", "97.0", "+12.0"]
+    same = {0.2: Validation({0.1: 0.99, 0.3: 0.5}, 0.9, 0.1), SELECTION_NOISE: chosen}
+    text = " ".join(report(_made_result(same), ctx).report.split())
+    assert "it does not move, the best rho is 0.1 at every one of them" in text and "not measured" not in text
+    moving = {**same, 0.6: Validation({0.1: 0.6, 0.3: 0.7}, 0.5, 0.3)}
+    text = " ".join(report(_made_result(moving), ctx).report.split())
+    assert "the best rho is 0.1 at 20 %, 0.1 at 40 %, 0.3 at 60 %" in text and "does not move" not in text
+    given = report(_made_result({}, rho_given=True), ctx)
+    assert "given on the command line" in given.report and "validation runs" not in given.report
+    assert given.results["rho_selection"] is None and given.results["rho_sensitivity"] == {}
 
 
 class _Oracle(nn.Module):
