@@ -314,3 +314,57 @@ def test_a_user_error_under_torchrun_is_reported_once(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
     assert result.stderr.count("batch_size 100000 exceeds the 1347 training examples") == 1, result.stderr
+
+
+def _damage(state: dict, field: str) -> None:
+    if field == "negative epoch":
+        state["epoch"] = -4
+    elif field == "epoch past the run":
+        state["epoch"] = 99
+    elif field == "epoch as text":
+        state["epoch"] = "1"
+    elif field == "short history":
+        state["history"] = state["history"][:1]
+    elif field == "history out of order":
+        state["history"] = list(reversed(state["history"]))
+    elif field == "rng of floats":
+        state["rng"] = torch.zeros(5056)
+    elif field == "rng cut short":
+        state["rng"] = state["rng"][:100]
+    elif field == "rng missing":
+        del state["rng"]
+    elif field == "world size zero":
+        state["world_size"] = 0
+    elif field == "schedule ahead":
+        state["scheduler"]["last_epoch"] += 7
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("negative epoch", "its epoch is -4, not a whole number in [1, 2]"),
+        ("epoch past the run", "its epoch is 99, not a whole number in [1, 2]"),
+        ("epoch as text", "its epoch is 1, not a whole number"),
+        ("short history", "its history has 1 records for 2 epochs"),
+        ("history out of order", "record 1 of its history is not epoch 1's"),
+        ("rng of floats", "its random-number state is a torch.float32 of shape (5056,), not a uint8 tensor"),
+        ("rng cut short", "not a uint8 tensor of shape (5056,)"),
+        ("rng missing", "its random-number state is a NoneType"),
+        ("world size zero", "its world size is 0, not a whole number >= 1"),
+        ("schedule ahead", "its learning-rate schedule is at step 49, but 2 epochs of 21 steps make 42"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys, field: str, expected: str
+) -> None:
+    """Field by field: the metrics log and the checkpoint are left exactly as they were."""
+    assert main(_train(tmp_path, "--epochs", "2")) == 0
+    run = tmp_path / "run"
+    state = load_checkpoint(run / "checkpoint.pt")
+    _damage(state, field)
+    save_checkpoint(state, run / "checkpoint.pt")
+    files = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "config.yaml")}
+    code, err = _run(capsys, ["train", "--output", str(run), "--resume", "--epochs", "3"])
+    _assert_one_line(code, err, expected)
+    assert "is damaged or was edited" in err and "start over without --resume" in err
+    assert {name: (run / name).read_bytes() for name in files} == files

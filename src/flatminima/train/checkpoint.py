@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["check_resume_state", "load_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -48,3 +48,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise RuntimeError(f"checkpoint {path} holds no model state; it was not written by flatminima train.")
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_resume_state(state: dict[str, Any], path: str | Path, steps_per_epoch: int) -> None:
+    """Validate, field by field, a checkpoint a run is about to resume from, before anything is loaded or written:
+    the epoch in range, a history of one record per epoch, the RNG state a generator's, the world size and the
+    schedule's step count what that many epochs make. Each failure names the field and the fix."""
+
+    def damaged(detail: str) -> ValueError:
+        return ValueError(
+            f"checkpoint {path} is damaged or was edited: {detail}; restore it from a backup, or start over without "
+            "--resume (and with --overwrite)."
+        )
+
+    config = state.get("config")
+    if not isinstance(config, dict) or not _is_int(config.get("epochs")) or config["epochs"] < 1:
+        raise damaged("it holds no training config with a number of epochs")
+    epoch = state.get("epoch")
+    if not _is_int(epoch) or not 1 <= epoch <= config["epochs"]:
+        raise damaged(f"its epoch is {str(epoch)[:40]!s}, not a whole number in [1, {config['epochs']}]")
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch:
+        length = len(history) if isinstance(history, list) else type(history).__name__
+        raise damaged(f"its history has {length} records for {epoch} epochs")
+    for index, record in enumerate(history):
+        if not isinstance(record, dict) or record.get("epoch") != index + 1:
+            raise damaged(f"record {index + 1} of its history is not epoch {index + 1}'s")
+    rng = state.get("rng")
+    expected = torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != expected.shape:
+        found = f"{rng.dtype} of shape {tuple(rng.shape)}" if isinstance(rng, torch.Tensor) else type(rng).__name__
+        raise damaged(f"its random-number state is a {found}, not a uint8 tensor of shape {tuple(expected.shape)}")
+    world_size = state.get("world_size", 1)
+    if not _is_int(world_size) or world_size < 1:
+        raise damaged(f"its world size is {str(world_size)[:40]}, not a whole number >= 1")
+    scheduler = state.get("scheduler")
+    steps = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    if not _is_int(steps) or steps != epoch * steps_per_epoch:
+        raise damaged(
+            f"its learning-rate schedule is at step {str(steps)[:40]}, but {epoch} epochs of {steps_per_epoch} steps "
+            f"make {epoch * steps_per_epoch}"
+        )

@@ -36,7 +36,7 @@ from flatminima.train.builders import (
     build_scheduler,
     optimizer_request,
 )
-from flatminima.train.checkpoint import load_checkpoint, save_checkpoint
+from flatminima.train.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from flatminima.train.config import RESUMABLE, TrainConfig, config_fields
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
@@ -245,6 +245,7 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
     """The run's state back from its checkpoint; returns the history so far and the epoch to continue from."""
     config, ctx = run.config, run.ctx
     state = load_checkpoint(run.checkpoint_path, map_location=run.device)
+    check_resume_state(state, run.checkpoint_path, run.per_epoch)
     _check_resumable(state["config"], config)
     _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
     if ctx.is_main:
