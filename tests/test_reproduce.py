@@ -10,7 +10,8 @@ import pytest
 
 from flatminima.cli import main
 from flatminima.experiments.reproduce import available, markdown_table
-from flatminima.experiments.sam_cycle import decay_factor
+from flatminima.experiments.sam_cycle import RunRecord, decay_factor
+from flatminima.experiments.sam_cycle.report import beyond_the_theorem, slowest_sentence
 
 
 def _quick(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
@@ -76,6 +77,23 @@ def test_decay_factor_is_a_contraction_inside_the_stable_range() -> None:
         for r in (0.01, 0.5, 0.99):
             assert abs(decay_factor(x, r, 1.0)) < 1.0
     assert decay_factor(1.0, 1.0, 1.0) == pytest.approx(-1.0)  # the cycle's own direction is neutral
+
+
+def _cycle_record(x: float, error: float, alternates: bool = True, slowest: int = 10) -> RunRecord:
+    """A hand-made sam-cycle record at eta lambda_1 = x: amplitude error, sign, slowest coordinate as given."""
+    return RunRecord(0, x, 0.05, 0.05, 0.05, error, alternates, 1e-17, slowest, 0.9, 0.9, 3, 1e-5)
+
+
+def test_sam_cycle_sentences_follow_the_records() -> None:
+    """sam-cycle's report sentences flip when the records behind them do."""
+    within = [_cycle_record(0.2, 1e-15), _cycle_record(1.0, 1e-15)]
+    assert "this run has no step size past" in beyond_the_theorem(within[:1])
+    assert "settle into the same cycle" in beyond_the_theorem(within)
+    assert "not all settle" in beyond_the_theorem([*within, _cycle_record(1.5, 1e-2)])
+    assert "not all settle" in beyond_the_theorem([_cycle_record(1.0, 1e-15, alternates=False)])
+    assert slowest_sentence(within, 10).endswith("not lambda_2.")
+    mixed = slowest_sentence([*within, _cycle_record(1.5, 1e-15, slowest=2)], 10)
+    assert "in 2 of 3 runs, but not in the others (coordinate 2 at eta lambda_1 = 1.5" in mixed
 
 
 def test_a_module_cannot_overwrite_the_runners_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

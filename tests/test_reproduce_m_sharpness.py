@@ -11,6 +11,7 @@ from test_reproduce import _quick
 from torch import nn
 
 from flatminima.experiments.m_sharpness import gradient_variance_trace
+from flatminima.experiments.m_sharpness.report import workers_phrase
 
 
 def test_gradient_variance_trace_matches_a_loop_over_examples() -> None:
@@ -49,3 +50,10 @@ def test_m_sharpness_quick_regulariser_and_fields(tmp_path: Path, capsys: pytest
     assert start_small["regulariser_mean"] > 3 * start_sam["regulariser_mean"]
     # the cost ratio is wall-clock time, reported but not asserted: a busy or different machine moves it (speed is
     # measured in benchmarks/, never in a test)
+
+
+def test_the_report_says_how_the_trainings_shared_the_machine() -> None:
+    """The seconds are read against how the trainings ran: two single-thread CPU workers, or one GPU training."""
+    assert workers_phrase(2, 1) == "2 concurrent single-thread workers"
+    assert workers_phrase(1, 0) == "one default-threaded worker, one training at a time"
+    assert workers_phrase(2, 4) == "2 concurrent 4-thread workers"
