@@ -11,7 +11,18 @@ import pytest
 import torch
 from test_reproduce import _quick
 
-from flatminima.experiments.hessian_spectrum import PAPER, QUICK, SAM_RHO, digits_tensors, train_to_loss
+from flatminima.experiments.hessian_spectrum import (
+    PAPER,
+    QUICK,
+    SAM_RHO,
+    HessianSpectrumResult,
+    Recipe,
+    RunRecord,
+    Spectrum,
+    digits_tensors,
+    train_to_loss,
+)
+from flatminima.experiments.hessian_spectrum.report import caption, commentary, summaries
 
 
 @pytest.mark.slow
@@ -64,3 +75,83 @@ def test_stopping_point_does_not_depend_on_how_often_the_loss_is_checked() -> No
     assert first.train_loss == second.train_loss < 0.5 <= first.loss_before == second.loss_before
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
+
+
+def _record(
+    optimizer: str, rho: float | None, lambda_max: float, reached: bool = True, converged: bool = True
+) -> RunRecord:
+    """A hand-made run: seed 0, stopped at loss 0.02 (0.04 a step before when ``reached``), starting at 2.31."""
+    spectrum = Spectrum(
+        eigenvalues=[lambda_max, 0.8, 0.6, 0.4, lambda_max / 2],
+        residuals=[1e-6] * 5,
+        relative_residuals=[1e-5] * 5,
+        error_bounds=[1e-7] * 5,
+        lanczos_converged=converged,
+        lanczos_hvp=20,
+        lambda_max=lambda_max,
+        lambda_5=lambda_max / 2,
+        ratio=2.0,
+        trace=10 * lambda_max,
+        trace_stderr=0.1,
+        trace_probes=16,
+        density_hvp=0,
+        seconds_measuring=1.0,
+    )
+    return RunRecord(
+        seed=0,
+        optimizer=optimizer,
+        rho=rho,
+        reached=reached,
+        step=100,
+        epochs=2.0,
+        train_loss=0.02 if reached else 0.05,
+        train_loss_step_before=0.04 if reached else math.nan,
+        subset_loss=0.01,
+        train_accuracy=1.0,
+        test_accuracy=0.95,
+        spectrum=spectrum,
+        tracked=[(0, 2.31, 0.5, 10)],
+        loss_checks=[(0, 2.31), (10, 1.5)],
+        steps_to_loss_below_2=10,
+    )
+
+
+def test_hessian_spectrum_report_states_what_the_runs_show() -> None:
+    """The commentary's outcome sentences follow the records: matched losses only when every run reached the
+    threshold, the earlier loss above it, Lanczos converged, the starting loss near ln 10, the ablation run or not."""
+    good = HessianSpectrumResult(
+        setting=QUICK,
+        recipe=Recipe(),
+        seeds=(0,),
+        records=[_record("sgd", None, 4.0), _record("sam_rho0.3", 0.3, 1.0)],
+        densities={},
+        classes=10,
+    )
+    text = commentary(good, summaries(good))
+    assert "At matched training loss SGD's lambda_max is 4 times SAM's" in text
+    assert "the loss one step earlier too (above the threshold)." in text
+    assert "(reached in" not in text and "near ln 10 = 2.30" in text
+    assert "rho = 0.05, was not trained in this run" in text
+    assert "the smaller in\n0 of 1 seed(s)" in text  # equal ratios: not smaller
+    assert "its trace the smaller in 1 of 1." in text
+    assert "stopped at the first step whose full training loss is below 0.03;" in caption(good)
+
+    sgd = _record("sgd", None, 4.0, converged=False)
+    sgd.loss_checks = [(0, 3.5)]
+    sam = _record("sam_rho0.3", 0.3, 1.0, reached=False)
+    paper = _record("sam_rho0.05", 0.05, 2.0)
+    bad = HessianSpectrumResult(
+        setting=dataclasses.replace(QUICK, rhos=(0.3, 0.05), replay=False),
+        recipe=Recipe(),
+        seeds=(0,),
+        records=[sgd, sam, paper],
+        densities={},
+        classes=10,
+    )
+    text = commentary(bad, summaries(bad))
+    assert "At matched training loss" not in text and "not every run reached the threshold" in text
+    assert "the loss at the check before too (above the threshold in 2 of 3 runs" in text
+    assert "(reached in 2 of 3 runs only)" in text and "away from ln 10" in text
+    assert "With the paper's radius, rho = 0.05, SGD's lambda_max is 2 times SAM's" in text
+    assert "was not trained" not in text and "at the check before)" in text
+    assert "at the first check whose full training loss is below 0.03 (or after 30 epochs if never)" in caption(bad)
