@@ -110,13 +110,29 @@ def test_device_cuda_without_a_gpu(tmp_path: Path, capsys) -> None:
         ("lr: .inf\n", "lr must be a finite number > 0"),
         ("model: 5\n", "model must be a str, got 5"),
         ("- 1\n- 2\n", "must hold a mapping of field: value"),
-        ("learning_rate: 0.1\n", "unknown config field(s) ['learning_rate']"),
+        ("learning_rate: 0.1\n", "unknown config field(s) 'learning_rate'; flatminima train --help lists"),
+        # values of any size or shape: quoted short, never formatted whole
+        ("1: 2\nlr: 0.1\n", "unknown config field(s) 1;"),
+        ("lr: [" + ",".join(["1"] * 5000) + "]\n", "lr must be a number, got [1, 1, 1, 1, ...]"),
+        ("\n".join(f"k{i}{'z' * 100}: 1" for i in range(50)) + "\n", "unknown config field(s) 'k0zz"),
+        ("model: " + "m" * 20000 + "\n", "model must be one of"),
+        ("data_root: /" + "y" * 5000 + "\ndataset: cifar10\n", "File name too long"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+            "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+            "epochs: *f\n",
+            "unknown config field(s) 'a', 'b', 'c' ...",
+        ),
+        ("# " + "c" * 70000 + "\nlr: 0.1\n", "a training config is a few hundred bytes"),
     ],
 )
 def test_bad_yaml_gives_one_line(tmp_path: Path, capsys, text: str, expected: str) -> None:
     (tmp_path / "c.yaml").write_text(text)
     argv = ["train", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "run"), "--no-progress"]
-    _assert_one_line(*_run(capsys, argv), expected)
+    code, err = _run(capsys, argv)
+    _assert_one_line(code, err, expected)
+    assert len(err.strip()) <= 300, err
 
 
 def test_config_that_is_binary_a_folder_or_missing(tmp_path: Path, capsys) -> None:

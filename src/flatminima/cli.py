@@ -111,13 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = _one_line(error)
         _say(
             f"flatminima {args.command}: {message}"
             + ("" if message.endswith(".") else ".")
             + " (add --debug for the traceback)"
         )
         return 2
+
+
+# an error line stays readable whatever the input (a path of 5,000 characters, a value of a megabyte): the head
+# says what failed, the tail how to fix it
+_MESSAGE_HEAD, _MESSAGE_TAIL = 150, 70
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line, at most 225 characters (the middle elided)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if len(message) > _MESSAGE_HEAD + _MESSAGE_TAIL + 5:
+        message = f"{message[:_MESSAGE_HEAD]} ... {message[-_MESSAGE_TAIL:]}"
+    return message
 
 
 def _say(line: str) -> None:

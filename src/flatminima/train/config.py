@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Collection
@@ -25,6 +26,9 @@ from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
 
 __all__ = ["RESUMABLE", "TrainConfig", "add_arguments", "config_fields", "config_from_args", "option_fields"]
+
+#: the largest config file read (a config is a few hundred bytes; a larger file is the wrong one, or an attack)
+MAX_CONFIG_BYTES = 64 * 2**10
 
 SCHEDULES = ("cosine", "step", "constant")
 RHO_SCHEDULES = ("constant", "linear", "cosine", "step", "lr")
@@ -211,6 +215,12 @@ class _RunFields:
             raise ValueError(f"config file {path} is a folder; give the YAML file inside it.")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist.")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(
+                f"config file {path} is {size / 2**20:.1f} MiB; a training config is a few hundred bytes of field: "
+                f"value (at most {MAX_CONFIG_BYTES // 2**10} KiB): give the right file."
+            )
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except UnicodeDecodeError:
@@ -231,9 +241,10 @@ class _RunFields:
         if not isinstance(values, dict):
             raise ValueError(f"a training config is a mapping of field: value, got {type(values).__name__}.")
         known = {f.name: f for f in config_fields()}
-        unknown = sorted(set(values) - set(known))
+        unknown = [name for name in values if name not in known]
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(known)}.")
+            names = ", ".join(shown(name) for name in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+            raise ValueError(f"unknown config field(s) {names}; flatminima train --help lists the fields.")
         return cls(**{name: _coerce(known[name], value) for name, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,6 +321,18 @@ def _base_type(field_: dataclasses.Field) -> type:
     return hint
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``value`` as an error message may quote it: at most about 60 characters, however large or deeply nested
+    (a YAML file can hold a megabyte string or a structure of aliases that expands without end)."""
+    return _SHORT.repr(value)
+
+
 def _coerce(field_: dataclasses.Field, value: Any) -> Any:
     """``value`` as the field's type; a wrong type is an error that names the field (no silent truncation)."""
     if value is None:
@@ -321,11 +344,11 @@ def _coerce(field_: dataclasses.Field, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "false", "no"):
             return value.lower() in ("true", "yes")
-        raise ValueError(f"config field {name} must be true or false, got {value!r}.")
+        raise ValueError(f"config field {name} must be true or false, got {shown(value)}.")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"config field {name} must be an integer, got {value!r}.")
+        raise ValueError(f"config field {name} must be an integer, got {shown(value)}.")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -334,10 +357,10 @@ def _coerce(field_: dataclasses.Field, value: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config field {name} must be a number, got {value!r}.")
+        raise ValueError(f"config field {name} must be a number, got {shown(value)}.")
     if kind is str and isinstance(value, str):
         return value
-    raise ValueError(f"config field {name} must be a {kind.__name__}, got {value!r}.")
+    raise ValueError(f"config field {name} must be a {kind.__name__}, got {shown(value)}.")
 
 
 def _cuda_available() -> bool:
