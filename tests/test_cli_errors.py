@@ -363,9 +363,9 @@ def _damage(state: dict, field: str) -> None:
         ("epoch as text", "its epoch is 1, not a whole number"),
         ("short history", "its history has 1 records for 2 epochs"),
         ("history out of order", "record 1 of its history is not epoch 1's"),
-        ("rng of floats", "its random-number state is a torch.float32 of shape (5056,), not a uint8 tensor"),
-        ("rng cut short", "not a uint8 tensor of shape (5056,)"),
-        ("rng missing", "its random-number state is a NoneType"),
+        ("rng of floats", "its RNG state is a float32 tensor (5056,), not a uint8 tensor (5056,)"),
+        ("rng cut short", "its RNG state is a uint8 tensor (100,), not a uint8 tensor (5056,)"),
+        ("rng missing", "its RNG state is NoneType"),
         ("world size zero", "its world size is 0, not a whole number >= 1"),
         ("schedule ahead", "its learning-rate schedule is at step 49, but 2 epochs of 21 steps make 42"),
     ],
@@ -382,5 +382,5 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(
     files = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "config.yaml")}
     code, err = _run(capsys, ["train", "--output", str(run), "--resume", "--epochs", "3"])
     _assert_one_line(code, err, expected)
-    assert "is damaged or was edited" in err and "start over without --resume" in err
+    assert "is damaged or edited" in err and "start over with --overwrite" in err
     assert {name: (run / name).read_bytes() for name in files} == files

@@ -121,3 +121,18 @@ def test_demo_refuses_a_user_file_in_a_run_folder_before_training(tmp_path: Path
     (out / "sam-seed0" / "thesis.tex").unlink()
     _one_line(*_run(capsys, argv), "flatminima demo did not write (results.md)")
     assert (out / "results.md").read_text() == "my results"
+
+
+def test_reproduce_refuses_the_user_s_report_and_replaces_its_own(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cycle"
+    out.mkdir()
+    (out / "report.md").write_text("my report\n")
+    argv = ["reproduce", "sam-cycle", "--quick", "--output", str(out)]
+    _one_line(*_run(capsys, argv), "holds files that flatminima reproduce did not write (report.md)")
+    assert (out / "report.md").read_text() == "my report\n" and not (out / "results.json").exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "report.md").read_text().startswith("# ")
+    inode = (out / "results.json").stat().st_ino
+    assert main(argv) == 0  # its own files now: replaced without --overwrite
+    assert (out / "results.json").stat().st_ino != inode  # written anew (a new file renamed over the old one)
+    assert {"report.md", "results.json"} <= set((out / MANIFEST_NAME).read_text().splitlines())

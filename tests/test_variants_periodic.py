@@ -296,10 +296,16 @@ def test_options_as_yaml_fields(tmp_path: Path) -> None:
     from flatminima.cli import main
 
     config = tmp_path / "c.yaml"
-    config.write_text("optimizer: periodic-sam\nsam_every: 4\nsam_probability: 0.25\n")
+    config.write_text("optimizer: periodic-sam\nsam_every: 4\n")
     assert main([*_cli(tmp_path), "--config", str(config)]) == 0
     text = (tmp_path / "run" / "config.yaml").read_text()
-    assert "optimizer: periodic-sam" in text and "sam_every: 4" in text and "sam_probability: 0.25" in text
+    assert "optimizer: periodic-sam" in text and "sam_every: 4" in text
+    config.write_text("optimizer: random-sam\nsam_probability: 0.25\n")
+    assert main([*_cli(tmp_path), "--config", str(config), "--overwrite"]) == 0
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert "optimizer: random-sam" in text and "sam_probability: 0.25" in text
+    config.write_text("optimizer: periodic-sam\nsam_every: 4\nsam_probability: 0.25\n")  # random-sam's option
+    assert main([*_cli(tmp_path), "--config", str(config), "--overwrite"]) == 2
 
 
 def test_the_flags_are_in_the_help(capsys) -> None:

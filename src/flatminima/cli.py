@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")
     reproduce.add_argument("--output", default=None, help="output folder (default: runs/reproduce/NAME)")
+    reproduce.add_argument(
+        "--overwrite", action="store_true", help="replace files of the names it writes that it did not write"
+    )
     paper_scale = reproduce.add_argument_group(
         "training settings",
         "for the training reproductions (label-noise, m-sharpness, hessian-spectrum): replace the digits defaults, "
@@ -120,16 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# an error line stays readable whatever the input (a path of 5,000 characters, a value of a megabyte): the head
-# says what failed, the tail how to fix it
-_MESSAGE_HEAD, _MESSAGE_TAIL = 150, 70
+# an error line stays readable whatever the input (a path of 5,000 characters, a value of a megabyte): each very
+# long word keeps its two ends; a message still too long (a safety net: the messages quote values short) keeps
+# its head (what failed) and its tail (the fix)
+_LONGEST_WORD, _LONGEST_MESSAGE = 100, 400
 
 
 def _one_line(error: BaseException) -> str:
-    """The error's message on one line, at most 225 characters (the middle elided)."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    if len(message) > _MESSAGE_HEAD + _MESSAGE_TAIL + 5:
-        message = f"{message[:_MESSAGE_HEAD]} ... {message[-_MESSAGE_TAIL:]}"
+    """The error's message on one line, no word over 100 characters and at most 400 in all."""
+    words = str(error).split() or [type(error).__name__]
+    words = [w if len(w) <= _LONGEST_WORD else f"{w[:45]}...{w[-50:]}" for w in words]
+    message = " ".join(words)
+    if len(message) > _LONGEST_MESSAGE:
+        message = f"{message[:250]} ... {message[-(_LONGEST_MESSAGE - 255) :]}"
     return message
 
 
@@ -171,7 +177,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.output:
         command += f" --output {args.output}"
     run_reproduction(
-        args.name, output=args.output, quick=args.quick, seeds=args.seeds, command=command, overrides=overrides
+        args.name,
+        output=args.output,
+        quick=args.quick,
+        seeds=args.seeds,
+        command=command,
+        overrides=overrides,
+        overwrite=args.overwrite,
     )
     return 0
 

@@ -137,7 +137,7 @@ class OutputFolder:
                 shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
                 raise FileExistsError(
                     f"--output {self.path} holds files that flatminima {self.command} did not write ({shown}); "
-                    "choose another --output, or pass --overwrite to replace those of the names it writes."
+                    "choose another --output, or pass --overwrite."
                 )
             self._before = _snapshot(self.path)
             self._claimed = True

@@ -19,15 +19,15 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import pkgutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flatminima.output_folder import OutputFolder, write_atomically
 
 __all__ = [
     "TRAINING_FIELDS",
@@ -155,20 +155,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; results are for everyone to read
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _check_overrides(reproduction: Reproduction, overrides: Mapping[str, Any]) -> None:
     """Refuse training settings the reproduction does not honour (never ignore a flag the user gave)."""
     unknown = sorted(set(overrides) - set(TRAINING_FIELDS))
@@ -192,12 +178,15 @@ def run_reproduction(
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Outcome:
     """Run the reproduction ``name``; print its table and write ``results.json``, ``report.md`` and figures.
 
     ``output`` defaults to ``runs/reproduce/NAME`` (``NAME-quick`` for a quick run, ``NAME-DATASET`` when the
-    dataset is overridden). Files of an earlier run in the same folder are replaced. ``overrides`` are training
-    settings (TrainConfig fields) the reproduction must honour; one it does not honour is an error.
+    dataset is overridden). The folder is checked before any work and held for the run's lifetime
+    (:mod:`flatminima.output_folder`): files of an earlier reproduction there are replaced, anyone else's are
+    refused unless ``overwrite``. ``overrides`` are training settings (TrainConfig fields) the reproduction must
+    honour; one it does not honour is an error.
     """
     reproductions = available()
     if name not in reproductions:
@@ -210,9 +199,21 @@ def run_reproduction(
     chosen = tuple(seeds) if seeds else (reproduction.quick_seeds if quick else reproduction.default_seeds)
     default_folder = name + (f"-{overrides['dataset']}" if "dataset" in overrides else "") + ("-quick" if quick else "")
     folder = Path(output) if output is not None else Path("runs/reproduce") / default_folder
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder} is a file, not a folder; choose another --output")
-    folder.mkdir(parents=True, exist_ok=True)
+    with OutputFolder(folder, "reproduce", overwrite=overwrite):
+        return _run_in(reproduction, folder, quick, chosen, command, progress, overrides)
+
+
+def _run_in(
+    reproduction: Reproduction,
+    folder: Path,
+    quick: bool,
+    chosen: tuple[int, ...],
+    command: str | None,
+    progress: Callable[[str], None] | None,
+    overrides: dict[str, Any],
+) -> Outcome:
+    """Run ``reproduction`` into the held ``folder``; print the table, write results.json, report.md."""
+    name = reproduction.name
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
     outcome = reproduction.run(Context(output=folder, quick=quick, seeds=chosen, progress=say, overrides=overrides))
@@ -235,7 +236,7 @@ def run_reproduction(
         "paper_command": reproduction.paper_command,
         **outcome.results,
     }
-    _write_atomically(folder / "results.json", json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
+    write_atomically(folder / "results.json", json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
     figures = "\n\n".join(f"![{path.stem}]({path.name})" for path in outcome.figures)
     report = "\n\n".join(
         part
@@ -251,6 +252,6 @@ def run_reproduction(
         )
         if part
     )
-    _write_atomically(folder / "report.md", report + "\n")
+    write_atomically(folder / "report.md", report + "\n")
     say(f"results.json, report.md and {len(outcome.figures)} figure(s) in {folder}")
     return outcome

@@ -61,8 +61,7 @@ def check_resume_state(state: dict[str, Any], path: str | Path, steps_per_epoch:
 
     def damaged(detail: str) -> ValueError:
         return ValueError(
-            f"checkpoint {path} is damaged or was edited: {detail}; restore it from a backup, or start over without "
-            "--resume (and with --overwrite)."
+            f"checkpoint {path} is damaged or edited: {detail}; restore it, or start over with --overwrite"
         )
 
     config = state.get("config")
@@ -81,8 +80,12 @@ def check_resume_state(state: dict[str, Any], path: str | Path, steps_per_epoch:
     rng = state.get("rng")
     expected = torch.get_rng_state()
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != expected.shape:
-        found = f"{rng.dtype} of shape {tuple(rng.shape)}" if isinstance(rng, torch.Tensor) else type(rng).__name__
-        raise damaged(f"its random-number state is a {found}, not a uint8 tensor of shape {tuple(expected.shape)}")
+        found = (
+            f"a {str(rng.dtype).removeprefix('torch.')} tensor {tuple(rng.shape)}"
+            if isinstance(rng, torch.Tensor)
+            else type(rng).__name__
+        )
+        raise damaged(f"its RNG state is {found}, not a uint8 tensor {tuple(expected.shape)}")
     world_size = state.get("world_size", 1)
     if not _is_int(world_size) or world_size < 1:
         raise damaged(f"its world size is {str(world_size)[:40]}, not a whole number >= 1")

@@ -322,13 +322,13 @@ def _base_type(field_: dataclasses.Field) -> type:
 
 
 _SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxstring = _SHORT.maxother = 40
 _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
 _SHORT.maxlevel = 2
 
 
 def shown(value: Any) -> str:
-    """``value`` as an error message may quote it: at most about 60 characters, however large or deeply nested
+    """``value`` as an error message may quote it: at most about 40 characters, however large or deeply nested
     (a YAML file can hold a megabyte string or a structure of aliases that expands without end)."""
     return _SHORT.repr(value)
 
