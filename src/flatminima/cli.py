@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from flatminima.worker_pool import Terminated, terminated_as_exception
+
 __all__ = ["main"]
 
 
@@ -104,23 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _train, "sharpness": _sharpness, "demo": _demo, "reproduce": _reproduce, "variants": _variants}
     command = commands[args.command]
-    try:
-        return command(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}")
-        return 130
-    except USER_ERRORS as error:
-        if args.debug:
-            raise
-        message = _one_line(error)
-        _say(
-            f"flatminima {args.command}: {message}"
-            + ("" if message.endswith(".") else ".")
-            + " (add --debug for the traceback)"
-        )
-        return 2
+    with terminated_as_exception():
+        try:
+            return command(args)
+        except Terminated:  # SIGTERM: the same clean-up as Ctrl-C (workers stopped, temporary files removed)
+            if args.debug:
+                raise
+            _say(f"flatminima {args.command}: terminated (SIGTERM). {_resume_hint(args)}".rstrip())
+            return 143
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}".rstrip())
+            return 130
+        except USER_ERRORS as error:
+            if args.debug:
+                raise
+            message = _one_line(error)
+            _say(
+                f"flatminima {args.command}: {message}"
+                + ("" if message.endswith(".") else ".")
+                + " (add --debug for the traceback)"
+            )
+            return 2
 
 
 # an error line stays readable whatever the input (a path of 5,000 characters, a value of a megabyte): each very
@@ -146,8 +154,10 @@ def _say(line: str) -> None:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    if args.command != "train":
+    if args.command == "variants":
         return ""
+    if args.command != "train":
+        return "Its worker processes and temporary files are gone; run the same command again to start over."
     from flatminima.train.config import TrainConfig
 
     output = Path(args.output or TrainConfig.output)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from flatminima.train import BatchPipeline, TrainConfig, train
 from flatminima.train.loop import run_folder_foreign_files
 from flatminima.train.prepare import prepare_data
 from flatminima.train.summary import plot_curves
+from flatminima.worker_pool import worker_pool
 
 __all__ = [
     "DEMO_CONFIG",
@@ -140,7 +139,7 @@ def _run_jobs(
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every job, then write the figure and the table."""
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(workers) as pool:
             results = list(pool.map(train_and_measure, [config for _, _, config in jobs]))
     else:
         results = [train_and_measure(config) for _, _, config in jobs]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from typing import Any
 
 from flatminima.experiments.label_noise import train_and_measure
 from flatminima.train import TrainConfig
+from flatminima.worker_pool import worker_pool
 
 __all__ = ["TrainingOutput", "run_trainings"]
 
@@ -43,7 +43,7 @@ def run_trainings(
                 progress(f"label-noise: {index + 1}/{len(configs)} done ({describe[index]})")
         return results
     found: dict[int, TrainingOutput] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:
         # SAM's runs (two passes a step) first, so that the last runs to finish are short ones
         order = sorted(range(len(configs)), key=lambda index: configs[index].optimizer == "sgd")
         futures = {pool.submit(train_and_measure, configs[index]): index for index in order}

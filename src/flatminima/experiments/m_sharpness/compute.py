@@ -5,10 +5,8 @@ an :class:`MSharpnessResult` (no text, no figures)."""
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from flatminima.experiments.m_sharpness.methods import BATCH, RHO, Methods, meth
 from flatminima.experiments.m_sharpness.tracking import Measurement, train_and_track
 from flatminima.experiments.summary import mean, mean_std
 from flatminima.train import TrainConfig
+from flatminima.worker_pool import worker_pool
 
 __all__ = ["CurvePoint", "MSharpnessResult", "MethodCell", "RunRecord", "Settings", "compute", "settings_for"]
 
@@ -140,8 +139,7 @@ def _train_all(settings: Settings, progress: Callable[[str], None]) -> list[RunR
                 )
                 jobs.append((noise, name, seed, config))
     progress(f"m-sharpness: {len(jobs)} trainings of {settings.epochs} epochs in {settings.workers} worker process(es)")
-    spawn = multiprocessing.get_context("spawn")
-    with scratch, ProcessPoolExecutor(max_workers=settings.workers, mp_context=spawn) as pool:
+    with scratch, worker_pool(settings.workers) as pool:
         futures = [pool.submit(train_and_track, config, settings.every) for *_, config in jobs]
         runs = []
         for (noise, name, seed, _), future in zip(jobs, futures):
