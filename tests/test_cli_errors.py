@@ -64,6 +64,7 @@ def _train(tmp_path: Path, *extra: str, name: str = "run") -> list[str]:
         (["--cutout", "1000", "--augment"], "cutout 1000 exceeds the 8x8 images"),
         (["--optimizer", "sam", "--group-size", "1000"], "group_size 1000 exceeds batch_size 64"),
         (["--optimizer", "sam", "--lr", "1e6"], "--nonfinite skip"),
+        (["--optimizer", "sam", "--rho", "1e6"], "Lower --lr (now 0.05) or --rho (now 1e+06)"),
         (["--lr", "1e6"], "the loss is nan, so no step was taken; no checkpoint was written"),
         # settings the chosen optimiser would ignore (FAST trains with sgd)
         (["--group-size", "8"], "--group-size is a setting of the SAM family, and --optimizer sgd does not read it"),
@@ -307,6 +308,12 @@ def test_sharpness_bad_checkpoints(tmp_path: Path, capsys) -> None:
     save_checkpoint(state, tmp_path / "other.pt")
     code, err = _run(capsys, ["sharpness", "--checkpoint", str(tmp_path / "other.pt")])
     _assert_one_line(code, err, "do not fit the mlp its config names")
+    state["config"]["model"] = "small_cnn"
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], math.nan)
+    save_checkpoint(state, tmp_path / "nan.pt")
+    code, err = _run(capsys, ["sharpness", "--checkpoint", str(tmp_path / "nan.pt")])
+    _assert_one_line(code, err, f"the weights in {tmp_path / 'nan.pt'} hold inf or NaN ({name})")
     state["config"] = 5
     save_checkpoint(state, tmp_path / "five.pt")
     _assert_one_line(
@@ -384,3 +391,15 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(
     _assert_one_line(code, err, expected)
     assert "is damaged or edited" in err and "start over with --overwrite" in err
     assert {name: (run / name).read_bytes() for name in files} == files
+
+
+def test_out_of_memory_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A MemoryError (a decompression, a config, a batch too large for this machine) names the cause and the fix."""
+    import flatminima.train.loop as loop
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(loop, "prepare_data", exhausted)
+    code, err = _run(capsys, _train(tmp_path))
+    _assert_one_line(code, err, "out of memory (an allocation failed); lower --batch-size")

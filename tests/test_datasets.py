@@ -277,7 +277,7 @@ class _Evil:
         return (os.system, (f"echo hi > {self.marker}",))
 
 
-def test_restricted_unpickler_refuses_os_system(tmp_path):
+def test_restricted_unpickler_refuses_os_system(tmp_path, capsys):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"data": _Evil(marker)}, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match=r"system"):
@@ -289,6 +289,15 @@ def test_restricted_unpickler_refuses_os_system(tmp_path):
     (folder / "data_batch_1").write_bytes(payload)
     with pytest.raises(RefusedGlobalError, match=r"data_batch_1.*(posix|os)\.system"):
         load_cifar10(folder)
+    assert not marker.exists()
+    # and from the command line: one line naming the file and the fix, exit 2, no traceback
+    from flatminima.cli import main
+
+    argv = ["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--output", str(tmp_path / "run")]
+    assert main([*argv, "--optimizer", "sgd", "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "data_batch_1" in err and "not an official batch file: delete it and download" in err
     assert not marker.exists()
     # control: the payload is live, an ordinary pickle.loads runs the (harmless) command
     pickle.loads(payload)

@@ -119,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}".rstrip())
             return 130
+        except MemoryError as error:  # a resource the user can free or ask less of: one line, as a user error
+            if args.debug:
+                raise
+            detail = _one_line(error) if str(error) else "an allocation failed"
+            _say(
+                f"flatminima {args.command}: out of memory ({detail}); lower --batch-size (or the sizes the command "
+                "takes), or free memory. (add --debug for the traceback)"
+            )
+            return 2
         except USER_ERRORS as error:
             if args.debug:
                 raise
@@ -321,6 +330,13 @@ def _measure_sharpness(args: argparse.Namespace, path: Path, state: dict[str, An
             f"the weights in {path} do not fit the {config.model} its config names ({first}); the checkpoint is "
             "damaged or was edited."
         ) from None
+    weights = model.state_dict().items()
+    broken = [name for name, tensor in weights if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise ValueError(
+            f"the weights in {path} hold inf or NaN ({', '.join(broken[:2])}{' ...' if len(broken) > 2 else ''}): "
+            "there is no curvature to measure; measure an earlier checkpoint of the run."
+        )
     images = to_float(data.train_images[: args.examples])
     if images.ndim == 4:
         images = normalize(images, data.dataset.mean, data.dataset.std)

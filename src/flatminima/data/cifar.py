@@ -184,7 +184,10 @@ def _read_python(source: Source, name: str, spec: _Spec, fine: bool) -> tuple[np
         with source.open(name) as handle:
             batch = restricted_load(handle)
     except RefusedGlobalError as exc:
-        raise RefusedGlobalError(f"{spec.name}: '{where}': {exc}") from None
+        raise RefusedGlobalError(
+            f"{spec.name}: '{where}': {exc}; this is not an official batch file: delete it and download the dataset "
+            f"again from {_URL}"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise ValueError(corrupt(spec.name, where, f"it cannot be unpickled ({exc!r})", _URL)) from exc
     if not isinstance(batch, dict):

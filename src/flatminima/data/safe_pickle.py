@@ -36,8 +36,9 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class RefusedGlobalError(pickle.UnpicklingError):
-    """A pickle referenced a global outside :data:`ALLOWED_GLOBALS`; nothing from it was called."""
+class RefusedGlobalError(pickle.UnpicklingError, ValueError):
+    """A pickle referenced a global outside :data:`ALLOWED_GLOBALS`; nothing from it was called. (A ValueError
+    too: a bad input file, which the command line reports in one line.)"""
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -276,8 +276,8 @@ def _epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
         except FloatingPointError as error:
             kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
             raise FloatingPointError(
-                f"epoch {epoch + 1}, step {index + 1}: {str(error).rstrip('.')}; {kept}. Lower --lr (now "
-                f"{config.lr:g}), or pass --nonfinite skip to skip such steps"
+                f"epoch {epoch + 1}, step {index + 1}: {_first_sentence(error)}; {kept}. Lower {_step_sizes(config)}, "
+                "or pass --nonfinite skip to skip such steps"
             ) from None
         scheduler.step()
         if rho_scheduler is not None:  # after the lr's: rho_schedule lr reads the lr of the next step
@@ -465,9 +465,20 @@ def _check_finite(
     kept = f"the checkpoint of epoch {epoch} in {output} is kept" if epoch else "no checkpoint was written"
     what = "the weights" if not weights_ok else "every training loss"
     hint = "" if config.nonfinite == "skip" else ", or pass --nonfinite skip to skip such steps"
-    raise FloatingPointError(
-        f"{what} became inf/NaN in epoch {epoch + 1} ({kept}); lower --lr (now {config.lr:g}){hint}."
-    )
+    raise FloatingPointError(f"{what} became inf/NaN in epoch {epoch + 1} ({kept}); lower {_step_sizes(config)}{hint}.")
+
+
+def _first_sentence(error: BaseException) -> str:
+    """What happened, without the API's advice (the command line gives its own, in flags)."""
+    return str(error).split(". ")[0].rstrip(".")
+
+
+def _step_sizes(config: TrainConfig) -> str:
+    """The sizes that make a step diverge, as flags to lower: the lr, and rho for the SAM family."""
+    lr = f"--lr (now {config.lr:g})"
+    if optimizer_spec(config.optimizer).sharpness_aware:
+        return f"{lr} or --rho (now {config.rho:g})"
+    return lr
 
 
 def _check_world_size(state: dict[str, Any], world_size: int, allowed: bool, under_fsdp: bool = False) -> None:
