@@ -7,11 +7,14 @@ shows their traceback. Ctrl-C stops with a line saying how to resume.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from flatminima.output_folder import write_failure
 from flatminima.worker_pool import Terminated, terminated_as_exception
 
 __all__ = ["main"]
@@ -119,19 +122,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}".rstrip())
             return 130
-        except MemoryError as error:  # a resource the user can free or ask less of: one line, as a user error
+        except (MemoryError, *USER_ERRORS) as error:
             if args.debug:
                 raise
-            detail = _one_line(error) if str(error) else "an allocation failed"
-            _say(
-                f"flatminima {args.command}: out of memory ({detail}); lower --batch-size (or the sizes the command "
-                "takes), or free memory. (add --debug for the traceback)"
-            )
-            return 2
-        except USER_ERRORS as error:
-            if args.debug:
-                raise
+            if _out_of_memory(error):  # a resource the user can free or ask less of
+                said = re.search(r"can't allocate memory[^.]*", str(error))
+                detail = said[0] if said else (_one_line(error)[:100] if str(error) else "an allocation failed")
+                _say(
+                    f"flatminima {args.command}: out of memory ({detail}); lower --batch-size (or the sizes the "
+                    "command takes), raise the memory limit (ulimit -v) or free memory. (add --debug for the traceback)"
+                )
+                return 2
             message = _one_line(error)
+            if isinstance(error, OSError) and error.errno in _WRITE_ERRORS and not error.filename:
+                folder = getattr(args, "output", None) or "."
+                message = f"cannot write into {folder}: {write_failure(error, Path(folder))}"
             _say(
                 f"flatminima {args.command}: {message}"
                 + ("" if message.endswith(".") else ".")
@@ -154,6 +159,21 @@ def _one_line(error: BaseException) -> str:
     if len(message) > _LONGEST_MESSAGE:
         message = f"{message[:250]} ... {message[-(_LONGEST_MESSAGE - 255) :]}"
     return message
+
+
+# a write failed for want of room, and Python names no file: the command's output folder is where it wrote
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+# what torch and its kernels say when an allocation fails (oneDNN cannot even build its kernel then)
+_ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "bad_alloc", "could not create a primitive")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A MemoryError, or the RuntimeError torch raises for a failed allocation."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(phrase in text for phrase in _ALLOCATION_FAILURES)
+    )
 
 
 def _say(line: str) -> None:

@@ -13,12 +13,25 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["LOCK_NAME", "MANIFEST_NAME", "FolderInUseError", "FolderLock", "OutputFolder", "write_atomically"]
+__all__ = [
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "FolderInUseError",
+    "FolderLock",
+    "OutputFolder",
+    "save_figure",
+    "write_atomically",
+    "write_failure",
+]
 
 LOCK_NAME = ".flatminima.lock"
 MANIFEST_NAME = ".flatminima-files"
@@ -43,6 +56,14 @@ def write_atomically(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_figure(figure: Any, path: Path, **options: Any) -> None:
+    """Save a matplotlib ``figure`` as a PNG at ``path`` atomically: rendered in memory, then written as
+    :func:`write_atomically` writes (a failed write leaves the previous figure, never half a new one)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **options)
+    write_atomically(Path(path), buffer.getvalue())
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
@@ -176,3 +197,35 @@ class OutputFolder:
             for entry in os.scandir(self.path)
             if entry.name not in known and not (entry.name.startswith(".") and entry.name.endswith(".tmp"))
         )
+
+
+def write_failure(error: BaseException, folder: Path) -> str:
+    """Why a write into ``folder`` failed, in words (torch reports a full disk as "unexpected pos" from its zip writer,
+    Python a file size limit as "File too large")."""
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (or the quota used up); free space or choose another --output"
+    if code == errno.EFBIG:
+        return "the file size limit is reached (ulimit -f); raise it or write elsewhere"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < _LOW_SPACE:
+        return f"the disk is full ({free // 1024} KiB free); free space or choose another --output"
+    limit = _file_size_limit()
+    if limit is not None:
+        return f"the write stopped at the file size limit, it seems (ulimit -f: {limit} bytes)"
+    return f"the write failed ({' '.join(str(error).split())[:120]})"
+
+
+_LOW_SPACE = 64 * 2**20  # less than this left after a failed write: the disk is what ran out
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flatminima.output_folder import save_figure
+
 __all__ = ["DPI", "pyplot", "saved_figure"]
 
 #: Resolution of every report figure.
@@ -48,9 +50,9 @@ def saved_figure(
         if title:
             figure.suptitle(title, fontsize=title_size)
         if crop:
-            figure.savefig(path, dpi=DPI, bbox_inches="tight")
+            save_figure(figure, path, dpi=DPI, bbox_inches="tight")
         else:
             figure.tight_layout()
-            figure.savefig(path, dpi=DPI)
+            save_figure(figure, path, dpi=DPI)
     finally:
         plt.close(figure)

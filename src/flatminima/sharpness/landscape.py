@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flatminima.output_folder import save_figure
 from flatminima.sharpness.checks import positive_int
 from flatminima.sharpness.data import Batch, Batches, batch_size, forward, measuring, trainable_parameters
 from flatminima.sharpness.losses import LossFn, batch_mean_loss, error_rate
@@ -77,7 +78,7 @@ class Landscape:
         ax.set_title(title if title is not None else f"loss landscape ({self.directions} directions)")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         return path
 
 

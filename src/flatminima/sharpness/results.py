@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flatminima.output_folder import save_figure
+
 __all__ = ["EigenResult", "SpectralDensity", "TraceResult", "mean_stderr"]
 
 
@@ -131,5 +133,5 @@ class SpectralDensity:
         ax.set_title(f"Hessian spectral density (SLQ, {self.num_runs} runs, sigma={sigma:.3g})")
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, format="png")
+        save_figure(fig, path)
         return path

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from flatminima.output_folder import write_failure
+
 __all__ = ["check_resume_state", "load_checkpoint", "save_checkpoint"]
 
 
@@ -28,6 +30,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(
+            f"cannot write {path}: {write_failure(error, path.parent)}; the previous checkpoint, if any, is intact"
+        ) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flatminima.output_folder import save_figure
+
 __all__ = ["plot_curves", "write_summary"]
 
 
@@ -23,7 +25,7 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path, key: str
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
     return path
 
