@@ -403,3 +403,14 @@ def test_out_of_memory_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(loop, "prepare_data", exhausted)
     code, err = _run(capsys, _train(tmp_path))
     _assert_one_line(code, err, "out of memory (an allocation failed); lower --batch-size")
+
+
+def test_a_thread_that_cannot_start_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import flatminima.train.loop as loop
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(loop, "prepare_data", refused)
+    code, err = _run(capsys, _train(tmp_path))
+    _assert_one_line(code, err, "the system refused a new thread or process (can't start new thread): a limit")

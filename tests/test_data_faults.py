@@ -212,3 +212,42 @@ def test_data_root_that_is_a_file(tmp_path, loader):
     with pytest.raises(FileNotFoundError, match=r"is a file, not a folder") as info:
         loader(root)
     assert f"'{root}'" in _one_line(info)
+
+
+def test_a_decompression_bomb_is_refused_without_being_read(tmp_path: Path) -> None:
+    """A gzipped IDX file that inflates far beyond what its header promises (or whose header promises terabytes)
+    is refused after reading at most one byte more than the header's promise."""
+    import gzip
+    import tracemalloc
+
+    from flatminima.data.mnist import read_idx
+
+    header = (2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (5, 2, 2))
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as handle:
+        handle.write(header)
+        chunk = bytes(2**20)
+        for _ in range(64):  # 64 MiB of zeros, a few kilobytes on disk
+            handle.write(chunk)
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"it has more than 36 bytes but its header \(5, 2, 2\) implies 36"):
+        read_idx(bomb, 3, "MNIST")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20  # the 64 MiB were never held
+    huge = tmp_path / "huge-idx3-ubyte.gz"
+    with gzip.open(huge, "wb") as handle:
+        handle.write((2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (2**31, 2**10, 2**10)))
+    with pytest.raises(ValueError, match=r"claims 2251799813685248 bytes, more than the 2 GiB"):
+        read_idx(huge, 3, "MNIST")
+
+
+def test_a_cifar_member_larger_than_any_batch_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    import flatminima.data.cifar as cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_python(folder, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], 2, ("labels",), 10, _rng())
+    monkeypatch.setattr(cifar, "MAX_BATCH_BYTES", 1000)  # the files here are small; the limit is made smaller
+    with pytest.raises(ValueError, match=r"data_batch_1.*more than any batch file of it"):
+        cifar.load_cifar10(folder)

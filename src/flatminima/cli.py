@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             message = _one_line(error)
+            if isinstance(error, RuntimeError) and any(p in str(error) for p in _THREAD_FAILURES):
+                message = (
+                    f"the system refused a new thread or process ({message[:80]}): a limit such as ulimit -u, or "
+                    "memory; lower --threads (or --workers), or raise the limit"
+                )
             if isinstance(error, OSError) and error.errno in _WRITE_ERRORS and not error.filename:
                 folder = getattr(args, "output", None) or "."
                 message = f"cannot write into {folder}: {write_failure(error, Path(folder))}"
@@ -163,6 +168,9 @@ def _one_line(error: BaseException) -> str:
 
 # a write failed for want of room, and Python names no file: the command's output folder is where it wrote
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+# what Python and torch say when a thread cannot start
+_THREAD_FAILURES = ("can't start new thread", "pthread_create")
 
 # what torch and its kernels say when an allocation fails (oneDNN cannot even build its kernel then)
 _ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "bad_alloc", "could not create a primitive")

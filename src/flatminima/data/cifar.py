@@ -159,8 +159,22 @@ def _locate(spec: _Spec, root: str | os.PathLike[str]) -> tuple[Source, _Layout]
 # ---------------------------------------------------------------- parsing
 
 
+#: The largest batch file read (CIFAR-100's training file, the largest, is about 150 MiB): a larger one is damaged,
+#: or a decompression bomb in an archive, and is refused before it is read.
+MAX_BATCH_BYTES = 2**29
+
+
+def _check_size(source: Source, name: str, spec: _Spec) -> None:
+    size = source.size(name)
+    if size > MAX_BATCH_BYTES:
+        raise ValueError(
+            corrupt(spec.name, source.path(name), f"it is {size >> 20} MiB, more than any batch file of it", _URL)
+        )
+
+
 def _read_binary(source: Source, name: str, spec: _Spec, fine: bool) -> tuple[np.ndarray, np.ndarray]:
     record = spec.label_bytes + _PIXELS
+    _check_size(source, name, spec)
     with source.open(name) as handle:
         raw = handle.read()
     if len(raw) == 0 or len(raw) % record:
@@ -180,6 +194,7 @@ def _read_binary(source: Source, name: str, spec: _Spec, fine: bool) -> tuple[np
 
 def _read_python(source: Source, name: str, spec: _Spec, fine: bool) -> tuple[np.ndarray, np.ndarray]:
     where = source.path(name)
+    _check_size(source, name, spec)
     try:
         with source.open(name) as handle:
             batch = restricted_load(handle)

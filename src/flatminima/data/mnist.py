@@ -50,41 +50,57 @@ def load_fashion_mnist(root: str | os.PathLike[str]) -> ImageDataset:
     return _load("Fashion-MNIST", "fashion_mnist", root, subfolders, _FASHION_URL)
 
 
+#: The largest IDX body read (EMNIST's largest file is under 1 GiB); a header claiming more is damaged, or a
+#: decompression bomb, and is refused before anything is read.
+MAX_IDX_BYTES = 2**31
+
+
 def read_idx(path: str | os.PathLike[str], ndim: int, dataset: str = "IDX", url: str = "") -> np.ndarray:
     """Read one uint8 IDX file (gzipped if its name ends in ``.gz``) holding an ``ndim``-dimensional array.
 
     Raises ``ValueError`` naming the file when the magic number or the size does not match the header.
     """
     path = Path(path)
+    header = 4 * (1 + ndim)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                raw = handle.read()
-        else:
-            raw = path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            head = handle.read(header)
+            if len(head) < header:
+                raise ValueError(
+                    corrupt(dataset, path, f"it has {len(head)} bytes, fewer than the {header}-byte header", url)
+                )
+            magic = int.from_bytes(head[:4], "big")
+            if magic != _MAGIC[ndim]:
+                raise ValueError(
+                    corrupt(
+                        dataset,
+                        path,
+                        f"bad magic number {magic}, expected {_MAGIC[ndim]} for a {ndim}-d uint8 IDX file "
+                        f"({'images' if ndim == 3 else 'labels'})",
+                        url,
+                    )
+                )
+            shape = tuple(int.from_bytes(head[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim))
+            body = int(np.prod(shape, dtype=np.int64))
+            if body > MAX_IDX_BYTES:  # read no more than the header promises, and never an absurd promise
+                raise ValueError(
+                    corrupt(
+                        dataset,
+                        path,
+                        f"its header {shape} claims {body} bytes, more than the {MAX_IDX_BYTES >> 30} GiB any "
+                        "IDX dataset of this kind holds",
+                        url,
+                    )
+                )
+            raw = handle.read(body + 1)  # one byte more than promised: trailing data is a damaged file too
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise ValueError(corrupt(dataset, path, f"it cannot be decompressed ({exc})", url)) from exc
-    header = 4 * (1 + ndim)
-    if len(raw) < header:
-        raise ValueError(corrupt(dataset, path, f"it has {len(raw)} bytes, fewer than the {header}-byte header", url))
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != _MAGIC[ndim]:
+    if len(raw) != body:
+        length = f"more than {header + body}" if len(raw) > body else str(header + len(raw))
         raise ValueError(
-            corrupt(
-                dataset,
-                path,
-                f"bad magic number {magic}, expected {_MAGIC[ndim]} for a {ndim}-d uint8 IDX file "
-                f"({'images' if ndim == 3 else 'labels'})",
-                url,
-            )
+            corrupt(dataset, path, f"it has {length} bytes but its header {shape} implies {header + body}", url)
         )
-    shape = tuple(int.from_bytes(raw[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(raw) != expected:
-        raise ValueError(
-            corrupt(dataset, path, f"it has {len(raw)} bytes but its header {shape} implies {expected}", url)
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
