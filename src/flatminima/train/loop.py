@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flatminima.data.dataset import ImageDataset
 from flatminima.optim import optimizer_spec, sharded
 from flatminima.optim.norms import is_finite
-from flatminima.output_folder import LOCK_NAME, MANIFEST_NAME, FolderLock
+from flatminima.output_folder import LOCK_NAME, MANIFEST_NAME, FolderLock, write_atomically
 from flatminima.sharpness.tracking import SharpnessTracker
 from flatminima.step import PlainStep, SharpnessAwareStep
 from flatminima.train import distributed_fsdp as fsdp
@@ -517,7 +517,7 @@ def _default(name: str) -> Any:
 def _write_config(path: Path, config: TrainConfig) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _progress(config: TrainConfig, ctx: Distributed, start_epoch: int, per_epoch: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flatminima.output_folder import save_figure
+from flatminima.output_folder import save_figure, write_atomically
 
 __all__ = ["plot_curves", "write_summary"]
 
@@ -43,5 +43,5 @@ def write_summary(folder: Path, config: dict[str, Any], history: list[dict[str, 
         lines.append(f"- validation accuracy: final {100 * last['val_accuracy']:.2f} %")
     lines += ["", f"![test accuracy]({figure.name})", "", "Config: `config.yaml`; per-epoch metrics: `metrics.jsonl`."]
     path = folder / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(path, "\n".join(lines) + "\n")
     return path
