@@ -241,6 +241,10 @@ def test_a_decompression_bomb_is_refused_without_being_read(tmp_path: Path) -> N
         handle.write((2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (2**31, 2**10, 2**10)))
     with pytest.raises(ValueError, match=r"claims 2251799813685248 bytes, more than the 2 GiB"):
         read_idx(huge, 3, "MNIST")
+    with gzip.open(huge, "wb") as handle:  # a header whose product overflows 64 bits
+        handle.write((2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (2**31, 2**31, 2)))
+    with pytest.raises(ValueError, match=r"claims 9223372036854775808 bytes"):
+        read_idx(huge, 3, "MNIST")
 
 
 def test_a_cifar_member_larger_than_any_batch_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:

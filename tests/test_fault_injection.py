@@ -172,12 +172,10 @@ def test_sigterm_at_a_random_moment_leaves_whole_files(base: Path, command: str)
     time.sleep(moment)  # the injected fault's moment, not a synchronisation: any moment must do
     process.send_signal(signal.SIGTERM)
     err = process.communicate(timeout=300)[1]
-    # -15: killed by the signal's default action while Python was still importing torch, before the command
-    # began (and wrote anything); a shell reports it as 143 too
+    # -15: killed by the signal's default action outside the command proper, while Python still imported torch
+    # (nothing written yet) or after the command returned (everything written); a shell reports 143 too
     assert process.returncode in (0, 143, -signal.SIGTERM), err
     assert "Traceback" not in err, err
-    if process.returncode == -signal.SIGTERM:
-        assert err == "", err
     if process.returncode == 143:
         assert err.strip().splitlines()[-1].startswith(f"flatminima {command}: terminated (SIGTERM)."), err
     _assert_whole(base / Path(argv[argv.index("--output") + 1]).name)

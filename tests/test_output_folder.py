@@ -39,6 +39,33 @@ def test_a_command_records_what_it_wrote_and_may_replace_it(tmp_path: Path) -> N
     assert OutputFolder(folder, "reproduce").foreign_files() == []
 
 
+def test_a_command_killed_outright_still_owns_what_it_wrote(tmp_path: Path) -> None:
+    """SIGKILL leaves no manifest entry: the lock file's time says when the command began, and what was written
+    since is its own. A file the user adds after a command ended cleanly is still the user's."""
+    folder = tmp_path / "out"
+    killed = OutputFolder(folder, "reproduce")
+    killed.claim()
+    (folder / "report.md").write_text("half of a run\n")
+    os.close(killed._lock._handle)  # the process dies: the kernel drops the flock, nothing else runs
+    with OutputFolder(folder, "reproduce"):  # no --overwrite needed
+        (folder / "report.md").write_text("a whole run\n")
+    assert (folder / MANIFEST_NAME).read_text().splitlines() == ["report.md"]
+    (folder / "notes.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match=r"\(notes.txt\)"):
+        OutputFolder(folder, "reproduce").claim()
+
+
+def test_a_refused_command_leaves_nothing_in_the_folder(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError):
+        OutputFolder(folder, "demo").claim()
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+    _one_line(*_run(capsys, ["train", *FAST, "--output", str(folder)]), "not a flatminima run (thesis.tex)")
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
 def test_the_user_s_files_are_refused_unless_overwrite(tmp_path: Path) -> None:
     folder = tmp_path / "out"
     folder.mkdir()

@@ -89,6 +89,7 @@ def test_sigterm_on_the_demo_stops_its_workers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lists the process tree through /proc")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the sweep trains in worker processes only on 2+ cores")
 def test_sigterm_on_a_reproduction_removes_its_temporary_folder(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()

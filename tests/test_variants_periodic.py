@@ -304,8 +304,8 @@ def test_options_as_yaml_fields(tmp_path: Path) -> None:
     assert main([*_cli(tmp_path), "--config", str(config), "--overwrite"]) == 0
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "optimizer: random-sam" in text and "sam_probability: 0.25" in text
-    config.write_text("optimizer: periodic-sam\nsam_every: 4\nsam_probability: 0.25\n")  # random-sam's option
-    assert main([*_cli(tmp_path), "--config", str(config), "--overwrite"]) == 2
+    config.write_text("optimizer: periodic-sam\nsam_every: 4\n")  # random-sam's option as a flag: refused
+    assert main([*_cli(tmp_path), "--config", str(config), "--overwrite", "--sam-probability", "0.25"]) == 2
 
 
 def test_the_flags_are_in_the_help(capsys) -> None:

@@ -53,6 +53,11 @@ def write_atomically(path: Path, data: str | bytes) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; results are for everyone to read
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        if error.errno in _NO_ROOM:
+            raise OSError(f"cannot write {path}: {write_failure(error, path.parent)}") from error
+        raise
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -82,6 +87,9 @@ class FolderLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle: int | None = None
+        #: when the previous holder took the lock (ns), or None if no command ever held it; set by acquire()
+        self.previous_start: int | None = None
+        self._created = False
 
     @property
     def held(self) -> bool:
@@ -92,7 +100,13 @@ class FolderLock:
             import fcntl
         except ImportError:  # not POSIX: no lock (the other guarantees hold)
             return
-        handle = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        lock_path = self.path / LOCK_NAME
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._created = True
+        except FileExistsError:
+            handle = os.open(lock_path, os.O_RDWR)
+            self._created = False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,12 +116,18 @@ class FolderLock:
                 f"--output {self.path} is in use by another flatminima command (PID {holder}); wait for it to end "
                 "or choose another --output."
             ) from None
+        self.previous_start = None if self._created else os.fstat(handle).st_mtime_ns
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
         self._handle = handle
 
-    def release(self) -> None:
+    def release(self, *, remove_if_new: bool = False) -> None:
+        """Let the folder go; ``remove_if_new``: also delete the lock file if this lock created it (a command that
+        was refused leaves nothing in the user's folder)."""
         if self._handle is not None:
+            if remove_if_new and self._created:
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK_NAME).unlink()
             with contextlib.suppress(OSError):
                 os.close(self._handle)  # closing the descriptor releases the flock
             self._handle = None
@@ -139,7 +159,11 @@ class OutputFolder:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self.release()
+        if error is None:
+            self.release()
+        else:  # the command's own error is the one to report, not a failure to record its files
+            with contextlib.suppress(OSError):
+                self.release()
 
     def claim(self) -> None:
         """Create the folder, take its lock and refuse files the command did not write (unless ``overwrite``)."""
@@ -163,7 +187,7 @@ class OutputFolder:
             self._before = _snapshot(self.path)
             self._claimed = True
         except BaseException:
-            self._lock.release()
+            self._lock.release(remove_if_new=True)
             raise
 
     def release(self) -> None:
@@ -182,6 +206,20 @@ class OutputFolder:
 
     # ------------------------------------------------------------------ what the folder holds
 
+    def _unrecorded(self) -> set[str]:
+        """The entries written by a command that began here and never recorded them (see foreign_files)."""
+        started = self._lock.previous_start
+        if started is None:
+            return set()
+        try:
+            if (self.path / MANIFEST_NAME).stat().st_mtime_ns >= started:
+                return set()  # the last command ended and recorded what it wrote
+        except FileNotFoundError:
+            pass
+        return {
+            entry.name for entry in os.scandir(self.path) if entry.stat(follow_symlinks=False).st_mtime_ns >= started
+        }
+
     def manifest(self) -> set[str]:
         """The names earlier flatminima commands wrote into this folder."""
         try:
@@ -190,8 +228,11 @@ class OutputFolder:
             return set()
 
     def foreign_files(self) -> list[str]:
-        """The entries that no flatminima command wrote (temporary files of an interrupted write excepted)."""
-        known = self.manifest() | _OWN
+        """The entries that no flatminima command wrote (temporary files of an interrupted write excepted).
+
+        A command killed outright (SIGKILL, power loss) could not record its files; its lock file says when it
+        began, and a manifest older than that says it did not end: what was written since is its own."""
+        known = self.manifest() | _OWN | self._unrecorded()
         return sorted(
             entry.name
             for entry in os.scandir(self.path)
@@ -219,6 +260,7 @@ def write_failure(error: BaseException, folder: Path) -> str:
     return f"the write failed ({' '.join(str(error).split())[:120]})"
 
 
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write failed for want of room, not of permission
 _LOW_SPACE = 64 * 2**20  # less than this left after a failed write: the disk is what ran out
 
 

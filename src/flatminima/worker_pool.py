@@ -31,6 +31,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated()
 
 
@@ -50,14 +51,15 @@ def terminated_as_exception() -> Iterator[None]:
 
 
 def _die_with_parent() -> None:
-    """Worker initialiser: SIGTERM when the parent dies (Linux), and the default SIGINT/SIGTERM behaviour (a worker
-    is stopped by its pool, not by Python's KeyboardInterrupt)."""
+    """Worker initialiser: SIGTERM when the parent dies (Linux); SIGTERM's default action; and Ctrl-C ignored (the
+    terminal sends it to the whole process group: the parent stops its workers, without a traceback from each)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ truncated or mixed-up file gives a clear error instead of garbage images.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -81,7 +82,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int, dataset: str = "IDX", url:
                     )
                 )
             shape = tuple(int.from_bytes(head[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim))
-            body = int(np.prod(shape, dtype=np.int64))
+            body = math.prod(shape)  # Python integers: a crafted header cannot overflow the check
             if body > MAX_IDX_BYTES:  # read no more than the header promises, and never an absurd promise
                 raise ValueError(
                     corrupt(

@@ -16,7 +16,11 @@ import torch
 
 from flatminima.output_folder import write_failure
 
-__all__ = ["check_resume_state", "load_checkpoint", "save_checkpoint"]
+__all__ = ["check_resume_state", "check_schedule_steps", "load_checkpoint", "save_checkpoint"]
+
+
+# how torch's zip writer reports a write that could not complete (a full disk, a file size limit)
+_WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter", "inline_container")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -32,6 +36,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and not any(word in str(error) for word in _WRITER_FAILURES):
+            raise  # not the writer's failure (say, out of memory while gathering the state): keep its own words
         raise OSError(
             f"cannot write {path}: {write_failure(error, path.parent)}; the previous checkpoint, if any, is intact"
         ) from error
@@ -61,15 +67,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_resume_state(state: dict[str, Any], path: str | Path, steps_per_epoch: int) -> None:
+def _damaged(path: str | Path, detail: str) -> ValueError:
+    return ValueError(f"checkpoint {path} is damaged or edited: {detail}; restore it, or start over with --overwrite")
+
+
+def check_resume_state(state: dict[str, Any], path: str | Path) -> None:
     """Validate, field by field, a checkpoint a run is about to resume from, before anything is loaded or written:
-    the epoch in range, a history of one record per epoch, the RNG state a generator's, the world size and the
-    schedule's step count what that many epochs make. Each failure names the field and the fix."""
+    the epoch in range, a history of one record per epoch, the RNG state a generator's, the world size. Each
+    failure names the field and the fix. (:func:`check_schedule_steps` follows once the config is known to be
+    the checkpoint's.)"""
 
     def damaged(detail: str) -> ValueError:
-        return ValueError(
-            f"checkpoint {path} is damaged or edited: {detail}; restore it, or start over with --overwrite"
-        )
+        return _damaged(path, detail)
 
     config = state.get("config")
     if not isinstance(config, dict) or not _is_int(config.get("epochs")) or config["epochs"] < 1:
@@ -96,10 +105,18 @@ def check_resume_state(state: dict[str, Any], path: str | Path, steps_per_epoch:
     world_size = state.get("world_size", 1)
     if not _is_int(world_size) or world_size < 1:
         raise damaged(f"its world size is {str(world_size)[:40]}, not a whole number >= 1")
+
+
+def check_schedule_steps(state: dict[str, Any], path: str | Path, steps_per_epoch: int) -> None:
+    """The learning-rate schedule's step count is what the checkpoint's epochs make at ``steps_per_epoch`` (checked
+    after the config is known to be unchanged: a new batch size changes the steps per epoch, and is refused as a
+    changed setting, not as damage)."""
+    epoch = state["epoch"]
     scheduler = state.get("scheduler")
     steps = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
     if not _is_int(steps) or steps != epoch * steps_per_epoch:
-        raise damaged(
+        raise _damaged(
+            path,
             f"its learning-rate schedule is at step {str(steps)[:40]}, but {epoch} epochs of {steps_per_epoch} steps "
-            f"make {epoch * steps_per_epoch}"
+            f"make {epoch * steps_per_epoch}",
         )

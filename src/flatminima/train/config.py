@@ -426,7 +426,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_dict(values)
     config.validate()
     if not config.resume:  # a resumed run keeps the settings it was started with
-        refuse_unused_settings(config)
+        refuse_unused_settings(config, given)
     return config
 
 
@@ -434,40 +434,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 SAM_FIELDS = ("rho", "rho_schedule", "rho_min", "p", "group_size", "base_optimizer")
 
 
-def refuse_unused_settings(config: TrainConfig) -> None:
-    """Refuse a setting the chosen optimiser would ignore (set away from its default by a flag or the YAML file):
-    SAM's settings under a plain optimiser, and a variant's options under another optimiser. One line, naming the
-    setting, the optimiser and the fix."""
+def refuse_unused_settings(config: TrainConfig, flags: Collection[str]) -> None:
+    """Refuse a flag the chosen optimiser would ignore: SAM's settings under a plain optimiser, a variant's options
+    under another optimiser, --momentum under AdamW. One line, naming the flag, the optimiser and the fix.
+
+    Only ``flags`` (the fields given on the command line) are checked: a YAML file, such as the config.yaml a run
+    saves with every field, may hold settings another optimiser would read."""
     import dataclasses as dc
 
     from flatminima.optim.registry import optimizer_spec
 
     spec = optimizer_spec(config.optimizer)
-    defaults = {f.name: f.default for f in dc.fields(_RunFields)}
+
+    def refuse(name: str, reason: str, fix: str) -> None:
+        raise ValueError(f"--{name.replace('_', '-')} is {reason}, and {fix}")
+
     if not spec.sharpness_aware:
-        for name in SAM_FIELDS:
-            if getattr(config, name) != defaults[name]:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} is a setting of the SAM family, and --optimizer {config.optimizer} "
-                    "does not read it: drop it, or choose a sharpness-aware --optimizer (flatminima variants)"
-                )
+        for name in sorted(set(SAM_FIELDS) & set(flags)):
+            refuse(
+                name,
+                "a setting of the SAM family",
+                f"--optimizer {config.optimizer} does not read it: drop it, or choose a sharpness-aware --optimizer "
+                "(flatminima variants)",
+            )
     base = config.base_optimizer if spec.sharpness_aware else config.optimizer
-    if base == "adamw" and config.momentum != defaults["momentum"]:
-        raise ValueError(
-            "--momentum is SGD's, and AdamW (the "
-            + ("base optimiser" if spec.sharpness_aware else "optimiser")
-            + ") does not read it: drop it, or use SGD"
-        )
+    if base == "adamw" and "momentum" in flags:
+        role = "base optimiser" if spec.sharpness_aware else "optimiser"
+        refuse("momentum", "SGD's", f"AdamW (the {role}) does not read it: drop it, or use SGD")
     own = {f.name for f in dc.fields(spec.options)} if spec.options is not None else set()
-    for name, (_, option_field) in option_fields().items():
-        if name in own or getattr(config, name) == option_field.default:
-            continue
+    for name in sorted(set(option_fields()) & set(flags) - own):
         readers = [
             other
             for other in optimizer_names()
             if (o := optimizer_spec(other).options) is not None and name in {f.name for f in dc.fields(o)}
         ]
-        raise ValueError(
-            f"--{name.replace('_', '-')} is an option of {' and '.join(readers)}, and --optimizer {config.optimizer} "
-            f"does not read it: drop it, or use --optimizer {readers[0]}"
+        refuse(
+            name,
+            f"an option of {' and '.join(readers)}",
+            f"--optimizer {config.optimizer} does not read it: drop it, or use --optimizer {readers[0]}",
         )

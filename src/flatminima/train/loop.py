@@ -36,7 +36,7 @@ from flatminima.train.builders import (
     build_scheduler,
     optimizer_request,
 )
-from flatminima.train.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
+from flatminima.train.checkpoint import check_resume_state, check_schedule_steps, load_checkpoint, save_checkpoint
 from flatminima.train.config import RESUMABLE, TrainConfig, config_fields
 from flatminima.train.distributed import Distributed
 from flatminima.train.metrics import MetricsLog
@@ -245,8 +245,9 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
     """The run's state back from its checkpoint; returns the history so far and the epoch to continue from."""
     config, ctx = run.config, run.ctx
     state = load_checkpoint(run.checkpoint_path, map_location=run.device)
-    check_resume_state(state, run.checkpoint_path, run.per_epoch)
+    check_resume_state(state, run.checkpoint_path)
     _check_resumable(state["config"], config)
+    check_schedule_steps(state, run.checkpoint_path, run.per_epoch)
     _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
     if ctx.is_main:
         for stale in run.output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
@@ -354,6 +355,8 @@ def _check_output(config: TrainConfig, output: Path, checkpoint_path: Path, is_m
         return
     entries = sorted(p.name for p in output.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".tmp"))
     foreign = run_folder_foreign_files(output)
+    if foreign or (entries and not config.overwrite):
+        lock.release(remove_if_new=True)  # refused: leave nothing in the folder
     if foreign:
         raise FileExistsError(
             f"--output {output} holds files that are not a flatminima run ({', '.join(foreign[:3])}); "
