@@ -426,3 +426,20 @@ def test_a_changed_batch_size_on_resume_is_a_changed_setting_not_damage(tmp_path
     assert main(_train(tmp_path)) == 0
     code, err = _run(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--batch-size", "32"])
     _assert_one_line(code, err, "cannot resume: the config differs from the checkpoint's in batch_size: 64 -> 32")
+
+
+def test_extending_a_run_says_that_the_schedule_stretches(tmp_path: Path, capsys) -> None:
+    """--resume --epochs 2 after a 1-epoch cosine run differs from a straight 2-epoch run (the first epoch decayed
+    the lr to 0): one warning line with the numbers. A constant schedule, or the run's own --epochs, says nothing."""
+    assert main(_train(tmp_path)) == 0
+    capsys.readouterr()
+    assert main(["train", "--output", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == [
+        "flatminima train: warning: resuming with 2 epochs a run started for 1: the lr schedule stretches to the new "
+        "length (the learning rate at step 21 goes from 0 to 0.025), so the run differs from a straight 2-epoch run; "
+        "to continue a run exactly, resume with its own --epochs"
+    ]
+    assert main(_train(tmp_path, "--lr-schedule", "constant", name="flat")) == 0
+    assert main(["train", "--output", str(tmp_path / "flat"), "--resume", "--epochs", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err

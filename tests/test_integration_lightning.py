@@ -253,6 +253,36 @@ def test_mid_epoch_checkpoint_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_resume_from_an_epoch_end_checkpoint_that_reenters_the_epoch_mid_window(tmp_path):
+    """max_steps ending an epoch of 5 batches (k=2), an epoch-end checkpoint, then a resume: Lightning re-enters
+    the epoch at batch 5, the second batch of a window whose first it never runs again, and steps on that one. The
+    mixin replays exactly the batches Lightning ran (it raised "expected the batches [4, 5]" before)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Counting(Net):
+        def training_step(self, batch, batch_idx):
+            key = "at w + e" if self.sam_second_pass else "at w"
+            self.calls.setdefault(key, []).append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    batches = make_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saving = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1)
+        first = Net(make_model())
+        trainer(max_steps=3, enable_checkpointing=True, callbacks=[saving], accumulate_grad_batches=2).fit(
+            first, loader(batches)
+        )
+        resumed = Counting(make_model(seed=7))
+        resumed.calls = {}
+        again = trainer(max_steps=7, accumulate_grad_batches=2)
+        again.fit(resumed, loader(batches), ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert again.global_step == 7
+    assert resumed.calls["at w"][0] == 5  # re-entered mid-window
+    assert resumed.calls["at w + e"] == resumed.calls["at w"]  # every step replayed what it ran, no more
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+
+
 def test_bf16_mixed_follows_the_autocast_loop():
     steps = 4
     model, batches = make_model(dtype=torch.float32), make_batches(torch.float32)

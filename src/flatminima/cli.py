@@ -7,10 +7,13 @@ shows their traceback. Ctrl-C stops with a line saying how to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _train, "sharpness": _sharpness, "demo": _demo, "reproduce": _reproduce, "variants": _variants}
     command = commands[args.command]
-    with terminated_as_exception():
+    with terminated_as_exception(), _one_line_warnings(args.command):
         try:
             return command(args)
         except Terminated:  # SIGTERM: the same clean-up as Ctrl-C (workers stopped, temporary files removed)
@@ -182,6 +185,25 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (
         isinstance(error, RuntimeError) and any(phrase in text for phrase in _ALLOCATION_FAILURES)
     )
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """flatminima's own warnings as one line each (``flatminima train: warning: ...``), as its errors are; other
+    libraries' warnings as Python shows them."""
+    original = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if category.__module__.startswith("flatminima"):
+            _say(f"flatminima {command}: warning: {message}")
+        else:
+            original(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 def _say(line: str) -> None:

@@ -116,9 +116,11 @@ class SharpnessAwareMixin:
                 "SharpnessAwareMixin replays each batch at w + e, which a training_step(dataloader_iter) does not "
                 "allow; take (batch, batch_idx) instead."
             )
-        if batch_idx % trainer.accumulate_grad_batches == 0:  # Lightning zeroes the gradients here too
-            self.__dict__["_sam_window"] = []
-        self.__dict__.setdefault("_sam_window", []).append((batch_idx, batch))
+        window = self.__dict__.get("_sam_window") or []
+        if batch_idx % trainer.accumulate_grad_batches == 0 or not window or window[-1][0] != batch_idx - 1:
+            window = []  # a new window (Lightning zeroes the gradients here too), or one entered mid-way on resume
+        window.append((batch_idx, batch))
+        self.__dict__["_sam_window"] = window
         return response
 
     def optimizer_step(
@@ -179,9 +181,13 @@ class _SamStep:
         self._descend()
 
     def _window(self, batch_idx: int, k: int) -> list[tuple[int, Any]]:
+        """The batches whose gradients Lightning accumulated for this step: the window that ends at ``batch_idx``,
+        or its tail when Lightning entered it mid-way (a resume from an epoch-end checkpoint re-enters the epoch at
+        the window's second batch, and steps on what it ran)."""
         window = self.module.__dict__.get("_sam_window") or []
         expected = list(range(batch_idx - batch_idx % k, batch_idx + 1))
-        if [index for index, _ in window] != expected:
+        indices = [index for index, _ in window]
+        if not indices or indices != expected[len(expected) - len(indices) :]:
             raise RuntimeError(
                 f"SharpnessAwareMixin expected the batches {expected} of this accumulation window, but kept "
                 f"{[index for index, _ in window]}: if you override on_train_batch_start, call "

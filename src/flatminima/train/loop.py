@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,16 @@ from flatminima.train.prepare import PreparedData, model_for, prepare_data
 from flatminima.train.run_state import RunState
 from flatminima.train.summary import plot_curves, write_summary
 
-__all__ = ["RUN_FILES", "PreparedData", "TrainResult", "model_for", "prepare_data", "run_folder_foreign_files", "train"]
+__all__ = [
+    "RUN_FILES",
+    "HorizonWarning",
+    "PreparedData",
+    "TrainResult",
+    "model_for",
+    "prepare_data",
+    "run_folder_foreign_files",
+    "train",
+]
 
 # what a run writes in its output folder; --overwrite replaces these and nothing else
 RUN_FILES = frozenset(
@@ -248,12 +258,46 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
     check_resume_state(state, run.checkpoint_path)
     _check_resumable(state["config"], config)
     check_schedule_steps(state, run.checkpoint_path, run.per_epoch)
+    if ctx.is_main:
+        _warn_if_the_horizon_moves(state, config, run.per_epoch)
     _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
     if ctx.is_main:
         for stale in run.output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
     run.state.load(state)
     return list(state["history"]), int(state["epoch"])
+
+
+class HorizonWarning(UserWarning):
+    """A resumed run trains for a different number of epochs than its checkpoint's: the schedules stretch."""
+
+
+def _warn_if_the_horizon_moves(state: dict[str, Any], config: TrainConfig, per_epoch: int) -> None:
+    """Extending a run (``--resume --epochs N``) stretches an lr or rho schedule that depends on the run's length:
+    the learning rate jumps at the resume, and the run is not the one a straight N-epoch run would have been (its
+    first epochs followed the shorter schedule). Say so, with the numbers."""
+    before = state["config"]["epochs"]
+    stretched = [
+        name
+        for name, schedule in (("lr", config.lr_schedule), ("rho", config.rho_schedule))
+        if before != config.epochs and schedule in ("cosine", "step")
+    ]
+    if not stretched:
+        return
+    step = state["epoch"] * per_epoch
+    was, now = (
+        c.lr * build_scheduler(c, torch.optim.SGD([torch.zeros(1)], lr=c.lr), per_epoch).lr_lambdas[0](step)
+        for c in (dataclasses.replace(config, epochs=before), config)
+    )
+    verb = "s stretch" if len(stretched) > 1 else " stretches"
+    warnings.warn(
+        f"resuming with {config.epochs} epochs a run started for {before}: the {' and '.join(stretched)} "
+        f"schedule{verb} to the new length (the learning rate at step {step} goes from {was:.4g} to {now:.4g}), so "
+        f"the run differs from a straight {config.epochs}-epoch run; to continue a run exactly, resume with its own "
+        "--epochs",
+        HorizonWarning,
+        stacklevel=2,
+    )
 
 
 def _epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
