@@ -572,3 +572,32 @@ def test_trainer_checkpoint_resume(tmp_path: Path) -> None:
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert resumed_sam.steps == sam.steps == 6
     assert_same_weights(resumed, model)
+
+
+def test_sam_step_refuses_the_silent_traps(tmp_path: Path, monkeypatch) -> None:
+    """Two traps that trained "fine" for the wrong reason: Accelerate blind to torchrun's processes (CPU-only, no
+    cpu=True), and sam_step inside accelerator.accumulate, whose no_sync stops DDP's all-reduce (here DDP on a
+    one-process gloo group, where no_sync sets the same flag as on two)."""
+    data = dataset()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    loss_fn = lambda m, b: m(**b)["loss"]  # noqa: E731
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        model = nn.parallel.DistributedDataParallel(Tiny())
+        optimizer = sgd_sam(model.module)
+        batch = next(iter(_loader(data, BATCH)))
+        before = [p.detach().clone() for p in model.parameters()]
+        inside = r"inside accelerator.accumulate\(...\) \(or no_sync\)"
+        # under DDP, accelerator.accumulate enters model.no_sync() on its steps that do not sync (on one Accelerate
+        # process it enters nothing, so the mechanism is driven directly)
+        with pytest.raises(RuntimeError, match=inside), model.no_sync():
+            sam_step(accelerator, model, optimizer, loss_fn, batch)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(RuntimeError, match=r"one of 2 \(WORLD_SIZE\), but Accelerate runs as one process"):
+            sam_step(accelerator, model, optimizer, loss_fn, batch)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        sam_step(accelerator, model, optimizer, loss_fn, batch)  # outside: a step
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    finally:
+        dist.destroy_process_group()

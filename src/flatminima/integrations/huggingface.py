@@ -20,6 +20,7 @@ GradScaler. Refused with an error: DeepSpeed, FSDP, XLA and Megatron-LM, whose e
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,8 @@ def sam_step(
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
     _check_backend(accelerator)
+    _check_processes(accelerator)
+    _check_not_accumulating(accelerator, model)
     sam = unwrap_sam(optimizer)
     scaler = _active(accelerator.scaler)
     # accelerator.backward divides by its gradient_accumulation_steps; this call owns the accumulation instead
@@ -315,6 +318,29 @@ def _check_no_batch_rule(sam: SAM) -> None:
         raise ValueError(
             f"SAMTrainer cannot run the batch rule {sam.batch_rule!r}, which picks each pass's examples from "
             "(inputs, targets) tensors; train with flatminima.SharpnessAwareStep, or set optimizer.batch_rule = None."
+        )
+
+
+def _check_processes(accelerator: Accelerator) -> None:
+    """Under torchrun, Accelerate must see the processes: on a CPU-only machine without ``cpu=True`` it reports
+    ``DistributedType.NO``, and each rank would train on all the data with no all-reduce."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"this process is one of {world} (WORLD_SIZE), but Accelerate runs as one process "
+            f"({accelerator.distributed_type}): each rank would train on all the data and never all-reduce. On a "
+            "CPU-only machine create Accelerator(cpu=True), or launch with accelerate launch."
+        )
+
+
+def _check_not_accumulating(accelerator: Accelerator, model: nn.Module) -> None:
+    """``sam_step`` is a whole step: inside ``accelerator.accumulate(...)`` (or ``no_sync``) its passes would not
+    all-reduce, and the ranks' weights drift apart. (On one process the context changes nothing for sam_step.)"""
+    if not getattr(model, "require_backward_grad_sync", True):  # DDP's flag, off inside no_sync
+        raise RuntimeError(
+            "sam_step was called inside accelerator.accumulate(...) (or no_sync): its gradients would not be "
+            "all-reduced, and under DDP the processes' weights drift apart. Call it outside; to accumulate, pass the "
+            "micro-batches to one call: sam_step(accelerator, model, optimizer, loss_fn, *batches)."
         )
 
 
