@@ -78,8 +78,11 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what has not started, terminate the workers, and wait until every one is gone."""
+    """Cancel what has not started, terminate the workers, and wait until every one is gone, and the pool's
+    manager thread too (left running, it races the interpreter's exit for its wake-up pipe: "Exception ignored ...
+    Bad file descriptor" at exit, now and then)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         with contextlib.suppress(Exception):
@@ -89,3 +92,5 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+    if manager is not None:
+        manager.join(_JOIN_SECONDS)  # it ends once it sees the workers gone
