@@ -258,10 +258,9 @@ def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
     check_resume_state(state, run.checkpoint_path)
     _check_resumable(state["config"], config)
     check_schedule_steps(state, run.checkpoint_path, run.per_epoch)
-    if ctx.is_main:
-        _warn_if_the_horizon_moves(state, config, run.per_epoch)
     _check_world_size(state, ctx.world_size, config.allow_world_size_change, config.fsdp)
-    if ctx.is_main:
+    if ctx.is_main:  # the resume goes ahead
+        _warn_if_the_horizon_moves(state, config, run.per_epoch)
         for stale in run.output.glob("*.pt.*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
     run.state.load(state)
