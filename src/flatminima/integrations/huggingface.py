@@ -14,12 +14,21 @@ The Trainer does one forward-backward per micro-batch (``training_step``), then 
 - :func:`sam_step` is one SAM step in your own Accelerate loop.
 
 Supported: one process or DDP (``accelerate launch`` / ``torchrun``), fp32, bf16 autocast, fp16 with Accelerate's
-GradScaler. Refused with an error: DeepSpeed, FSDP, XLA and Megatron-LM, whose engines own the optimizer step.
+GradScaler; and FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``), where ``prepare`` shards the model and
+swaps the parameters in SAM's groups for their DTensor shards: SAM takes them over at its first step (norms over
+all ranks' shards, ``w + e`` written into the shards), so a step is SAM on the global batch. Under FSDP2 the
+Trainer refuses ``optimizers=``: let :class:`SAMTrainer` build SAM from ``TrainingArguments`` (``sam_rho``...); its
+checkpoints hold the base optimiser's sharded state and SAM's step counter (``sam_state.json``). Tested in float32
+on CPU processes (Accelerate itself enables FSDP on accelerators only); FSDP2's bf16 ``MixedPrecisionPolicy`` is
+not tested. Refused with an error: FSDP1 (its flat parameters hold slices of several tensors), fp16 under FSDP2 (a
+GradScaler's inf/NaN check would differ between ranks), rules not declared ``shard_aware`` under FSDP2, DeepSpeed,
+XLA and Megatron-LM, whose engines own the optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,15 +47,19 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from flatminima.optim import scaler as amp
+from flatminima.optim import sharded
 from flatminima.optim.plan import Descend, Pass
 from flatminima.optim.sam import SAM
 
 __all__ = ["SAMTrainer", "sam_step", "unwrap_sam"]
 
-# Backends whose engines own the optimizer step or shard parameters in ways SAM's weight swap does not cover.
-_UNSUPPORTED = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
+# Backends whose engines own the optimizer step (FSDP is checked apart: FSDP2 is supported, FSDP1 is not).
+_UNSUPPORTED = ("DEEPSPEED", "XLA", "MEGATRON_LM")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+
+# Under FSDP2 the Trainer's checkpoint holds the base optimiser's sharded state; SAM's step counter goes here
+_SAM_STATE_NAME = "sam_state.json"
 
 
 def unwrap_sam(optimizer: Optimizer) -> SAM:
@@ -89,7 +102,10 @@ def sam_step(
     ``max_grad_norm`` clips the descent direction (after unscaling under fp16). Under fp16 the first gradient is
     unscaled before the ascent, an inf/NaN step is skipped by the GradScaler (``optimizer.step_was_skipped`` is
     set, so a prepared scheduler does not advance) and the scaler is updated. Under DDP the last micro-batch of
-    each pass all-reduces (one perturbation for the global batch). Returns the loss at ``w``, detached.
+    each pass all-reduces (one perturbation for the global batch). Under FSDP2 the last micro-batch of each pass
+    reduce-scatters (the earlier ones accumulate unsynchronised), SAM's norms are taken over all ranks' shards and
+    the step is SAM on the global batch; its rules must be ``shard_aware`` (the built-in ascent rules are, not
+    ``RandomDirection``; no descent rule but SAM's own). Returns the loss at ``w``, detached (this rank's).
     """
     if not batches:
         raise ValueError("sam_step needs at least one batch: sam_step(accelerator, model, optimizer, loss_fn, batch).")
@@ -101,6 +117,7 @@ def sam_step(
     _check_processes(accelerator)
     _check_not_accumulating(accelerator, model)
     sam = unwrap_sam(optimizer)
+    _adopt_shards(sam)
     scaler = _active(accelerator.scaler)
     # accelerator.backward divides by its gradient_accumulation_steps; this call owns the accumulation instead
     weight = accelerator.gradient_accumulation_steps / (len(batches) if reduction == "mean" else 1)
@@ -251,10 +268,54 @@ class SAMTrainer(transformers.Trainer):
             sam.restore()  # w exactly, before the Trainer clips, calls callbacks or raises
         return loss
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP2, Accelerate's ``save_fsdp_optimizer`` hands the optimiser to torch's
+        ``get_optimizer_state_dict``, which calls ``step()`` without a closure (SAM refuses) and knows nothing of SAM's
+        step counter: it gets the base optimiser (whose groups and state SAM shares), the counter is written beside."""
+        sam = self._sharded_sam()
+        if sam is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        with self._base_optimizer_exposed(sam):
+            super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, _SAM_STATE_NAME), "w", encoding="utf-8") as file:
+                json.dump({"steps": sam.steps}, file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        sam = self._sharded_sam() if checkpoint is not None else None
+        if sam is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        with self._base_optimizer_exposed(sam):
+            super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, _SAM_STATE_NAME)
+        steps = sam.steps
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                steps = int(json.load(file)["steps"])
+        # share the loaded groups and state again (load_state_dict replaced the base's), with the counter
+        sam.load_state_dict({**sam.base_optimizer.state_dict(), "sam_steps": steps})
+
     # ------------------------------------------------------------------ internals
+
+    def _sharded_sam(self) -> SAM | None:
+        """The SAM, if the Trainer runs FSDP2 and its parameters are shards (taken over here if not yet)."""
+        if not getattr(self, "is_fsdp_enabled", False) or self.optimizer is None:
+            return None
+        sam = unwrap_sam(self.optimizer)
+        _adopt_shards(sam)
+        return sam if sam.sharded else None
+
+    @contextlib.contextmanager
+    def _base_optimizer_exposed(self, sam: SAM) -> Any:
+        optimizer, self.optimizer = self.optimizer, sam.base_optimizer
+        try:
+            yield
+        finally:
+            self.optimizer = optimizer
 
     def _prepare_sam(self, model: nn.Module) -> SAM:
         sam = self._route_optimizer_step()
+        _adopt_shards(sam)  # FSDP2: prepare swapped SAM's parameters for their shards
         if not self._sam_ready:
             scaler = _active(self.accelerator.scaler)
             if scaler is not None and not sam.descent.is_identity and self.args.max_grad_norm > 0:
@@ -336,12 +397,38 @@ def _check_processes(accelerator: Accelerator) -> None:
 def _check_not_accumulating(accelerator: Accelerator, model: nn.Module) -> None:
     """``sam_step`` is a whole step: inside ``accelerator.accumulate(...)`` (or ``no_sync``) its passes would not
     all-reduce, and the ranks' weights drift apart. (On one process the context changes nothing for sam_step.)"""
-    if not getattr(model, "require_backward_grad_sync", True):  # DDP's flag, off inside no_sync
+    if not getattr(model, "require_backward_grad_sync", True) or not _fsdp2_syncs(model):  # off inside no_sync
         raise RuntimeError(
             "sam_step was called inside accelerator.accumulate(...) (or no_sync): its gradients would not be "
             "all-reduced, and under DDP the processes' weights drift apart. Call it outside; to accumulate, pass the "
             "micro-batches to one call: sam_step(accelerator, model, optimizer, loss_fn, *batches)."
         )
+
+
+def _fsdp2_syncs(model: nn.Module) -> bool:
+    """Whether an FSDP2 model reduce-scatters its gradients (``set_requires_gradient_sync(False)``, what
+    ``accelerator.no_sync`` and ``accumulate`` set under FSDP2, turns it off); True for any other model."""
+    get_state = getattr(model, "_get_fsdp_state", None)  # FSDPModule's; the flag has no public getter
+    if get_state is None:
+        return True
+    groups = getattr(get_state(), "_fsdp_param_groups", None) or []
+    return all(getattr(group, "reduce_grads", True) for group in groups)
+
+
+def _adopt_shards(sam: SAM) -> None:
+    """Under FSDP2, ``accelerator.prepare`` shards the model after SAM was built and swaps the parameters in SAM's
+    groups for the DTensor shards: SAM takes them over (the process groups its norms reduce over, the checks of
+    its rules, weights copied in and out of the shards), as it would have had it been built after sharding."""
+    if sam.sharded:
+        return
+    groups = sharded.shard_groups(p for group in sam.param_groups for p in group["params"])
+    if groups is None:  # plain parameters: one process, DDP
+        return
+    if sam.is_perturbed:  # pragma: no cover - prepare runs before any step
+        raise RuntimeError("SAM holds w + e while its parameters were sharded; restore() before prepare().")
+    sharded.check_shardable(sam.rules, sam.descent, sam.param_groups, sam.flat_layout is not None)
+    sam.shard_groups = groups
+    sam._weights = sam._plain_store()  # w copied in and out of the local shards (optim.groups.add_group does so)
 
 
 def _check_backend(accelerator: Accelerator) -> None:
@@ -350,5 +437,16 @@ def _check_backend(accelerator: Accelerator) -> None:
     if name in _UNSUPPORTED:
         raise NotImplementedError(
             f"SAM with Accelerate's {name} backend is not supported: its engine owns the optimizer step. "
-            "Use one process or DDP (MULTI_GPU / MULTI_CPU)."
+            "Use one process, DDP (MULTI_GPU / MULTI_CPU) or FSDP2 (FullyShardedDataParallelPlugin(fsdp_version=2))."
+        )
+    if name == "FSDP" and not accelerator.is_fsdp2:
+        raise NotImplementedError(
+            "SAM with Accelerate's FSDP1 (fsdp_version=1) is not supported: its flat parameters hold slices of "
+            "several tensors, so SAM's per-tensor rules and norms would see this rank's slice only. Use "
+            "FullyShardedDataParallelPlugin(fsdp_version=2), whose DTensor shards SAM takes its norms over."
+        )
+    if name == "FSDP" and _active(accelerator.scaler) is not None:
+        raise NotImplementedError(
+            "SAM under FSDP2 with fp16 (a GradScaler) is not supported: the scaler's inf/NaN check would differ "
+            "between ranks, each seeing its own shards. Use mixed_precision='bf16' or 'no' with FSDP2."
         )
