@@ -1,8 +1,10 @@
 """SAM in PyTorch Lightning's automatic optimisation: ``class Net(SharpnessAwareMixin, L.LightningModule)``.
 
 Return a :class:`~flatminima.optim.sam.SAM` from ``configure_optimizers`` (schedulers declared on it, as for any
-optimiser) and put :class:`SharpnessAwareMixin` before ``LightningModule`` in the bases. The mixin overrides two
-hooks, ``optimizer_step`` and ``on_train_batch_start``; everything else stays Lightning's:
+optimiser) and put :class:`SharpnessAwareMixin` before ``LightningModule`` in the bases. The mixin overrides the
+hooks ``optimizer_step`` and ``on_train_batch_start`` (and, for checkpoints under ``ModelParallelStrategy``,
+``on_fit_start``, ``on_train_start``, ``on_fit_end``, ``on_save_checkpoint`` and ``on_load_checkpoint``); everything
+else stays Lightning's:
 
 - each step runs SAM's plan (:meth:`SAM.plan`). Its first pass is Lightning's own closure (``training_step``,
   ``zero_grad`` at the start of an accumulation window, the precision plugin's scaled ``backward``): at ``w``, so
@@ -21,8 +23,19 @@ hooks, ``optimizer_step`` and ``on_train_batch_start``; everything else stays Li
   examples from ``(inputs, targets)`` tensors, which Lightning's batches need not be;
 - ``global_step``, LR schedulers and checkpoints are Lightning's automatic-optimisation bookkeeping, unchanged.
 
-Only single-device and DDP strategies with the standard precision plugins (32, 64, 16/bf16 true and mixed) are
-accepted; others (FSDP, DeepSpeed, XLA) take their own optimiser step and are refused with an error.
+Single-device, DDP and ``ModelParallelStrategy`` (FSDP2) strategies with the standard precision plugins (32, 64,
+16/bf16 true and mixed) are accepted. Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``
+apply ``fully_shard`` in ``configure_model`` (mesh ``self.device_mesh["data_parallel"]``; every submodule with
+parameters, then a root that holds the rest): Lightning builds the optimiser afterwards, so SAM holds the sharded
+parameters and takes its norms over all ranks' shards (:mod:`flatminima.optim.sharded`), which makes the step SAM's
+on the global batch. Its checkpoints (full or distributed) resume exactly: torch's ``set_optimizer_state_dict``
+initialises the optimiser state by a ``step()`` without a closure, which the mixin hands to SAM's base optimiser
+between ``on_fit_start`` and ``on_train_start``, and SAM's step counter, which torch's optimiser state dict drops,
+is kept in the checkpoint by ``on_save_checkpoint``. The strategy takes precision 32-true, bf16-mixed, bf16-true or
+16-true. Tensor parallelism on the ``"tensor_parallel"`` dimension is untested; SAM accepts only parameters sharded
+over the same mesh dimensions (:func:`flatminima.optim.sharded.shard_groups`) and refuses others. Lightning's
+``FSDPStrategy`` (FSDP1's flat parameters), DeepSpeed and XLA take their own optimiser step and are refused with
+an error.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from torch import Tensor
 from flatminima.optim import scaler as amp
 from flatminima.optim.plan import Descend
 from flatminima.optim.sam import SAM
+from flatminima.optim.sharded import local
 
 try:
     import lightning.pytorch  # noqa: F401  (the extra: pip install flatminima[lightning])
@@ -54,7 +68,8 @@ __all__ = ["SharpnessAwareMixin"]
 
 # precision plugins and strategies whose optimiser step is the plain one this module reproduces
 _PLAIN_PRECISION_STEPS = ("Precision.optimizer_step", "MixedPrecision.optimizer_step")
-_PLAIN_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_STEPS_KEY = "sam_steps"  # SAM's step counters, in a checkpoint saved under ModelParallelStrategy
+_PLAIN_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
 
 
 class SharpnessAwareMixin:
@@ -76,8 +91,9 @@ class SharpnessAwareMixin:
     ``training_step`` runs once per pass of SAM's plan: at ``w`` (Lightning's closure) and at ``w + e``
     (:attr:`sam_second_pass` is then True and ``self.log`` does nothing), once on a step without the ascent or for a
     rule that reads no ``g(w)``. BatchNorm running statistics are kept from the first pass. With an optimiser that is
-    not a SAM the mixin steps as Lightning does. If you override ``optimizer_step`` or ``on_train_batch_start``, call
-    ``super()``.
+    not a SAM the mixin steps as Lightning does. If you override ``optimizer_step``, ``on_train_batch_start``, or
+    (under ``ModelParallelStrategy``) ``on_fit_start``, ``on_train_start``, ``on_fit_end``, ``on_save_checkpoint`` or
+    ``on_load_checkpoint``, call ``super()``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -97,6 +113,41 @@ class SharpnessAwareMixin:
         return bool(self.__dict__.get("_sam_second_pass", False))
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    def on_fit_start(self) -> None:
+        """Under ModelParallelStrategy (FSDP2), until training starts: Lightning's resume loads the optimiser state
+        with torch's ``set_optimizer_state_dict``, which first initialises an empty state by a ``step()`` without a
+        closure at learning rate 0 on zero gradients; SAM hands that step to its base optimiser."""
+        super().on_fit_start()  # type: ignore[misc]
+        if _is_model_parallel(self.trainer.strategy):  # type: ignore[attr-defined]
+            for sam in _sams(self.trainer):  # type: ignore[attr-defined]
+                _install_state_initialising_step(sam)
+
+    def on_train_start(self) -> None:
+        """Drop what :meth:`on_fit_start` added: ``sam.step`` is again what it was (SAM's, or a scheduler's wrapper)."""
+        _drop_state_initialising_step(self.trainer)  # type: ignore[attr-defined]
+        super().on_train_start()  # type: ignore[misc]
+
+    def on_fit_end(self) -> None:
+        """As :meth:`on_train_start`, for a fit that had no training to do (resumed at ``max_steps``)."""
+        _drop_state_initialising_step(self.trainer)  # type: ignore[attr-defined]
+        super().on_fit_end()  # type: ignore[misc]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under ModelParallelStrategy, keep SAM's step counter (torch's ``get_optimizer_state_dict``, which the
+        strategy saves the optimiser with, keeps only ``state`` and ``param_groups``)."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if _is_model_parallel(self.trainer.strategy):  # type: ignore[attr-defined]
+            checkpoint[_STEPS_KEY] = [sam.steps for sam in _sams(self.trainer)]  # type: ignore[attr-defined]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore SAM's step counter saved by :meth:`on_save_checkpoint`."""
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        steps = checkpoint.get(_STEPS_KEY)
+        trainer = getattr(self, "_trainer", None)
+        if steps is not None and trainer is not None:
+            for sam, count in zip(_sams(trainer), steps, strict=False):
+                sam.steps = int(count)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         """Keep the batches of the current accumulation window for the second pass (then Lightning's hook)."""
@@ -232,19 +283,77 @@ class _SamStep:
 
 
 def _check_supported(strategy: Any, plugin: Any) -> None:
+    names = {base.__name__ for base in type(strategy).__mro__}
+    if "FSDPStrategy" in names:  # before the precision check: its FSDPPrecision would be named instead
+        raise NotImplementedError(
+            "SharpnessAwareMixin does not support Lightning's FSDPStrategy: it wraps the model in FSDP1's "
+            "FullyShardedDataParallel, whose flat parameters SAM cannot perturb as whole tensors. Use FSDP2 "
+            "instead: Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)) with "
+            "fully_shard applied in configure_model (mesh=self.device_mesh['data_parallel']), or the core's "
+            "fully_shard with SAM / SharpnessAwareStep (flatminima train --fsdp)."
+        )
     step = getattr(type(plugin), "optimizer_step", None)
     if getattr(step, "__qualname__", None) not in _PLAIN_PRECISION_STEPS or not hasattr(plugin, "_after_closure"):
         raise NotImplementedError(
             f"SharpnessAwareMixin does not support the precision plugin {type(plugin).__name__}, which takes its own "
             "optimiser step; use precision 32, 64, '16-mixed', 'bf16-mixed', '16-true' or 'bf16-true'."
         )
-    names = {base.__name__ for base in type(strategy).__mro__}
     if not names.intersection(_PLAIN_STRATEGIES) or getattr(strategy, "handles_gradient_accumulation", False):
         raise NotImplementedError(
-            f"SharpnessAwareMixin supports single-device and DDP strategies; got {type(strategy).__name__}."
+            "SharpnessAwareMixin supports the single-device, DDP and ModelParallelStrategy (FSDP2's fully_shard) "
+            f"strategies; got {type(strategy).__name__}, which takes its own optimiser step."
         )
     if getattr(strategy, "_model_averager", None) is not None:
         raise NotImplementedError("SharpnessAwareMixin does not support DDP's post-local-SGD model averaging.")
+
+
+def _sams(trainer: Any) -> list[SAM]:
+    """The SAM objects among the trainer's optimisers (unwrapped from LightningOptimizer)."""
+    found = []
+    for optimizer in trainer.optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if isinstance(optimizer, SAM):
+            found.append(optimizer)
+    return found
+
+
+def _install_state_initialising_step(sam: SAM) -> None:
+    """Wrap ``sam.step`` (as found: an LR scheduler wraps it too) so that the step of torch's ``_init_optim_state``
+    (no closure, every learning rate 0, every gradient zero) goes to the base optimiser: it only creates the state
+    that the checkpoint then fills. :func:`_drop_state_initialising_step` puts back what was there."""
+    if getattr(sam.__dict__.get("step"), "_sam_state_initialising", False):
+        return
+    previous, wrapped = sam.__dict__.get("step"), sam.step
+
+    def step(closure: Callable[[], Tensor] | None = None, **kwargs: Any) -> Any:
+        groups = sam.param_groups
+        grads = [p.grad for group in groups for p in group["params"] if p.requires_grad]
+        if (
+            closure is None
+            and not kwargs
+            and all(float(group.get("lr", 0.0)) == 0.0 for group in groups)
+            and all(grad is not None and not bool(local(grad).count_nonzero()) for grad in grads)
+        ):
+            return sam.base_optimizer.step()
+        return wrapped(closure, **kwargs)
+
+    step._sam_state_initialising = True  # type: ignore[attr-defined]
+    step._sam_previous = previous  # type: ignore[attr-defined]
+    sam.step = step  # type: ignore[method-assign]
+
+
+def _drop_state_initialising_step(trainer: Any) -> None:
+    for sam in _sams(trainer):
+        step = sam.__dict__.get("step")
+        if getattr(step, "_sam_state_initialising", False):
+            if step._sam_previous is None:
+                del sam.step
+            else:
+                sam.step = step._sam_previous  # type: ignore[method-assign]
+
+
+def _is_model_parallel(strategy: Any) -> bool:
+    return any(base.__name__ == "ModelParallelStrategy" for base in type(strategy).__mro__)
 
 
 def _loss_of(output: Any) -> Tensor | None:
