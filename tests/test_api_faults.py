@@ -266,3 +266,27 @@ def test_a_bad_lr_set_later_stops_the_step_with_the_weights_unchanged(driver: st
     opt.param_groups[0]["lr"] = 0.1  # fixed: the optimiser goes on
     opt.step(closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_torch_state_initialising_step_goes_to_the_base_optimiser() -> None:
+    """torch.distributed.checkpoint creates an empty optimiser's state by step() without a closure at lr 0 on zero
+    gradients (FSDP2 checkpoints in Lightning and Accelerate load through it): SAM hands it to the base optimiser,
+    which creates its state and moves nothing. Any other step() without a closure is still refused."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = make_mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    saved = snapshot(model)
+    _init_optim_state(opt)
+    assert_identical(model, saved)
+    assert all("momentum_buffer" in opt.state[p] for p in model.parameters()) and opt.steps == 0
+    assert opt.param_groups[0]["lr"] == 0.1
+    x, y = make_batch()
+    cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"SAM.step\(\) needs a closure"):
+        opt.step()
+    fresh = flatminima.SAM(make_mlp().parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for p in fresh.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match=r"needs a closure"):  # zero gradients but a real learning rate
+        fresh.step()

@@ -3,8 +3,7 @@
 Return a :class:`~flatminima.optim.sam.SAM` from ``configure_optimizers`` (schedulers declared on it, as for any
 optimiser) and put :class:`SharpnessAwareMixin` before ``LightningModule`` in the bases. The mixin overrides the
 hooks ``optimizer_step`` and ``on_train_batch_start`` (and, for checkpoints under ``ModelParallelStrategy``,
-``on_fit_start``, ``on_train_start``, ``on_fit_end``, ``on_save_checkpoint`` and ``on_load_checkpoint``); everything
-else stays Lightning's:
+``on_save_checkpoint`` and ``on_load_checkpoint``); everything else stays Lightning's:
 
 - each step runs SAM's plan (:meth:`SAM.plan`). Its first pass is Lightning's own closure (``training_step``,
   ``zero_grad`` at the start of an accumulation window, the precision plugin's scaled ``backward``): at ``w``, so
@@ -29,8 +28,9 @@ apply ``fully_shard`` in ``configure_model`` (mesh ``self.device_mesh["data_para
 parameters, then a root that holds the rest): Lightning builds the optimiser afterwards, so SAM holds the sharded
 parameters and takes its norms over all ranks' shards (:mod:`flatminima.optim.sharded`), which makes the step SAM's
 on the global batch. Its checkpoints (full or distributed) resume exactly: torch's ``set_optimizer_state_dict``
-initialises the optimiser state by a ``step()`` without a closure, which the mixin hands to SAM's base optimiser
-between ``on_fit_start`` and ``on_train_start``, and SAM's step counter, which torch's optimiser state dict drops,
+initialises the optimiser state by a ``step()`` without a closure at learning rate 0 on zero gradients, which SAM
+hands to its base optimiser (:mod:`flatminima.optim.closure`), and SAM's step counter, which torch's optimiser state
+dict drops,
 is kept in the checkpoint by ``on_save_checkpoint``. The strategy takes precision 32-true, bf16-mixed, bf16-true or
 16-true. Tensor parallelism on the ``"tensor_parallel"`` dimension is untested; SAM accepts only parameters sharded
 over the same mesh dimensions (:func:`flatminima.optim.sharded.shard_groups`) and refuses others. Lightning's
@@ -52,7 +52,6 @@ from torch import Tensor
 from flatminima.optim import scaler as amp
 from flatminima.optim.plan import Descend
 from flatminima.optim.sam import SAM
-from flatminima.optim.sharded import local
 
 try:
     import lightning.pytorch  # noqa: F401  (the extra: pip install flatminima[lightning])
@@ -92,8 +91,7 @@ class SharpnessAwareMixin:
     (:attr:`sam_second_pass` is then True and ``self.log`` does nothing), once on a step without the ascent or for a
     rule that reads no ``g(w)``. BatchNorm running statistics are kept from the first pass. With an optimiser that is
     not a SAM the mixin steps as Lightning does. If you override ``optimizer_step``, ``on_train_batch_start``, or
-    (under ``ModelParallelStrategy``) ``on_fit_start``, ``on_train_start``, ``on_fit_end``, ``on_save_checkpoint`` or
-    ``on_load_checkpoint``, call ``super()``.
+    (under ``ModelParallelStrategy``) ``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -113,25 +111,6 @@ class SharpnessAwareMixin:
         return bool(self.__dict__.get("_sam_second_pass", False))
 
     # ------------------------------------------------------------------ Lightning hooks
-
-    def on_fit_start(self) -> None:
-        """Under ModelParallelStrategy (FSDP2), until training starts: Lightning's resume loads the optimiser state
-        with torch's ``set_optimizer_state_dict``, which first initialises an empty state by a ``step()`` without a
-        closure at learning rate 0 on zero gradients; SAM hands that step to its base optimiser."""
-        super().on_fit_start()  # type: ignore[misc]
-        if _is_model_parallel(self.trainer.strategy):  # type: ignore[attr-defined]
-            for sam in _sams(self.trainer):  # type: ignore[attr-defined]
-                _install_state_initialising_step(sam)
-
-    def on_train_start(self) -> None:
-        """Drop what :meth:`on_fit_start` added: ``sam.step`` is again what it was (SAM's, or a scheduler's wrapper)."""
-        _drop_state_initialising_step(self.trainer)  # type: ignore[attr-defined]
-        super().on_train_start()  # type: ignore[misc]
-
-    def on_fit_end(self) -> None:
-        """As :meth:`on_train_start`, for a fit that had no training to do (resumed at ``max_steps``)."""
-        _drop_state_initialising_step(self.trainer)  # type: ignore[attr-defined]
-        super().on_fit_end()  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Under ModelParallelStrategy, keep SAM's step counter (torch's ``get_optimizer_state_dict``, which the
@@ -315,41 +294,6 @@ def _sams(trainer: Any) -> list[SAM]:
         if isinstance(optimizer, SAM):
             found.append(optimizer)
     return found
-
-
-def _install_state_initialising_step(sam: SAM) -> None:
-    """Wrap ``sam.step`` (as found: an LR scheduler wraps it too) so that the step of torch's ``_init_optim_state``
-    (no closure, every learning rate 0, every gradient zero) goes to the base optimiser: it only creates the state
-    that the checkpoint then fills. :func:`_drop_state_initialising_step` puts back what was there."""
-    if getattr(sam.__dict__.get("step"), "_sam_state_initialising", False):
-        return
-    previous, wrapped = sam.__dict__.get("step"), sam.step
-
-    def step(closure: Callable[[], Tensor] | None = None, **kwargs: Any) -> Any:
-        groups = sam.param_groups
-        grads = [p.grad for group in groups for p in group["params"] if p.requires_grad]
-        if (
-            closure is None
-            and not kwargs
-            and all(float(group.get("lr", 0.0)) == 0.0 for group in groups)
-            and all(grad is not None and not bool(local(grad).count_nonzero()) for grad in grads)
-        ):
-            return sam.base_optimizer.step()
-        return wrapped(closure, **kwargs)
-
-    step._sam_state_initialising = True  # type: ignore[attr-defined]
-    step._sam_previous = previous  # type: ignore[attr-defined]
-    sam.step = step  # type: ignore[method-assign]
-
-
-def _drop_state_initialising_step(trainer: Any) -> None:
-    for sam in _sams(trainer):
-        step = sam.__dict__.get("step")
-        if getattr(step, "_sam_state_initialising", False):
-            if step._sam_previous is None:
-                del sam.step
-            else:
-                sam.step = step._sam_previous  # type: ignore[method-assign]
 
 
 def _is_model_parallel(strategy: Any) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flatminima import running_stats
+from flatminima.optim import sharded
 from flatminima.optim.plan import Descend, Pass
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ def run_closure(
             "(not step()), or use step(closure) alone."
         )
     if closure is None:
+        if _initialising_state(sam):
+            return sam.base_optimizer.step()  # creates the base's state; no SAM step (not counted)
         raise RuntimeError(
             "SAM.step() needs a closure that runs forward and backward and returns the loss, e.g. "
             "opt.step(lambda: (loss_fn(model(x), y).backward(), ...)[-1]); or call first_step() after the "
@@ -62,6 +65,20 @@ def run_closure(
         raise
     sam.second_step(grad_scaler=grad_scaler)
     return loss
+
+
+def _initialising_state(sam: SAM) -> bool:
+    """Whether ``step()`` without a closure is torch's way of creating an optimiser's state before loading a
+    checkpoint into it (``torch.distributed.checkpoint``'s ``_init_optim_state``, used by FSDP2 checkpoints in
+    Lightning and Accelerate): no state yet, every learning rate 0, every gradient zero. The base optimiser's step
+    then moves nothing and creates the state; any other ``step()`` without a closure is a mistake."""
+    if sam.base_optimizer.state:
+        return False
+    groups = sam.param_groups
+    if any(float(group.get("lr", 0.0)) != 0.0 for group in groups):
+        return False
+    grads = [p.grad for group in groups for p in group["params"] if p.requires_grad]
+    return bool(grads) and all(g is not None and not bool(sharded.local(g).count_nonzero()) for g in grads)
 
 
 def _running_stats(sam: SAM, phase: Pass) -> AbstractContextManager[running_stats.FrozenPass | None]:
