@@ -102,6 +102,9 @@ def test_report_says_how_the_best_rho_moves_only_where_it_was_measured(tmp_path:
     text = " ".join(alone.report.split())  # the report is wrapped at 118 characters
     assert "how the best radius moves with the noise is not measured here" in text and "the others show" not in text
     assert alone.rows[1][:4] == ["40 %", "85.0", "97.0", "+12.0"]
+    # one seed: the paired difference's interval is unbounded, so no verdict either way
+    assert alone.rows[1][-1] == "INCONCLUSIVE"
+    assert alone.results["per_noise"]["0.4"]["sam_minus_sgd_test_accuracy_pct_interval95"] == [-math.inf, math.inf]
     same = {0.2: Validation({0.1: 0.99, 0.3: 0.5}, 0.9, 0.1), SELECTION_NOISE: chosen}
     text = " ".join(report(_made_result(same), ctx).report.split())
     assert "it does not move, the best rho is 0.1 at every one of them" in text and "not measured" not in text

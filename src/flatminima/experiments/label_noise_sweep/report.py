@@ -19,6 +19,7 @@ from flatminima.experiments.label_noise_sweep.settings import (
     VALIDATION_FRACTION,
     describe_setting,
 )
+from flatminima.experiments.protocol import Interval, paired_difference, verdict
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.summary import cell, mean, mean_std
 
@@ -45,6 +46,7 @@ def _per_noise(result: LabelNoiseResult) -> dict[str, dict[str, Any]]:
     for noise in result.noise_levels:
         sgd, sam = result.cell(noise, "sgd"), result.cell(noise, "sam")
         gap = mean_std([100 * (b.test_accuracy - a.test_accuracy) for a, b in zip(sgd, sam)])
+        paired = _paired(sgd, sam)
         paper = PAPER_TEST_ACCURACY.get(noise)
         per_noise[f"{noise:g}"] = {
             "noise": noise,
@@ -52,6 +54,8 @@ def _per_noise(result: LabelNoiseResult) -> dict[str, dict[str, Any]]:
             "sam": _summary(sam),
             "sam_minus_sgd_test_accuracy_pct_mean": gap[0],
             "sam_minus_sgd_test_accuracy_pct_std": gap[1],
+            "sam_minus_sgd_test_accuracy_pct_interval95": [paired.low, paired.high],
+            "verdict": verdict(paired, paper_says_positive=True).value,
             "rho": result.rho,
             "paper_sgd_test_accuracy_pct": paper["sgd"] if paper else None,
             "paper_sam_test_accuracy_pct": paper["sam"] if paper else None,
@@ -76,9 +80,15 @@ def _rows(result: LabelNoiseResult) -> list[list[str]]:
                 _percent([r.noisy_fitted for r in sam]),
                 f"{paper['sgd']:g}" if paper else "",
                 f"{paper['sam']:g}" if paper else "",
+                verdict(_paired(sgd, sam), paper_says_positive=True).value,
             ]
         )
     return rows
+
+
+def _paired(sgd: Sequence[Any], sam: Sequence[Any]) -> Interval:
+    """SAM's clean test accuracy minus SGD's, seed by seed, in percent: its 95 % interval (the paper: above 0)."""
+    return paired_difference([100 * b.test_accuracy for b in sam], [100 * a.test_accuracy for a in sgd])
 
 
 def _short_setting(result: LabelNoiseResult) -> str:
@@ -301,6 +311,7 @@ def report(result: LabelNoiseResult, ctx: Context) -> Outcome:
             "SAM noisy fitted %",
             "paper SGD %",
             "paper SAM %",
+            "verdict (SAM > SGD)",
         ],
         rows=_rows(result),
         results=_results(result, per_noise),

@@ -1,0 +1,50 @@
+"""The verdict protocol: Student-t intervals (checked against the closed form), paired differences and the rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flatminima.experiments.protocol import Verdict, interval, paired_difference, verdict
+
+
+def test_interval_is_students_t() -> None:
+    # values 1, 2, 3: mean 2, sample sd 1, half width t / sqrt(3); with 2 degrees of freedom Student's t has the
+    # closed form F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so its p-quantile is (2p - 1) sqrt(2 / (1 - (2p - 1)^2))
+    def t2(p: float) -> float:
+        return (2 * p - 1) * math.sqrt(2 / (1 - (2 * p - 1) ** 2))
+
+    got = interval([1.0, 2.0, 3.0])
+    half = t2(0.975) / math.sqrt(3)
+    assert got.mean == 2.0 and got.n == 3
+    assert got.low == pytest.approx(2.0 - half, rel=1e-12) and got.high == pytest.approx(2.0 + half, rel=1e-12)
+    wide = interval([1.0, 2.0, 3.0], level=0.99)
+    assert wide.high - wide.mean == pytest.approx(t2(0.995) / math.sqrt(3), rel=1e-12)
+    one = interval([5.0])
+    assert one.mean == 5.0 and one.low == -math.inf and one.high == math.inf and not one.excludes_zero()
+    with pytest.raises(ValueError, match="at least one value"):
+        interval([])
+
+
+def test_paired_difference_cancels_the_seeds_shared_luck() -> None:
+    sam = [0.70, 0.80, 0.90]  # each seed's luck moves both optimisers alike
+    sgd = [0.60, 0.71, 0.79]
+    alone = interval(sam)
+    paired = paired_difference(sam, sgd)
+    assert not (alone.low - interval(sgd).high > 0)  # the two intervals overlap: separately, nothing is shown
+    assert paired.mean == pytest.approx(0.1, abs=1e-15) and paired.excludes_zero() and paired.low > 0
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_the_verdict_follows_the_interval_and_the_papers_direction() -> None:
+    above = paired_difference([0.9, 0.95, 0.92], [0.8, 0.82, 0.83])
+    below = paired_difference([0.8, 0.82, 0.83], [0.9, 0.95, 0.92])
+    unclear = paired_difference([0.9, 0.8, 0.95], [0.85, 0.9, 0.8])
+    assert verdict(above, paper_says_positive=True) is Verdict.SUPPORTS
+    assert verdict(above, paper_says_positive=False) is Verdict.CONTRADICTS
+    assert verdict(below, paper_says_positive=True) is Verdict.CONTRADICTS
+    assert verdict(below, paper_says_positive=False) is Verdict.SUPPORTS
+    assert verdict(unclear, paper_says_positive=True) is Verdict.INCONCLUSIVE
+    assert str(Verdict.SUPPORTS.value) == "SUPPORTS"
