@@ -115,7 +115,7 @@ def sam_step(
         raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
     _check_backend(accelerator)
     _check_processes(accelerator)
-    _check_not_accumulating(accelerator, model)
+    _check_not_accumulating(model)
     sam = unwrap_sam(optimizer)
     _adopt_shards(sam)
     scaler = _active(accelerator.scaler)
@@ -269,14 +269,12 @@ class SAMTrainer(transformers.Trainer):
         return loss
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Under FSDP2, Accelerate's ``save_fsdp_optimizer`` hands the optimiser to torch's
-        ``get_optimizer_state_dict``, which calls ``step()`` without a closure (SAM refuses) and knows nothing of SAM's
-        step counter: it gets the base optimiser (whose groups and state SAM shares), the counter is written beside."""
+        """Under FSDP2, Accelerate's ``save_fsdp_optimizer`` saves through torch's ``get_optimizer_state_dict``, which
+        keeps only the state and the parameter groups: SAM's step counter is written beside."""
         sam = self._sharded_sam()
         if sam is None:
             return super()._save_optimizer_and_scheduler(output_dir)
-        with self._base_optimizer_exposed(sam):
-            super()._save_optimizer_and_scheduler(output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             with open(os.path.join(output_dir, _SAM_STATE_NAME), "w", encoding="utf-8") as file:
                 json.dump({"steps": sam.steps}, file)
@@ -285,15 +283,13 @@ class SAMTrainer(transformers.Trainer):
         sam = self._sharded_sam() if checkpoint is not None else None
         if sam is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        with self._base_optimizer_exposed(sam):
-            super()._load_optimizer_and_scheduler(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, _SAM_STATE_NAME)
         steps = sam.steps
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as file:
                 steps = int(json.load(file)["steps"])
-        # share the loaded groups and state again (load_state_dict replaced the base's), with the counter
-        sam.load_state_dict({**sam.base_optimizer.state_dict(), "sam_steps": steps})
+        sam.steps = steps  # torch's optimiser state dict keeps only the state and the groups
 
     # ------------------------------------------------------------------ internals
 
@@ -304,14 +300,6 @@ class SAMTrainer(transformers.Trainer):
         sam = unwrap_sam(self.optimizer)
         _adopt_shards(sam)
         return sam if sam.sharded else None
-
-    @contextlib.contextmanager
-    def _base_optimizer_exposed(self, sam: SAM) -> Any:
-        optimizer, self.optimizer = self.optimizer, sam.base_optimizer
-        try:
-            yield
-        finally:
-            self.optimizer = optimizer
 
     def _prepare_sam(self, model: nn.Module) -> SAM:
         sam = self._route_optimizer_step()
@@ -394,7 +382,7 @@ def _check_processes(accelerator: Accelerator) -> None:
         )
 
 
-def _check_not_accumulating(accelerator: Accelerator, model: nn.Module) -> None:
+def _check_not_accumulating(model: nn.Module) -> None:
     """``sam_step`` is a whole step: inside ``accelerator.accumulate(...)`` (or ``no_sync``) its passes would not
     all-reduce, and the ranks' weights drift apart. (On one process the context changes nothing for sam_step.)"""
     if not getattr(model, "require_backward_grad_sync", True) or not _fsdp2_syncs(model):  # off inside no_sync
