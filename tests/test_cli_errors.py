@@ -443,3 +443,16 @@ def test_extending_a_run_says_that_the_schedule_stretches(tmp_path: Path, capsys
     assert main(_train(tmp_path, "--lr-schedule", "constant", name="flat")) == 0
     assert main(["train", "--output", str(tmp_path / "flat"), "--resume", "--epochs", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_an_internal_error_of_python_is_one_line_and_exit_1(tmp_path: Path, capsys, monkeypatch) -> None:
+    """SystemError (CPython failing inside an import under ulimit -v, seen in CI) is not the user's: exit 1."""
+    import flatminima.train.loop as loop
+
+    def broken(*args, **kwargs):
+        raise SystemError("error return without exception set")
+
+    monkeypatch.setattr(loop, "prepare_data", broken)
+    code, err = _run(capsys, _train(tmp_path))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "internal error of Python or an extension (error return without exception set)" in err

@@ -125,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _say(f"flatminima {args.command}: interrupted. {_resume_hint(args)}".rstrip())
             return 130
+        except SystemError as error:  # the interpreter or an extension failed inside (seen under ulimit -v)
+            if args.debug:
+                raise
+            _say(
+                f"flatminima {args.command}: internal error of Python or an extension ({_one_line(error)[:80]}); under "
+                "a memory limit (ulimit -v) a failed allocation can surface so: raise the limit or free memory. "
+                "(add --debug for the traceback)"
+            )
+            return 1
         except (MemoryError, *USER_ERRORS) as error:
             if args.debug:
                 raise
