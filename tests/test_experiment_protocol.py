@@ -48,3 +48,46 @@ def test_the_verdict_follows_the_interval_and_the_papers_direction() -> None:
     assert verdict(below, paper_says_positive=False) is Verdict.SUPPORTS
     assert verdict(unclear, paper_says_positive=True) is Verdict.INCONCLUSIVE
     assert str(Verdict.SUPPORTS.value) == "SUPPORTS"
+
+
+def test_grids_of_different_sizes_are_refused_and_choose_takes_the_best_then_the_first() -> None:
+    from flatminima.experiments.protocol import Grid, choose, equal_sizes
+
+    sgd = Grid("sgd", ({"lr": 0.05}, {"lr": 0.1}))
+    sam = Grid("sam", ({"rho": 0.05}, {"rho": 0.1}, {"rho": 0.2}))
+    with pytest.raises(ValueError, match="same size"):
+        equal_sizes(sgd, sam)
+    equal_sizes(sgd, Grid("sam", ({"rho": 0.05}, {"rho": 0.1})))
+    assert choose(sam, [0.8, 0.9, 0.85]) == {"rho": 0.1}
+    assert choose(sam, [0.9, 0.8, 0.9]) == {"rho": 0.05}  # a tie goes to the first (the smallest change)
+    assert choose(sam, [math.nan, 0.1, math.nan]) == {"rho": 0.1}  # a diverged run never wins
+    with pytest.raises(ValueError, match="3 settings"):
+        choose(sam, [0.1, 0.2])
+    with pytest.raises(ValueError, match="empty"):
+        Grid("sgd", ())
+
+
+def test_more_seeds_when_the_mean_is_within_two_standard_errors() -> None:
+    from flatminima.experiments.protocol import MORE_SEEDS, SEEDS, needs_more_seeds
+
+    assert len(SEEDS) == 3 and len(MORE_SEEDS) == 5 and MORE_SEEDS[: len(SEEDS)] == SEEDS
+    # mean 2, sd 1, standard error 1 / sqrt(3) = 0.577: 2 > 2 * 0.577, clear
+    assert not needs_more_seeds([1.0, 2.0, 3.0])
+    # mean 1, sd 1: 1 < 1.155, too close
+    assert needs_more_seeds([0.0, 1.0, 2.0])
+    assert not needs_more_seeds([0.0, 1.0, 2.0, 0.5, 0.1])  # five seeds already
+    assert not needs_more_seeds([1.0])  # one seed has no spread to judge by
+
+
+def test_sgd_gets_twice_the_epochs_at_equal_gradient_evaluations() -> None:
+    from flatminima.experiments.protocol import Budget, sgd_epochs
+
+    assert sgd_epochs(30, Budget.EQUAL_EPOCHS) == 30 and sgd_epochs(30, Budget.EQUAL_EVALUATIONS) == 60
+
+
+def test_agreement_with_a_closed_form() -> None:
+    from flatminima.experiments.protocol import agreement
+
+    assert agreement(1.0001, 1.0, 1e-3) is Verdict.SUPPORTS
+    assert agreement(1.01, 1.0, 1e-3) is Verdict.CONTRADICTS
+    assert agreement(math.nan, 1.0, 1e-3) is Verdict.INCONCLUSIVE

@@ -1,12 +1,14 @@
-"""``flatminima reproduce label-noise``: SAM fits fewer of the corrupted training labels than SGD and keeps a higher
-clean test accuracy (Foret et al. 2021, Table 4), checked on the quick run; and the demo's measure of how many noisy
+"""``flatminima reproduce label-noise``: the tuning protocol and its verdicts (on the quick run, and on stand-in
+trainings whose outcome is known); and the demo's measure of how many noisy
 labels a model has fitted, checked on models that predict exactly the noisy or the clean labels."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,103 +19,134 @@ from flatminima.data.dataset import to_float
 from flatminima.data.transforms import normalize
 from flatminima.experiments.label_noise import DEMO_CONFIG, fitted_fractions, format_table
 from flatminima.experiments.label_noise_sweep import (
+    EPOCHS,
+    NOISE_LEVELS,
+    PAPER_RHO,
     PAPER_TEST_ACCURACY,
     QUICK_NOISE_LEVELS,
-    QUICK_RHO_GRID,
-    SELECTION_NOISE,
     VALIDATION_FRACTION,
-    LabelNoiseResult,
-    RunRecord,
-    Validation,
-    choose_rho,
+    claims,
+    grids,
     report,
 )
 from flatminima.experiments.reproduce import Context
-from flatminima.train import prepare_data
+from flatminima.train import TrainConfig, prepare_data
 
 
 @pytest.mark.slow
-def test_label_noise_quick_sam_memorises_less_and_generalises_better(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_label_noise_quick_follows_the_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = _quick("label-noise", tmp_path, capsys)
-    selection = results["rho_selection"]
-    assert selection["noise"] == SELECTION_NOISE and selection["validation_fraction"] == VALIDATION_FRACTION
-    assert selection["rho_grid"] == list(QUICK_RHO_GRID)
-    # rho is the one with the best validation accuracy, and every SAM run of the sweep uses it
-    assert selection["chosen_rho"] == results["rho"]
-    assert selection["val_accuracy"][f"{results['rho']:g}"] == max(selection["val_accuracy"].values())
-    assert all(r["rho"] == results["rho"] for r in results["runs"] if r["optimizer"] == "sam")
-    assert results["noise_levels"] == list(QUICK_NOISE_LEVELS)
-    assert len(results["runs"]) == 2 * len(QUICK_NOISE_LEVELS) * len(results["seeds"])
-
-    clean, noisy = results["per_noise"]["0"], results["per_noise"]["0.4"]
-    # without noise there is nothing to memorise, and both models learn the digits
-    assert clean["sgd"]["noisy_fitted_pct_mean"] == "nan" and clean["paper_sgd_test_accuracy_pct"] is None
-    assert clean["sgd"]["test_accuracy_pct_mean"] > 95 and clean["sam"]["test_accuracy_pct_mean"] > 95
-    # the claim's direction at 40 % noise: SGD memorises a large share of the corrupted labels, SAM few of them,
-    # and SAM's clean test accuracy is higher (seeds 0, 1, 2 of the quick run: SGD fits 40 to 50 %, SAM under 5 %)
-    assert noisy["sgd"]["noisy_fitted_pct_mean"] > 25
-    assert noisy["sam"]["noisy_fitted_pct_mean"] < noisy["sgd"]["noisy_fitted_pct_mean"] / 3
-    assert noisy["sam"]["test_accuracy_pct_mean"] > noisy["sgd"]["test_accuracy_pct_mean"] + 3
-    assert noisy["sam"]["clean_fitted_pct_mean"] > 90  # SAM still fits the clean labels: it is not at chance
+    assert results["noise_levels"] == list(QUICK_NOISE_LEVELS) and results["tuned"] is True
+    assert results["validation"]["labels"] == "noisy" and results["validation"]["fraction"] == VALIDATION_FRACTION
+    sgd_grid, sam_grid = grids(quick=True)
+    tuning = {t["role"]: t for t in results["tuning"]}
+    assert set(tuning) == {"sgd", "sgd-2x", "sam"}
+    assert all(len(t["settings"]) == len(sgd_grid) == len(sam_grid) for t in tuning.values())
+    assert tuning["sgd-2x"]["epochs"] == 2 * tuning["sgd"]["epochs"] == 2 * results["epochs"]
+    for found in tuning.values():  # the chosen setting is the first of the best validation accuracies
+        best = max(found["val_accuracy"])
+        assert found["chosen"] == found["settings"][found["val_accuracy"].index(best)]
+    # SAM was tuned on SGD's chosen pair; every final run uses its role's chosen setting and budget
+    assert {k: tuning["sam"]["chosen"][k] for k in ("lr", "weight_decay")} == tuning["sgd"]["chosen"]
+    for run in results["runs"]:
+        chosen = tuning[run["role"]]["chosen"]
+        assert run["lr"] == chosen["lr"] and run["weight_decay"] == chosen["weight_decay"]
+        assert run["epochs"] == tuning[run["role"]]["epochs"]
+        assert run["rho"] == chosen.get("rho")
+    # a claim per budget, with a verdict computed from the interval written beside it
+    noisy = results["per_noise"]["0.4"]
+    assert [c["verdict"] for c in results["claims"]] == [
+        noisy["sam_minus_sgd_test_accuracy_pct"]["verdict"],
+        noisy["sam_minus_sgd-2x_test_accuracy_pct"]["verdict"],
+    ]
+    for key in ("sam_minus_sgd_test_accuracy_pct", "sam_minus_sgd-2x_test_accuracy_pct"):
+        low, high = noisy[key]["interval95"]
+        assert low <= noisy[key]["mean"] <= high
+        assert noisy[key]["verdict"] == ("SUPPORTS" if low > 0 else "CONTRADICTS" if high < 0 else "INCONCLUSIVE")
     assert noisy["paper_sgd_test_accuracy_pct"] == PAPER_TEST_ACCURACY[0.4]["sgd"]
-    assert noisy["paper_sam_test_accuracy_pct"] == PAPER_TEST_ACCURACY[0.4]["sam"]
 
 
-def test_choose_rho_takes_the_best_validation_accuracy_and_the_smaller_rho_on_a_tie() -> None:
-    assert choose_rho({0.05: 0.8, 0.1: 0.9, 0.3: 0.85}) == 0.1
-    assert choose_rho({0.05: 0.8, 0.1: 0.9, 0.3: 0.9}) == 0.1
+def _fake_trainings(accuracy: dict[str, float], spread: float) -> Any:
+    """A stand-in for the worker pool: each run's accuracies from its optimiser, budget and settings alone (no
+    training), so that the protocol's bookkeeping is checked in milliseconds."""
+
+    def run(configs: list[TrainConfig], workers: int | None, progress: Any) -> list[Any]:
+        outputs = []
+        for config in configs:
+            role = "sam" if config.optimizer == "sam" else "sgd-2x" if config.epochs == 2 * EPOCHS else "sgd"
+            # validation prefers lr 0.1 / wd 5e-3 for SGD and rho 0.2 for SAM; the test accuracy is the role's
+            val = 0.5 + (config.lr == 0.1) * 0.1 + (config.weight_decay == 5e-3) * 0.05
+            if role == "sam":
+                val += 0.2 - abs(config.rho - 0.2)
+            test = accuracy[role] + spread * (config.seed % 3 - 1) * (1 if role == "sam" else -1)
+            record = {"val_accuracy": val, "test_accuracy": test, "best_test_accuracy": test, "noisy_fitted": 0.1}
+            record |= {"clean_fitted": 0.9, "train_loss": 0.2, "seconds_per_epoch": 0.1}
+            outputs.append((record, [{"test_accuracy": test}]))
+        return outputs
+
+    return run
 
 
-def _made_result(validation: dict[float, Validation], rho_given: bool = False) -> LabelNoiseResult:
-    """A sweep's result made by hand: noise 0 and 40 %, one seed, SGD memorising and SAM not."""
+@pytest.mark.parametrize(
+    ("accuracy", "spread", "verdicts", "seeds"),
+    [
+        ({"sgd": 0.70, "sgd-2x": 0.72, "sam": 0.90}, 0.01, {"SUPPORTS"}, 3),
+        ({"sgd": 0.90, "sgd-2x": 0.91, "sam": 0.70}, 0.01, {"CONTRADICTS"}, 3),
+        ({"sgd": 0.80, "sgd-2x": 0.80, "sam": 0.801}, 0.05, {"INCONCLUSIVE"}, 5),  # too close: five seeds
+    ],
+)
+def test_compute_tunes_on_validation_then_trains_the_chosen_settings_over_the_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    accuracy: dict[str, float],
+    spread: float,
+    verdicts: set[str],
+    seeds: int,
+) -> None:
+    module = importlib.import_module("flatminima.experiments.label_noise_sweep.compute")
 
-    def run(optimizer: str, noise: float, accuracy: float, noisy: float) -> RunRecord:
-        rho = 0.1 if optimizer == "sam" else None
-        return RunRecord(optimizer, noise, 0, rho, accuracy, accuracy, noisy, 1.0, 0.1, 0.2, [accuracy])
-
-    return LabelNoiseResult(
-        base=DEMO_CONFIG,
-        epochs=20,
-        seeds=(0,),
-        noise_levels=(0.0, 0.4),
-        rho_grid=(0.1, 0.3),
-        rho=0.1,
-        rho_given=rho_given,
-        selection_seed=0,
-        validation=validation,
-        validation_examples=202,
-        train_examples=1347,
-        test_examples=450,
-        runs=[
-            run("sgd", 0.0, 0.99, math.nan),
-            run("sam", 0.0, 0.98, math.nan),
-            run("sgd", 0.4, 0.85, 0.44),
-            run("sam", 0.4, 0.97, 0.03),
-        ],
-    )
+    monkeypatch.setattr(module, "run_trainings", _fake_trainings(accuracy, spread))
+    result = module.compute(Context(output=tmp_path, quick=False, seeds=(0, 1, 2), progress=lambda _: None))
+    assert result.tuned and result.noise_levels == NOISE_LEVELS
+    for noise in NOISE_LEVELS:
+        assert result.tuned_at(noise, "sgd").chosen == {"lr": 0.1, "weight_decay": 5e-3}  # type: ignore[union-attr]
+        assert result.tuned_at(noise, "sam").chosen == {"lr": 0.1, "weight_decay": 5e-3, "rho": 0.2}  # type: ignore[union-attr]
+        assert len(result.seeds[noise]) == seeds and [r.seed for r in result.cell(noise, "sam")] == list(range(seeds))
+        assert {r.epochs for r in result.cell(noise, "sgd-2x")} == {2 * EPOCHS}
+        # the paper's rho gets its own rows at 60 and 80 % (validation chose 0.2, not the paper's)
+        paper = result.cell(noise, "sam-paper")
+        assert (noise in (0.6, 0.8)) == bool(paper)
+        assert all(r.rho == PAPER_RHO[noise] for r in paper)
+    found = claims(result)
+    assert {c.verdict.value for c in found} == verdicts
+    assert len(found) == 2 * (len(NOISE_LEVELS) + 2)  # two budgets, at every level and the two paper rows
+    outcome = report(result, Context(output=tmp_path, quick=False, seeds=(0, 1, 2)))
+    assert len(outcome.rows) == len(NOISE_LEVELS) + 2 and outcome.claims == found
 
 
-def test_report_says_how_the_best_rho_moves_only_where_it_was_measured(tmp_path: Path) -> None:
-    ctx = Context(output=tmp_path, quick=True, seeds=(0,))
-    chosen = Validation({0.1: 0.98, 0.3: 0.2}, 0.88, 0.1)
-    alone = report(_made_result({SELECTION_NOISE: chosen}), ctx)
-    text = " ".join(alone.report.split())  # the report is wrapped at 118 characters
-    assert "how the best radius moves with the noise is not measured here" in text and "the others show" not in text
-    assert alone.rows[1][:4] == ["40 %", "85.0", "97.0", "+12.0"]
-    # one seed: the paired difference's interval is unbounded, so no verdict either way
-    assert alone.rows[1][-1] == "INCONCLUSIVE"
-    assert alone.results["per_noise"]["0.4"]["sam_minus_sgd_test_accuracy_pct_interval95"] == [-math.inf, math.inf]
-    same = {0.2: Validation({0.1: 0.99, 0.3: 0.5}, 0.9, 0.1), SELECTION_NOISE: chosen}
-    text = " ".join(report(_made_result(same), ctx).report.split())
-    assert "it does not move, the best rho is 0.1 at every one of them" in text and "not measured" not in text
-    moving = {**same, 0.6: Validation({0.1: 0.6, 0.3: 0.7}, 0.5, 0.3)}
-    text = " ".join(report(_made_result(moving), ctx).report.split())
-    assert "the best rho is 0.1 at 20 %, 0.1 at 40 %, 0.3 at 60 %" in text and "does not move" not in text
-    given = report(_made_result({}, rho_given=True), ctx)
-    assert "given on the command line" in given.report and "validation runs" not in given.report
-    assert given.results["rho_selection"] is None and given.results["rho_sensitivity"] == {}
+def test_settings_given_on_the_command_line_tune_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    module = importlib.import_module("flatminima.experiments.label_noise_sweep.compute")
+
+    monkeypatch.setattr(module, "run_trainings", _fake_trainings({"sgd": 0.7, "sgd-2x": 0.7, "sam": 0.9}, 0.01))
+    ctx = Context(output=tmp_path, quick=True, seeds=(0, 1), progress=lambda _: None, overrides={"rho": 0.1})
+    result = module.compute(ctx)
+    assert not result.tuned and result.tuning == []
+    assert {r.rho for r in result.cell(0.4, "sam")} == {0.1}
+    assert {(r.lr, r.weight_decay) for r in result.runs} == {(DEMO_CONFIG.lr, DEMO_CONFIG.weight_decay)}
+
+
+def test_a_noisy_validation_split_is_corrupted_like_the_training_labels() -> None:
+    config = dataclasses.replace(DEMO_CONFIG, label_noise=0.4, validation_fraction=0.15, seed=1)
+    clean = prepare_data(config)
+    noisy = prepare_data(dataclasses.replace(config, validation_labels="noisy"))
+    assert torch.equal(clean.train_labels, noisy.train_labels)  # the training noise is the same draw
+    assert clean.val_labels is not None and noisy.val_labels is not None
+    changed = (clean.val_labels != noisy.val_labels).double().mean().item()
+    assert changed == pytest.approx(0.4, abs=0.01)
+    with pytest.raises(ValueError, match="--validation-labels"):
+        from flatminima.train.config import refuse_unused_settings
+
+        refuse_unused_settings(dataclasses.replace(DEMO_CONFIG, validation_labels="noisy"), {"validation_labels"})
 
 
 class _Oracle(nn.Module):

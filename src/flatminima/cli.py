@@ -81,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("name", nargs="?", help="which reproduction (see --list)")
     reproduce.add_argument("--list", action="store_true", help="list the reproductions and exit")
+    reproduce.add_argument(
+        "--all",
+        action="store_true",
+        help="run every reproduction (into --output/NAME) and print the table of every claim with its verdict",
+    )
+    reproduce.add_argument(
+        "--verdicts",
+        metavar="FOLDER",
+        default=None,
+        help="print the table of every claim with its verdict from the reproductions' folders in FOLDER (no runs)",
+    )
     reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")
     reproduce.add_argument("--output", default=None, help="output folder (default: runs/reproduce/NAME)")
@@ -241,11 +252,13 @@ def _reproduce(args: argparse.Namespace) -> int:
         for name, reproduction in available().items():
             print(f"{name:16s} {reproduction.summary}")
         return 0
+    overrides = {name: getattr(args, name) for name in TRAINING_FIELDS if getattr(args, name) is not None}
+    if args.verdicts is not None or args.all:
+        return _reproduce_every(args, overrides)
     if not args.name:
         raise ValueError(
             "name a reproduction, e.g. flatminima reproduce sam-cycle --quick (flatminima reproduce --list)"
         )
-    overrides = {name: getattr(args, name) for name in TRAINING_FIELDS if getattr(args, name) is not None}
     command = f"flatminima reproduce {args.name}" + " --quick" * args.quick
     if args.seeds:
         command += " --seeds " + " ".join(map(str, args.seeds))
@@ -263,6 +276,41 @@ def _reproduce(args: argparse.Namespace) -> int:
         overrides=overrides,
         overwrite=args.overwrite,
     )
+    return 0
+
+
+def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> int:
+    """``--all`` (run every reproduction, then the verdict table) and ``--verdicts FOLDER`` (the table alone)."""
+    from pathlib import Path
+
+    from flatminima.experiments.reproduce import available, run_reproduction
+    from flatminima.experiments.verdicts import collect, verdict_table
+
+    given = [flag for flag, value in (("a NAME", args.name), ("--seeds", args.seeds)) if value]
+    given += ["--" + name.replace("_", "-") for name in overrides]
+    if args.verdicts is not None and (args.all or args.quick or args.output):
+        given += [
+            flag for flag, value in (("--all", args.all), ("--quick", args.quick), ("--output", args.output)) if value
+        ]
+    if given:
+        what = "--verdicts" if args.verdicts is not None else "--all"
+        raise ValueError(
+            f"{what} does not take {', '.join(given)}: it runs (or reads) every reproduction with its own settings; "
+            "run one reproduction by name to change its settings"
+        )
+    if args.verdicts is not None:
+        print(verdict_table(collect(args.verdicts)))
+        return 0
+    folder = Path(args.output or ("runs/reproduce/all" + ("-quick" if args.quick else "")))
+    for name in available():
+        command = f"flatminima reproduce --all{' --quick' * args.quick} --output {folder}"
+        print(f"\n## {name}\n", flush=True)
+        run_reproduction(name, output=folder / name, quick=args.quick, command=command, overwrite=args.overwrite)
+    table = verdict_table(collect(folder))
+    from flatminima.output_folder import write_atomically
+
+    write_atomically(folder / "verdicts.md", table + "\n")
+    print("\n## Every claim and its verdict\n\n" + table, flush=True)
     return 0
 
 

@@ -1,5 +1,15 @@
-"""The numbers a reproduction's verdict rests on: 95 % intervals over seeds, the paired difference of two optimisers
-run on the same seeds, and a verdict computed from that interval by a rule fixed before the run.
+"""The protocol every training reproduction follows, and the numbers its verdict rests on.
+
+Tuning: each optimiser gets a :class:`Grid` of the same size (SGD over its learning rate and weight decay, SAM over
+rho on top of SGD's chosen pair), each point trained once on the training set less a validation split, and the point
+with the best final validation accuracy is kept (:func:`choose`); the test set is never looked at until the tuned
+settings are trained over the seeds. Two budgets (:class:`Budget`): equal epochs, and equal gradient evaluations,
+where SGD trains :data:`SAM_EVALUATIONS_PER_STEP` times SAM's epochs (SAM computes two gradients a step). Seeds:
+:data:`SEEDS`, and :data:`MORE_SEEDS` when the paired difference lies within two standard errors of zero
+(:func:`needs_more_seeds`).
+
+Verdicts: 95 % intervals over seeds, the paired difference of two optimisers run on the same seeds, and a verdict
+computed from that interval by a rule fixed before the run.
 
 A claim "SAM beats SGD" is SUPPORTED when the 95 % interval of the paired difference (SAM minus SGD, seed by seed)
 lies wholly on the paper's side of zero, CONTRADICTED when it lies wholly on the other side, and INCONCLUSIVE
@@ -13,8 +23,33 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
-__all__ = ["Interval", "Verdict", "interval", "paired_difference", "verdict"]
+__all__ = [
+    "MORE_SEEDS",
+    "SAM_EVALUATIONS_PER_STEP",
+    "SEEDS",
+    "Budget",
+    "Claim",
+    "Grid",
+    "Interval",
+    "Verdict",
+    "agreement",
+    "choose",
+    "equal_sizes",
+    "interval",
+    "needs_more_seeds",
+    "paired_difference",
+    "sgd_epochs",
+    "verdict",
+    "within",
+]
+
+#: gradients SAM computes per step (the ascent's and the descent's); SGD computes one
+SAM_EVALUATIONS_PER_STEP = 2
+#: seeds of every training comparison; :data:`MORE_SEEDS` where the difference is within two standard errors of 0
+SEEDS = (0, 1, 2)
+MORE_SEEDS = (0, 1, 2, 3, 4)
 
 
 class Verdict(str, Enum):
@@ -75,3 +110,97 @@ def verdict(difference: Interval, paper_says_positive: bool) -> Verdict:
         return Verdict.INCONCLUSIVE
     positive = difference.low > 0
     return Verdict.SUPPORTS if positive == paper_says_positive else Verdict.CONTRADICTS
+
+
+class Budget(str, Enum):
+    """How much training SGD gets against SAM: the same epochs, or the same number of gradient evaluations."""
+
+    EQUAL_EPOCHS = "equal epochs"
+    EQUAL_EVALUATIONS = "equal gradient evaluations"
+
+
+def sgd_epochs(sam_epochs: int, budget: Budget) -> int:
+    """SGD's epochs in ``budget`` when SAM trains ``sam_epochs``: the same, or :data:`SAM_EVALUATIONS_PER_STEP`
+    times as many (the SAM paper's own comparison gave SGD twice the epochs)."""
+    return sam_epochs * (SAM_EVALUATIONS_PER_STEP if budget is Budget.EQUAL_EVALUATIONS else 1)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One optimiser's tuning grid: the settings tried (each a mapping of setting name -> value), in the order of
+    preference a tie is broken by (the first: the smallest change)."""
+
+    optimizer: str
+    settings: tuple[dict[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise ValueError(f"the tuning grid of {self.optimizer} is empty")
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+
+def equal_sizes(*grids: Grid) -> None:
+    """Refuse grids of different sizes: every optimiser gets the same tuning budget."""
+    sizes = {grid.optimizer: len(grid) for grid in grids}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"every optimiser needs a tuning grid of the same size; got {sizes}")
+
+
+def choose(grid: Grid, validation_scores: Sequence[float]) -> dict[str, Any]:
+    """The setting of ``grid`` with the best validation score (higher is better); a tie goes to the earlier one. A
+    NaN score (a diverged run) never wins."""
+    if len(validation_scores) != len(grid):
+        raise ValueError(f"{len(validation_scores)} scores for a grid of {len(grid)} settings")
+    finite = [(score, -index) for index, score in enumerate(validation_scores) if not math.isnan(score)]
+    if not finite:
+        return dict(grid.settings[0])
+    return dict(grid.settings[-max(finite)[1]])
+
+
+def needs_more_seeds(differences: Sequence[float]) -> bool:
+    """Whether a paired difference over :data:`SEEDS` is too close to call: its mean within two standard errors
+    of zero (then the comparison is rerun over :data:`MORE_SEEDS`)."""
+    n = len(differences)
+    if n >= len(MORE_SEEDS) or n < 2:
+        return False
+    mean = math.fsum(differences) / n
+    deviation = math.sqrt(math.fsum((d - mean) ** 2 for d in differences) / (n - 1))
+    return abs(mean) <= 2 * deviation / math.sqrt(n)
+
+
+def agreement(measured: float, predicted: float, relative_tolerance: float) -> Verdict:
+    """A theory claim's verdict: SUPPORTS when ``measured`` is within ``relative_tolerance`` of ``predicted``
+    (relative to its size), CONTRADICTS otherwise (a closed form leaves nothing inconclusive)."""
+    if math.isnan(measured):
+        return Verdict.INCONCLUSIVE
+    close = abs(measured - predicted) <= relative_tolerance * max(abs(predicted), 1e-300)
+    return Verdict.SUPPORTS if close else Verdict.CONTRADICTS
+
+
+def within(error: float, tolerance: float) -> Verdict:
+    """A theory claim's verdict from an error already measured against its closed form: SUPPORTS when
+    ``error <= tolerance``, CONTRADICTS when larger, INCONCLUSIVE when it could not be measured (NaN)."""
+    if math.isnan(error):
+        return Verdict.INCONCLUSIVE
+    return Verdict.SUPPORTS if error <= tolerance else Verdict.CONTRADICTS
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper and what the reproduction measured of it: the statement, the measurement it rests on
+    (with its interval), the rule that turned the measurement into the verdict, and the verdict."""
+
+    statement: str
+    measured: str
+    rule: str
+    verdict: Verdict
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "statement": self.statement,
+            "measured": self.measured,
+            "rule": self.rule,
+            "verdict": self.verdict.value,
+        }

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flatminima.experiments.protocol import Claim
 from flatminima.output_folder import OutputFolder, write_atomically
 
 __all__ = [
@@ -90,6 +91,8 @@ class Outcome:
     report: str = ""
     figures: list[Path] = field(default_factory=list)
     caption: str = ""
+    #: the paper's claims this reproduction tests, each with its computed verdict (:mod:`.protocol`)
+    claims: list[Claim] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
     ]
     lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def claims_section(claims: Sequence[Claim]) -> str:
+    """The report's verdicts: one line per claim, the verdict first, then what it rests on and the rule."""
+    if not claims:
+        return ""
+    lines = ["## Verdicts", ""]
+    lines += [f"- **{c.verdict.value}**: {c.statement}. Measured: {c.measured}. Rule: {c.rule}." for c in claims]
     return "\n".join(lines)
 
 
@@ -221,7 +233,7 @@ def _run_in(
     command = command or f"flatminima reproduce {name}" + (" --quick" if quick else "")
     table = markdown_table(outcome.headers, outcome.rows)
     print(table, flush=True)
-    own = {"reproduction", "paper", "command", "quick", "seeds", "seconds", "overrides", "paper_command"}
+    own = {"reproduction", "paper", "command", "quick", "seeds", "seconds", "overrides", "paper_command", "claims"}
     clashing = sorted(own & set(outcome.results))
     if clashing:
         raise RuntimeError(f"reproduction {name!r} returned results named {clashing}, which the runner writes itself")
@@ -234,6 +246,7 @@ def _run_in(
         "seconds": round(seconds, 2),
         "overrides": overrides,
         "paper_command": reproduction.paper_command,
+        "claims": [claim.as_dict() for claim in outcome.claims],
         **outcome.results,
     }
     write_atomically(folder / "results.json", json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
@@ -246,6 +259,7 @@ def _run_in(
             f"{seconds:.0f} s).",
             outcome.caption,
             table,
+            claims_section(outcome.claims),
             outcome.report.strip(),
             f"The paper's own setting (on a GPU): `{reproduction.paper_command}`" if reproduction.paper_command else "",
             figures,

@@ -94,6 +94,11 @@ class _RunFields:
     label_noise: float = _option(0.0, "fraction of training labels corrupted")
     label_noise_kind: str = _option("symmetric", "symmetric or asymmetric", ("symmetric", "asymmetric"))
     validation_fraction: float = _option(0.0, "hold out this fraction of the training set (e.g. to tune rho)")
+    validation_labels: str = _option(
+        "clean",
+        "labels of the held-out split: clean, or noisy (corrupted like the training labels, with --label-noise)",
+        ("clean", "noisy"),
+    )
     amp: str = _option("none", "mixed precision: none, bf16, fp16 (fp16 uses a GradScaler)", ("none", "bf16", "fp16"))
     track_sharpness: int = _option(
         0, "measure lambda_max every N steps (warm-started power iteration), logged in metrics.jsonl; 0: off"
@@ -461,6 +466,17 @@ def refuse_unused_settings(config: TrainConfig, flags: Collection[str]) -> None:
     if base == "adamw" and "momentum" in flags:
         role = "base optimiser" if spec.sharpness_aware else "optimiser"
         refuse("momentum", "SGD's", f"AdamW (the {role}) does not read it: drop it, or use SGD")
+    if (
+        "validation_labels" in flags
+        and config.validation_labels == "noisy"
+        and not (config.validation_fraction > 0 and config.label_noise > 0)
+    ):
+        refuse(
+            "validation_labels",
+            "about the labels of a held-out split under label noise",
+            "this run has no validation split or no label noise: add --validation-fraction and --label-noise, "
+            "or drop it",
+        )
     own = {f.name for f in dc.fields(spec.options)} if spec.options is not None else set()
     for name in sorted(set(option_fields()) & set(flags) - own):
         readers = [

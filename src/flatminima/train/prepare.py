@@ -15,6 +15,9 @@ from flatminima.train.config import TrainConfig
 
 __all__ = ["PreparedData", "model_for", "prepare_data"]
 
+#: added to the run's seed for the noise of a noisy validation split (its own draw, not the training noise's)
+_VAL_NOISE_SEED = 7919
+
 
 @dataclass
 class PreparedData:
@@ -32,6 +35,10 @@ class PreparedData:
 def prepare_data(config: TrainConfig, dataset: ImageDataset | None = None) -> PreparedData:
     """Load, hold out a validation split, corrupt the (remaining) training labels; the seed fixes all three.
 
+    The split is made before the noise, so its labels are clean unless ``config.validation_labels`` is
+    ``"noisy"``: then they are corrupted like the training labels (the same fraction and kind, a seed of their own),
+    as a practitioner whose whole training set is noisy would have to tune on.
+
     ``dataset`` replaces the one ``config.dataset`` names (a user's own images, or a benchmark's synthetic set).
     """
     if dataset is None:
@@ -46,6 +53,9 @@ def prepare_data(config: TrainConfig, dataset: ImageDataset | None = None) -> Pr
     if config.label_noise > 0:
         corrupt = symmetric_label_noise if config.label_noise_kind == "symmetric" else asymmetric_label_noise
         labels = corrupt(labels, config.label_noise, dataset.num_classes, seed=config.seed)
+        if val_labels is not None and config.validation_labels == "noisy":
+            val_seed = config.seed + _VAL_NOISE_SEED
+            val_labels = corrupt(val_labels, config.label_noise, dataset.num_classes, seed=val_seed)
     return PreparedData(images, labels, dataset.test_images, dataset.test_labels, val_images, val_labels, dataset)
 
 

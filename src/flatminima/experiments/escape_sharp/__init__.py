@@ -98,4 +98,5 @@ REPRODUCTION = Reproduction(
     summary="Escaping a sharp minimum with random perturbations: tr(H) decreases along the minima set",
     paper="Ahn, Jadbabaie, Sra, How to Escape Sharp Minima with Random Perturbations (ICML 2024), Alg. 1 and 2",
     run=run,
+    quick_seeds=(0, 1),
 )

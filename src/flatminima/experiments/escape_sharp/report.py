@@ -10,10 +10,11 @@ from flatminima.experiments.escape_sharp.commentary import commentary
 from flatminima.experiments.escape_sharp.compute import FULL_STEPS, EscapeSharpResult
 from flatminima.experiments.escape_sharp.plots import plot_batch_sizes, plot_rows
 from flatminima.experiments.escape_sharp.problem import PROBLEM
+from flatminima.experiments.protocol import Claim, interval, verdict
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.summary import cell, mean, spread
 
-__all__ = ["HEADERS", "outcome"]
+__all__ = ["HEADERS", "claims", "outcome"]
 
 HEADERS = [
     "",
@@ -181,6 +182,28 @@ def results_json(result: EscapeSharpResult, batch_effect: dict[str, Any]) -> dic
     }
 
 
+def claims(results: dict[str, Any]) -> list[Claim]:
+    """The paper's claim for each random algorithm at its own settings: started at a sharp minimum, it moves along
+    the minima set toward smaller tr(H). Measured: the fraction of the excess tr(H) - tr(H)_min removed by the
+    run's nearest minimum, seed by seed, and its 95 % interval; SUPPORTS when the interval lies above 0."""
+    start, floor = results["trace_start"], results["trace_min_on_manifold"]
+    found = []
+    for label, name in (("ahn-rs", "Algorithm 1 (random perturbation)"), ("ahn-sa", "Algorithm 2 (sharpness-aware)")):
+        per_seed = results["runs"][label]["trace_nearest_minimum"]["per_seed"]
+        removed = interval([100 * (start - trace) / (start - floor) for trace in per_seed])
+        found.append(
+            Claim(
+                statement=f"{name} leaves a sharp minimum along the minima set toward smaller tr(H)",
+                measured=f"excess tr(H) removed {removed.mean:.1f} % [{removed.low:.1f}, {removed.high:.1f}] over "
+                f"{removed.n} seeds",
+                rule="Student-t 95 % interval over seeds; SUPPORTS if above 0, CONTRADICTS if below, INCONCLUSIVE "
+                "otherwise",
+                verdict=verdict(removed, paper_says_positive=True),
+            )
+        )
+    return found
+
+
 def outcome(result: EscapeSharpResult, ctx: Context) -> Outcome:
     """The table, ``results.json``, the figures (saved into ``ctx``'s folder) and the commentary of ``result``."""
     batch_rows, batch_effect = _batch(result)
@@ -191,6 +214,7 @@ def outcome(result: EscapeSharpResult, ctx: Context) -> Outcome:
     ]
     batch_table = markdown_table(BATCH_HEADERS, batch_rows)
     return Outcome(
+        claims=claims(results),
         headers=list(HEADERS),
         rows=_rows(result),
         results=results,

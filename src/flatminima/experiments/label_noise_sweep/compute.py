@@ -1,4 +1,6 @@
-"""The sweep itself: choose rho on a clean validation split, then train SGD and SAM at every noise level and seed.
+"""The sweep itself, by the protocol of :mod:`flatminima.experiments.protocol`: at each noise level, tune SGD (lr and
+weight decay, at both budgets) and SAM (rho, on SGD's chosen pair) on a validation split, then train the tuned
+settings over the seeds on the whole training set.
 
 :func:`compute` trains and measures and returns a :class:`LabelNoiseResult`; it writes nothing and formats nothing
 (the report does, :mod:`flatminima.experiments.label_noise_sweep.report`).
@@ -7,38 +9,60 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flatminima.experiments.label_noise_sweep.settings import (
     EPOCHS,
     NOISE_LEVELS,
+    PAPER_RHO,
     QUICK_EPOCHS,
     QUICK_NOISE_LEVELS,
-    QUICK_RHO_GRID,
-    RHO_GRID,
-    SELECTION_NOISE,
+    TUNED_FIELDS,
     base_config,
-    choose_rho,
-    sweep_config,
-    validation_runs,
+    grids,
+    run_config,
 )
 from flatminima.experiments.label_noise_sweep.training import TrainingOutput, run_trainings
+from flatminima.experiments.protocol import (
+    MORE_SEEDS,
+    SEEDS,
+    Budget,
+    Grid,
+    choose,
+    equal_sizes,
+    needs_more_seeds,
+    sgd_epochs,
+)
 from flatminima.experiments.reproduce import Context
 from flatminima.train import TrainConfig, prepare_data
 
-__all__ = ["LabelNoiseResult", "RunRecord", "Validation", "compute"]
+__all__ = ["ROLES", "LabelNoiseResult", "RunRecord", "Tuning", "compute"]
+
+#: the runs at each noise level: SGD at both budgets, SAM at the validated rho, and SAM at the paper's rho where
+#: that differs from every validated one (the 60 % and 80 % rows' second line)
+ROLES: dict[str, str] = {
+    "sgd": "SGD, equal epochs",
+    "sgd-2x": "SGD, equal gradient evaluations",
+    "sam": "SAM, validated rho",
+    "sam-paper": "SAM, the paper's rho",
+}
+_PAPER_ROW_NOISES = (0.6, 0.8)
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run of the sweep: which optimiser, noise level, seed and rho (None for SGD), and what it measured
-    (fractions in [0, 1]; ``noisy_fitted`` is NaN without noise)."""
+    """One run over the seeds: its role (:data:`ROLES`), noise level, seed, epochs and settings, and what it
+    measured (fractions in [0, 1]; ``noisy_fitted`` is NaN without noise)."""
 
-    optimizer: str
+    role: str
     noise: float
     seed: int
+    epochs: int
+    lr: float
+    weight_decay: float
     rho: float | None
     test_accuracy: float
     best_test_accuracy: float
@@ -50,123 +74,215 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
-class Validation:
-    """The validation runs at one noise level (first seed): SAM's final clean validation accuracy for each rho of
-    the grid (in the grid's order), SGD's, and the rho :func:`choose_rho` takes from them."""
+class Tuning:
+    """One tuning grid run at one noise level (the selection seed, validation split held out): the settings tried,
+    their final validation accuracies (noisy labels, like the training labels), and the one chosen."""
 
-    sam_val_accuracy: dict[float, float]
-    sgd_val_accuracy: float
-    best_rho: float
+    noise: float
+    role: str
+    epochs: int
+    settings: list[dict[str, float]]
+    val_accuracy: list[float]
+    chosen: dict[str, float]
 
 
 @dataclass(frozen=True)
 class LabelNoiseResult:
     """Everything the sweep measured, with the settings that made it.
 
-    ``validation`` maps each noise level with validation runs to them (none when rho was given); the selection's,
-    at :data:`SELECTION_NOISE`, chose ``rho``. ``runs`` are the sweep's, noise level by noise level, seed by seed,
-    SGD then SAM.
+    ``tuning`` holds the grids run per noise level and role (empty when settings were given on the command line);
+    ``seeds`` the seeds each noise level was run over (more where the first ones left the gap too close to call).
     """
 
     base: TrainConfig
     epochs: int
-    seeds: tuple[int, ...]
     noise_levels: tuple[float, ...]
-    rho_grid: tuple[float, ...]
-    rho: float
-    rho_given: bool
+    seeds: dict[float, tuple[int, ...]]
+    tuned: bool
     selection_seed: int
-    validation: dict[float, Validation]
+    tuning: list[Tuning]
     validation_examples: int
     train_examples: int
     test_examples: int
     runs: list[RunRecord]
 
-    def cell(self, noise: float, optimizer: str) -> list[RunRecord]:
-        """The runs of one optimiser at one noise level, in the order of the seeds."""
-        return [r for r in self.runs if r.noise == noise and r.optimizer == optimizer]
+    def cell(self, noise: float, role: str) -> list[RunRecord]:
+        """The runs of one role at one noise level, in the order of the seeds."""
+        return sorted((r for r in self.runs if r.noise == noise and r.role == role), key=lambda r: r.seed)
+
+    def tuned_at(self, noise: float, role: str) -> Tuning | None:
+        return next((t for t in self.tuning if t.noise == noise and t.role == role), None)
 
 
-def _validation(configs: Sequence[TrainConfig], results: Sequence[TrainingOutput]) -> Validation:
-    """The final validation accuracies of :func:`validation_runs`' runs: SAM's per rho, SGD's, and the best rho."""
-    sam = {config.rho: record["val_accuracy"] for config, (record, _) in zip(configs[:-1], results[:-1])}
-    return Validation(sam, results[-1][0]["val_accuracy"], choose_rho(sam))
+def _optimizer(role: str) -> str:
+    return "sgd" if role.startswith("sgd") else "sam"
+
+
+def _epochs(role: str, epochs: int) -> int:
+    return sgd_epochs(epochs, Budget.EQUAL_EVALUATIONS if role == "sgd-2x" else Budget.EQUAL_EPOCHS)
+
+
+def _tune(
+    base: TrainConfig,
+    noises: Sequence[float],
+    plan: Sequence[tuple[str, Grid, Callable[[float], dict[str, float]]]],
+    epochs: int,
+    seed: int,
+    folder: Path,
+    train: Callable[[list[TrainConfig]], list[TrainingOutput]],
+) -> list[Tuning]:
+    """Run each (role, grid, fixed settings per noise) of ``plan`` at every noise level with the validation split
+    held out, and choose each grid's best setting on validation accuracy."""
+    jobs = [(noise, role, grid, fixed(noise)) for noise in noises for role, grid, fixed in plan]
+    configs = [
+        run_config(
+            base,
+            _optimizer(role),
+            noise,
+            seed,
+            _epochs(role, epochs),
+            folder / f"tune-{role}-noise{noise:g}-{index}",
+            {**fixed, **setting},
+            validation=True,
+        )
+        for noise, role, grid, fixed in jobs
+        for index, setting in enumerate(grid.settings)
+    ]
+    outputs = iter(train(configs))
+    tuning = []
+    for noise, role, grid, fixed in jobs:
+        scores = [next(outputs)[0]["val_accuracy"] for _ in grid.settings]
+        settings = [{**fixed, **setting} for setting in grid.settings]
+        tuning.append(Tuning(noise, role, _epochs(role, epochs), settings, scores, {**fixed, **choose(grid, scores)}))
+    return tuning
+
+
+def _record(role: str, config: TrainConfig, output: TrainingOutput) -> RunRecord:
+    record, history = output
+    return RunRecord(
+        role=role,
+        noise=config.label_noise,
+        seed=config.seed,
+        epochs=config.epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        rho=config.rho if role.startswith("sam") else None,
+        test_accuracy=record["test_accuracy"],
+        best_test_accuracy=record["best_test_accuracy"],
+        noisy_fitted=record["noisy_fitted"],
+        clean_fitted=record["clean_fitted"],
+        train_loss=record["train_loss"],
+        seconds_per_epoch=record["seconds_per_epoch"],
+        test_accuracy_curve=[round(r["test_accuracy"], 4) for r in history],
+    )
 
 
 def compute(ctx: Context) -> LabelNoiseResult:
-    """Choose rho on the clean validation split (unless ``--rho`` gives it), then sweep the noise levels with SGD
-    and SAM over the seeds (the package docstring).
-
-    The same validation runs are made at the other noisy levels too (the first seed only): they choose nothing, and
-    show how the best radius moves with the noise level.
-    """
+    """Tune on validation (unless lr, weight decay or rho is given), then train every role over the seeds at every
+    noise level; a noise level whose SAM - SGD difference is within two standard errors of zero at either budget
+    gets :data:`MORE_SEEDS` (when the seeds are the default ones)."""
     base = base_config(dict(ctx.overrides))
-    epochs = ctx.overrides.get("epochs", QUICK_EPOCHS if ctx.quick else EPOCHS)
+    epochs = int(ctx.overrides.get("epochs", QUICK_EPOCHS if ctx.quick else EPOCHS))
     noise_levels = QUICK_NOISE_LEVELS if ctx.quick else NOISE_LEVELS
-    rho_grid = QUICK_RHO_GRID if ctx.quick else RHO_GRID
-    given_rho = ctx.overrides.get("rho")  # a radius given on the command line replaces the selection
-    selection_seed = ctx.seeds[0]
-    others = [] if given_rho is not None else [n for n in noise_levels if n > 0 and n != SELECTION_NOISE]
+    tuned = not any(name in ctx.overrides for name in TUNED_FIELDS)
     workers = 1 if base.device == "cuda" else None  # one GPU: one training at a time
-    validation: dict[float, Validation] = {}
-    selection: list[TrainConfig] = []
+    selection_seed = ctx.seeds[0]
     with tempfile.TemporaryDirectory(prefix="label-noise-") as scratch:  # the runs' checkpoints are not kept
         folder = Path(scratch)
-        if given_rho is None:
-            selection = validation_runs(SELECTION_NOISE, selection_seed, epochs, rho_grid, folder, base)
+
+        def train(configs: list[TrainConfig]) -> list[TrainingOutput]:
+            return run_trainings(configs, workers, ctx.progress)
+
+        tuning: list[Tuning] = []
+        chosen: dict[tuple[float, str], dict[str, float]] = {}
+        fixed = {"lr": base.lr, "weight_decay": base.weight_decay, "rho": base.rho}
+        if tuned:
+            sgd_grid, sam_grid = grids(ctx.quick)
+            equal_sizes(sgd_grid, sam_grid)
             ctx.progress(
-                f"label-noise: choosing rho among {list(rho_grid)} at {100 * SELECTION_NOISE:g} % noise on a clean "
-                f"validation split ({len(selection)} runs)"
+                f"label-noise: tuning on a validation split at noise {list(noise_levels)}: SGD over lr x weight decay "
+                f"at both budgets, then SAM over rho ({len(sgd_grid)} settings each)"
             )
-            validation[SELECTION_NOISE] = _validation(selection, run_trainings(selection, workers, ctx.progress))
-            rho = validation[SELECTION_NOISE].best_rho
-        else:
-            rho = float(given_rho)
-        jobs = [(noise, seed, name) for noise in noise_levels for seed in ctx.seeds for name in ("sgd", "sam")]
-        configs = [
-            sweep_config(name, noise, seed, epochs, folder / f"{name}-noise{noise:g}-seed{seed}", rho, base=base)
-            for noise, seed, name in jobs
-        ]
-        sensitivity = [validation_runs(noise, selection_seed, epochs, rho_grid, folder, base) for noise in others]
-        ctx.progress(
-            f"label-noise: rho {rho:g} {'given' if given_rho is not None else 'chosen'}; sweeping noise "
-            f"{list(noise_levels)}, seeds {list(ctx.seeds)} ({len(configs)} runs) and the rho grid at the other "
-            f"noise levels ({sum(map(len, sensitivity))} runs)"
-        )
-        results = run_trainings(configs + [c for group in sensitivity for c in group], workers, ctx.progress)
-        offset = len(configs)
-        for noise, group in zip(others, sensitivity):
-            validation[noise] = _validation(group, results[offset : offset + len(group)])
-            offset += len(group)
-    runs = [
-        RunRecord(
-            optimizer=name,
-            noise=noise,
-            seed=seed,
-            rho=rho if name == "sam" else None,
-            test_accuracy=record["test_accuracy"],
-            best_test_accuracy=record["best_test_accuracy"],
-            noisy_fitted=record["noisy_fitted"],
-            clean_fitted=record["clean_fitted"],
-            train_loss=record["train_loss"],
-            seconds_per_epoch=record["seconds_per_epoch"],
-            test_accuracy_curve=[round(r["test_accuracy"], 4) for r in history],
-        )
-        for (noise, seed, name), (record, history) in zip(jobs, results)
-    ]
-    whole = prepare_data(configs[0])
+            tuning += _tune(
+                base,
+                noise_levels,
+                [("sgd", sgd_grid, lambda _: {}), ("sgd-2x", sgd_grid, lambda _: {})],
+                epochs,
+                selection_seed,
+                folder,
+                train,
+            )
+            sgd_choice = {t.noise: t.chosen for t in tuning if t.role == "sgd"}
+            tuning += _tune(
+                base, noise_levels, [("sam", sam_grid, sgd_choice.__getitem__)], epochs, selection_seed, folder, train
+            )
+            chosen = {(t.noise, t.role): t.chosen for t in tuning}
+        roles = {noise: [*(r for r in ROLES if r != "sam-paper")] for noise in noise_levels}
+        for noise in noise_levels:
+            sam = chosen.get((noise, "sam"), fixed)
+            if tuned and noise in _PAPER_ROW_NOISES and sam["rho"] != PAPER_RHO[noise]:
+                chosen[(noise, "sam-paper")] = {**sam, "rho": PAPER_RHO[noise]}
+                roles[noise].append("sam-paper")
+
+        def finals(jobs: list[tuple[float, int]]) -> list[RunRecord]:
+            configs = [
+                (
+                    role,
+                    run_config(
+                        base,
+                        _optimizer(role),
+                        noise,
+                        seed,
+                        _epochs(role, epochs),
+                        folder / f"{role}-noise{noise:g}-seed{seed}",
+                        _setting(chosen.get((noise, role), fixed), role),
+                    ),
+                )
+                for noise, seed in jobs
+                for role in roles[noise]
+            ]
+            ctx.progress(f"label-noise: training the chosen settings ({len(configs)} runs)")
+            outputs = train([config for _, config in configs])
+            return [_record(role, config, output) for (role, config), output in zip(configs, outputs)]
+
+        seeds = {noise: tuple(ctx.seeds) for noise in noise_levels}
+        runs = finals([(noise, seed) for noise in noise_levels for seed in ctx.seeds])
+        if tuple(ctx.seeds) == SEEDS:
+            close = [noise for noise in noise_levels if _too_close(runs, noise)]
+            extra = [seed for seed in MORE_SEEDS if seed not in SEEDS]
+            if close:
+                ctx.progress(f"label-noise: noise {close}: SAM - SGD within two standard errors; seeds {extra} too")
+                runs += finals([(noise, seed) for noise in close for seed in extra])
+                seeds.update({noise: MORE_SEEDS for noise in close})
+    selection = prepare_data(run_config(base, "sgd", noise_levels[0], selection_seed, epochs, folder, {}, True))
+    whole = prepare_data(run_config(base, "sgd", noise_levels[0], selection_seed, epochs, folder, {}))
     return LabelNoiseResult(
         base=base,
         epochs=epochs,
-        seeds=tuple(ctx.seeds),
         noise_levels=tuple(noise_levels),
-        rho_grid=tuple(rho_grid),
-        rho=rho,
-        rho_given=given_rho is not None,
+        seeds=seeds,
+        tuned=tuned,
         selection_seed=selection_seed,
-        validation=dict(sorted(validation.items())),
-        validation_examples=prepare_data(selection[0]).val_labels.numel() if selection else 0,  # type: ignore[union-attr]
+        tuning=tuning,
+        validation_examples=selection.val_labels.numel() if selection.val_labels is not None else 0,
         train_examples=whole.train_labels.numel(),
         test_examples=whole.test_labels.numel(),
         runs=runs,
+    )
+
+
+def _setting(setting: dict[str, Any], role: str) -> dict[str, Any]:
+    """The fields a run of ``role`` sets: SGD's runs carry no rho (the config keeps its default, unread)."""
+    return {k: v for k, v in setting.items() if role.startswith("sam") or k != "rho"}
+
+
+def _too_close(runs: Sequence[RunRecord], noise: float) -> bool:
+    """Whether SAM - SGD (test accuracy, seed by seed) is within two standard errors of zero at either budget."""
+
+    def accuracies(role: str) -> list[float]:
+        return [r.test_accuracy for r in sorted(runs, key=lambda r: r.seed) if r.noise == noise and r.role == role]
+
+    sam = accuracies("sam")
+    return any(
+        needs_more_seeds([a - b for a, b in zip(sam, accuracies(role), strict=True)]) for role in ("sgd", "sgd-2x")
     )

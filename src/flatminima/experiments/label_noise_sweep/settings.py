@@ -1,13 +1,13 @@
-"""The sweep's settings: noise levels, the rho grid, the paper's numbers, and the config of each training run."""
+"""The sweep's settings: noise levels, the tuning grids, the paper's numbers, and the config of each training run."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flatminima.experiments.label_noise import DEMO_CONFIG
+from flatminima.experiments.protocol import Grid
 from flatminima.train import TrainConfig
 
 __all__ = [
@@ -18,25 +18,22 @@ __all__ = [
     "PAPER_TEST_ACCURACY",
     "QUICK_EPOCHS",
     "QUICK_NOISE_LEVELS",
-    "QUICK_RHO_GRID",
-    "RHO_GRID",
-    "SELECTION_NOISE",
+    "TUNED_FIELDS",
     "VALIDATION_FRACTION",
     "base_config",
-    "choose_rho",
     "describe_setting",
-    "sweep_config",
-    "validation_runs",
+    "grids",
+    "run_config",
 ]
 
-NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8)
-QUICK_NOISE_LEVELS = (0.0, 0.4)
-RHO_GRID = (0.05, 0.1, 0.3, 0.5)
-QUICK_RHO_GRID = (0.1, 0.3)
-SELECTION_NOISE = 0.4
+NOISE_LEVELS = (0.2, 0.4, 0.6, 0.8)  # the paper's Table 4
+QUICK_NOISE_LEVELS = (0.4,)
 VALIDATION_FRACTION = 0.15
-EPOCHS = 60  # the demo's
-QUICK_EPOCHS = 20
+EPOCHS = 30  # SAM's and equal-epochs SGD's; equal-evaluations SGD trains twice as many
+QUICK_EPOCHS = 8
+
+#: the settings tuning may set; one given on the command line fixes it, and then nothing is tuned (the paper's way)
+TUNED_FIELDS = ("lr", "weight_decay", "rho")
 
 #: Foret et al. (2021), Table 4: ResNet-32 on CIFAR-10, clean test accuracy (%) at each noise level, SGD and SAM.
 PAPER_TEST_ACCURACY: dict[float, dict[str, float]] = {
@@ -51,60 +48,48 @@ PAPER_RHO: dict[float, float] = {0.2: 0.1, 0.4: 0.1, 0.6: 0.1, 0.8: 0.05}
 CHANCE = 0.2  # a run whose best clean test accuracy stays below this never left chance level (10 classes)
 
 
-def sweep_config(
+def grids(quick: bool) -> tuple[Grid, Grid]:
+    """SGD's grid (learning rate x weight decay) and SAM's (rho, on top of SGD's chosen pair), of the same size; the
+    first point of each is the demo's setting, so a tie keeps the smallest change."""
+    if quick:
+        sgd = [{"lr": 0.05, "weight_decay": 5e-4}, {"lr": 0.05, "weight_decay": 5e-3}]
+        return Grid("sgd", tuple(sgd)), Grid("sam", ({"rho": 0.05}, {"rho": 0.1}))
+    sgd = [{"lr": lr, "weight_decay": wd} for lr in (0.05, 0.1) for wd in (5e-4, 5e-3)]
+    return Grid("sgd", tuple(sgd)), Grid("sam", tuple({"rho": rho} for rho in (0.05, 0.1, 0.2, 0.3)))
+
+
+def run_config(
+    base: TrainConfig,
     optimizer: str,
     noise: float,
     seed: int,
     epochs: int,
     output: str | Path,
-    rho: float = DEMO_CONFIG.rho,
-    validation_fraction: float = 0.0,
-    base: TrainConfig = DEMO_CONFIG,
+    setting: dict[str, Any],
+    validation: bool = False,
 ) -> TrainConfig:
-    """``base`` (the demo's config by default) with the optimiser, noise level, seed, epochs and (for SAM) rho of
-    one run of the sweep."""
+    """``base`` with one run's optimiser, noise level, seed, epochs and tuned ``setting`` (lr, weight decay, rho);
+    ``validation`` holds out :data:`VALIDATION_FRACTION` of the training set, its labels corrupted like the
+    training labels (``validation_labels="noisy"``)."""
     return dataclasses.replace(
         base,
         optimizer=optimizer,
         label_noise=noise,
         seed=seed,
         epochs=epochs,
-        rho=rho,
-        validation_fraction=validation_fraction,
+        validation_fraction=VALIDATION_FRACTION if validation else 0.0,
+        validation_labels="noisy" if validation and noise > 0 else "clean",
         output=str(output),
         progress=False,
         overwrite=True,
+        **setting,
     )
-
-
-def validation_runs(
-    noise: float, seed: int, epochs: int, rho_grid: Sequence[float], folder: Path, base: TrainConfig = DEMO_CONFIG
-) -> list[TrainConfig]:
-    """SAM at each rho of the grid, then SGD, at one noise level, with the clean validation split held out."""
-    configs = [
-        sweep_config(
-            "sam", noise, seed, epochs, folder / f"val-noise{noise:g}-rho{rho:g}", rho, VALIDATION_FRACTION, base
-        )
-        for rho in rho_grid
-    ]
-    configs.append(
-        sweep_config(
-            "sgd", noise, seed, epochs, folder / f"val-noise{noise:g}-sgd", base.rho, VALIDATION_FRACTION, base
-        )
-    )
-    return configs
-
-
-def choose_rho(val_accuracy: dict[float, float]) -> float:
-    """The rho with the best validation accuracy; a tie goes to the smaller rho (the smaller change to SGD)."""
-    best = max(val_accuracy.values())
-    return min(rho for rho, accuracy in val_accuracy.items() if accuracy == best)
 
 
 def base_config(overrides: dict[str, Any]) -> TrainConfig:
-    """The demo's config with the training settings given to ``flatminima reproduce`` (rho and epochs are the
-    sweep's own: :func:`~flatminima.experiments.label_noise_sweep.compute.compute` reads them)."""
-    fields = {k: v for k, v in overrides.items() if k not in ("rho", "epochs")}
+    """The demo's config with the training settings given to ``flatminima reproduce`` (epochs is the sweep's own:
+    :func:`~flatminima.experiments.label_noise_sweep.compute.compute` reads it)."""
+    fields = {k: v for k, v in overrides.items() if k != "epochs"}
     if "dataset" in fields and "model" not in fields and fields["dataset"] != "digits":
         raise ValueError("label-noise with --dataset needs --model too (the paper's: --model resnet32)")
     if fields.get("device") == "cuda" and "threads" not in fields:
@@ -113,10 +98,10 @@ def base_config(overrides: dict[str, Any]) -> TrainConfig:
 
 
 def describe_setting(config: TrainConfig, epochs: int) -> str:
-    """One phrase naming the model, data and optimiser settings of the sweep's runs."""
+    """One phrase naming the model, data and the untuned optimiser settings of the sweep's runs."""
     return (
-        f"{config.model} on {config.dataset}, {epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} with "
-        f"a {config.lr_schedule} schedule, momentum {config.momentum:g}, weight decay {config.weight_decay:g}"
+        f"{config.model} on {config.dataset}, {epochs} epochs (equal-evaluations SGD: {2 * epochs}), batch "
+        f"{config.batch_size}, SGD with a {config.lr_schedule} schedule and momentum {config.momentum:g}"
         + (", random crop and flip" if config.augment else "")
         + (f", cutout {config.cutout}" if config.cutout else "")
     )

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from flatminima.dynamics import two_cycle_amplitude
+from flatminima.experiments.protocol import Claim, within
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.sam_drift.compute import FULL_STEPS, GDNumbers, SamDriftResult
 from flatminima.experiments.sam_drift.measure import RateRecord
@@ -15,6 +16,7 @@ from flatminima.experiments.sam_drift.problem import HALF_WIDTH, SETTLE, X0, Y0,
 from flatminima.experiments.sam_drift.theory import small_eta_rate
 
 __all__ = [
+    "claims",
     "explained_by_corrections",
     "gd_sentences",
     "long_run_sentence",
@@ -242,6 +244,31 @@ def _rate_cells(record: RateRecord) -> list[float]:
     return [record.measured_rate, record.predicted_rate, record.rel_difference]
 
 
+#: the first-order closed form drops terms of relative size eta and rho (here ~1e-5): it is checked to 1e-4
+RATE_TOLERANCE = 1e-4
+
+
+def claims(result: SamDriftResult) -> list[Claim]:
+    """The drift claim (SAM's rate along the valley against the closed form) and its control (GD does not drift)."""
+    main, gd_numbers = result.main, result.gd_numbers
+    return [
+        Claim(
+            statement="SAM drifts toward the flatter minima along the valley at the predicted rate",
+            measured=f"dy/step {main.measured_rate:.6e} against {main.predicted_rate:.6e} predicted (relative "
+            f"difference {main.rel_difference:.1e})",
+            rule=f"SUPPORTS if within {RATE_TOLERANCE:g} (relative) of the first-order closed form, CONTRADICTS "
+            "otherwise",
+            verdict=within(main.rel_difference, RATE_TOLERANCE),
+        ),
+        Claim(
+            statement="gradient descent from the same point does not drift (the drift is SAM's)",
+            measured=f"GD's dy/step {gd_numbers.rate:.1e} against SAM's {main.measured_rate:.1e}",
+            rule="SUPPORTS if GD's rate is below 1e-3 of SAM's in size, CONTRADICTS otherwise",
+            verdict=within(abs(gd_numbers.rate), 1e-3 * abs(main.measured_rate)),
+        ),
+    ]
+
+
 def outcome(result: SamDriftResult, ctx: Context) -> Outcome:
     """The table (SAM, GD, the other rhos of the sweep), results.json, the commentary and the three figures."""
     eta, rho, main, gd_numbers = result.eta, result.rho, result.main, result.gd_numbers
@@ -258,6 +285,7 @@ def outcome(result: SamDriftResult, ctx: Context) -> Outcome:
     ]
     figures = [plot_trajectory(ctx, result), plot_lambda_max(ctx, result), plot_rho_sweep(ctx, result)]
     return Outcome(
+        claims=claims(result),
         headers=[
             "method",
             "rho",

@@ -1,0 +1,70 @@
+"""Every claim with its verdict, in one table: ``flatminima reproduce --all`` prints it after running every
+reproduction, and ``flatminima reproduce --verdicts FOLDER`` prints it from the ``results.json`` files already in
+a folder (the README's table is the latter, over the stored full runs in ``docs/reproductions``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flatminima.experiments.protocol import Verdict
+
+__all__ = ["ClaimRow", "collect", "verdict_table"]
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    """One claim of one reproduction's run, as its ``results.json`` holds it."""
+
+    reproduction: str
+    folder: Path
+    quick: bool
+    statement: str
+    measured: str
+    verdict: Verdict
+
+
+def _rows_of(results_file: Path) -> list[ClaimRow]:
+    results = json.loads(results_file.read_text())
+    name = results.get("reproduction")
+    if not isinstance(name, str) or "claims" not in results:
+        raise ValueError(
+            f"{results_file} is not the results.json of a flatminima reproduction with verdicts (no 'claims'); "
+            "run the reproduction again with this version"
+        )
+    return [
+        ClaimRow(
+            name, results_file.parent, bool(results.get("quick")), c["statement"], c["measured"], Verdict(c["verdict"])
+        )
+        for c in results["claims"]
+    ]
+
+
+def collect(folder: str | Path) -> list[ClaimRow]:
+    """The claims of every reproduction whose ``results.json`` lies in a subfolder of ``folder`` (one level down),
+    in the order of the reproductions' names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give the folder that holds the reproductions' folders")
+    found = sorted(folder.glob("*/results.json"))
+    if not found:
+        raise FileNotFoundError(f"no reproduction's results.json in the subfolders of {folder}")
+    rows = [row for path in found for row in _rows_of(path)]
+    return sorted(rows, key=lambda row: row.reproduction)
+
+
+def verdict_table(rows: Sequence[ClaimRow], link_base: str | None = None) -> str:
+    """A markdown table: reproduction, claim, measured, verdict, one row per claim, and a line counting the
+    verdicts. ``link_base`` links each reproduction's name to ``{link_base}/{folder name}/report.md``."""
+    lines = ["| reproduction | claim | measured | verdict |", "|---|---|---|---|"]
+    for row in rows:
+        name = row.reproduction + (" (quick)" if row.quick else "")
+        if link_base is not None:
+            name = f"[{name}]({link_base}/{row.folder.name}/report.md)"
+        cells = (name, row.statement, row.measured, f"**{row.verdict.value}**")
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    counts = {v: sum(row.verdict is v for row in rows) for v in Verdict}
+    lines += ["", ", ".join(f"{v.value}: {n}" for v, n in counts.items()) + f" (of {len(rows)} claims)."]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""The table of every claim and its verdict: read from the reproductions' results.json files, refused where a file
+is not a reproduction's, and the README's copy kept equal to the stored full runs'."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from flatminima.cli import main
+from flatminima.experiments.protocol import Claim, Verdict
+from flatminima.experiments.verdicts import collect, verdict_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(folder: Path, name: str, claims: list[Claim], quick: bool = False) -> None:
+    (folder / name).mkdir(parents=True)
+    results = {"reproduction": name, "quick": quick, "claims": [c.as_dict() for c in claims]}
+    (folder / name / "results.json").write_text(json.dumps(results))
+
+
+def test_the_table_has_a_row_per_claim_and_counts_the_verdicts(tmp_path: Path) -> None:
+    _write(tmp_path, "b-repro", [Claim("B holds", "+1 [0.5, 1.5]", "rule", Verdict.SUPPORTS)])
+    _write(
+        tmp_path,
+        "a-repro",
+        [
+            Claim("A holds | really", "-2 [-3, -1]", "rule", Verdict.CONTRADICTS),
+            Claim("A' holds", "0 [-1, 1]", "rule", Verdict.INCONCLUSIVE),
+        ],
+        quick=True,
+    )
+    rows = collect(tmp_path)
+    assert [(r.reproduction, r.verdict) for r in rows] == [
+        ("a-repro", Verdict.CONTRADICTS),
+        ("a-repro", Verdict.INCONCLUSIVE),
+        ("b-repro", Verdict.SUPPORTS),
+    ]
+    table = verdict_table(rows, link_base="docs")
+    lines = table.splitlines()
+    assert lines[2] == "| [a-repro (quick)](docs/a-repro/report.md) | A holds / really | -2 [-3, -1] | **CONTRADICTS** |"
+    assert lines[-1] == "SUPPORTS: 1, CONTRADICTS: 1, INCONCLUSIVE: 1 (of 3 claims)."
+
+
+def test_folders_without_verdicts_are_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        collect(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no reproduction's results.json"):
+        collect(tmp_path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"reproduction": "old"}))
+    with pytest.raises(ValueError, match="no 'claims'"):
+        collect(tmp_path)
+
+
+def test_cli_verdicts_prints_the_table_and_all_refuses_per_run_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path, "x", [Claim("X holds", "1", "rule", Verdict.SUPPORTS)])
+    assert main(["reproduce", "--verdicts", str(tmp_path)]) == 0
+    assert "| x | X holds | 1 | **SUPPORTS** |" in capsys.readouterr().out
+    for extra, named in ((["--seeds", "1"], "--seeds"), (["--rho", "0.1"], "--rho"), (["sam-cycle"], "a NAME")):
+        assert main(["reproduce", "--all", "--quick", *extra]) != 0
+        assert f"--all does not take {named}" in capsys.readouterr().err
+    assert main(["reproduce", "--verdicts", str(tmp_path), "--quick"]) != 0
+    assert "--verdicts does not take --quick" in capsys.readouterr().err
+
+
+def test_the_readme_table_is_the_stored_full_runs_table() -> None:
+    """The README's reproductions table is generated: `flatminima reproduce --verdicts docs/reproductions`, linked."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- verdicts: begin[^>]*-->\n(.*?)\n<!-- verdicts: end -->", readme, re.S)
+    assert found, "the README marks its verdict table with <!-- verdicts: begin ... --> and <!-- verdicts: end -->"
+    stored = collect(ROOT / "docs" / "reproductions")
+    assert not any(row.quick for row in stored), "the stored reproductions are full runs"
+    assert found.group(1) == verdict_table(stored, link_base="docs/reproductions")
