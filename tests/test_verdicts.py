@@ -41,14 +41,16 @@ def test_the_table_has_a_row_per_claim_and_counts_the_verdicts(tmp_path: Path) -
     ]
     table = verdict_table(rows, link_base="docs")
     lines = table.splitlines()
-    assert lines[2] == "| [a-repro (quick)](docs/a-repro/report.md) | A holds / really | -2 [-3, -1] | **CONTRADICTS** |"
+    assert (
+        lines[2] == "| [a-repro (quick)](docs/a-repro/report.md) | A holds / really | -2 [-3, -1] | **CONTRADICTS** |"
+    )
     assert lines[-1] == "SUPPORTS: 1, CONTRADICTS: 1, INCONCLUSIVE: 1 (of 3 claims)."
 
 
 def test_folders_without_verdicts_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a folder"):
         collect(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no reproduction's results.json"):
+    with pytest.raises(FileNotFoundError, match=r"no reproduction's results\.json"):
         collect(tmp_path)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text(json.dumps({"reproduction": "old"}))
@@ -69,11 +71,44 @@ def test_cli_verdicts_prints_the_table_and_all_refuses_per_run_settings(
     assert "--verdicts does not take --quick" in capsys.readouterr().err
 
 
-def test_the_readme_table_is_the_stored_full_runs_table() -> None:
-    """The README's reproductions table is generated: `flatminima reproduce --verdicts docs/reproductions`, linked."""
-    readme = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- verdicts: begin[^>]*-->\n(.*?)\n<!-- verdicts: end -->", readme, re.S)
-    assert found, "the README marks its verdict table with <!-- verdicts: begin ... --> and <!-- verdicts: end -->"
+@pytest.mark.parametrize(
+    ("page", "link_base"), [("README.md", "docs/reproductions"), ("docs/reproductions.md", "reproductions")]
+)
+def test_the_docs_tables_are_the_stored_full_runs_table(page: str, link_base: str) -> None:
+    """The README's and the reproductions page's verdict tables are generated: `flatminima reproduce --verdicts
+    docs/reproductions`, linked from where each page lies."""
+    text = (ROOT / page).read_text()
+    found = re.search(r"<!-- verdicts: begin[^>]*-->\n(.*?)\n<!-- verdicts: end -->", text, re.S)
+    assert found, f"{page} marks its verdict table with <!-- verdicts: begin ... --> and <!-- verdicts: end -->"
     stored = collect(ROOT / "docs" / "reproductions")
     assert not any(row.quick for row in stored), "the stored reproductions are full runs"
-    assert found.group(1) == verdict_table(stored, link_base="docs/reproductions")
+    assert found.group(1) == verdict_table(stored, link_base=link_base)
+
+
+def test_all_runs_every_reproduction_into_its_folder_and_prints_the_verdicts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import flatminima.experiments.reproduce as runner
+
+    ran = []
+
+    def fake(name: str, found: Verdict) -> runner.Reproduction:
+        def run(ctx: runner.Context) -> runner.Outcome:
+            ran.append((name, ctx.quick, ctx.output))
+            return runner.Outcome(["x"], [[1]], {}, claims=[Claim(f"{name} holds", "1", "rule", found)])
+
+        return runner.Reproduction(name, f"{name} summary", "a paper", run)
+
+    fakes = {"one": fake("one", Verdict.SUPPORTS), "two": fake("two", Verdict.CONTRADICTS)}
+    monkeypatch.setattr(runner, "available", lambda: fakes)
+    assert main(["reproduce", "--all", "--quick", "--output", str(tmp_path)]) == 0
+    assert ran == [("one", True, tmp_path / "one"), ("two", True, tmp_path / "two")]
+    out = capsys.readouterr().out
+    table = out[out.index("## Every claim and its verdict") :]
+    assert "| one (quick) | one holds | 1 | **SUPPORTS** |" in table
+    assert "| two (quick) | two holds | 1 | **CONTRADICTS** |" in table
+    assert (tmp_path / "verdicts.md").read_text().startswith("| reproduction | claim | measured | verdict |")
+    saved = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert saved["claims"][0]["verdict"] == "CONTRADICTS"
+    assert saved["command"] == f"flatminima reproduce --all --quick --output {tmp_path}"
+    assert "## Verdicts\n\n- **CONTRADICTS**: two holds." in (tmp_path / "two" / "report.md").read_text()

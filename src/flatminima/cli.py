@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="print the table of every claim with its verdict from the reproductions' folders in FOLDER (no runs)",
     )
+    reproduce.add_argument(
+        "--links",
+        metavar="PREFIX",
+        default=None,
+        help="with --verdicts: link each reproduction to PREFIX/NAME/report.md (the README's: docs/reproductions)",
+    )
     reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")
     reproduce.add_argument("--output", default=None, help="output folder (default: runs/reproduce/NAME)")
@@ -292,6 +298,8 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
         given += [
             flag for flag, value in (("--all", args.all), ("--quick", args.quick), ("--output", args.output)) if value
         ]
+    if args.links is not None and args.verdicts is None:
+        given.append("--links")
     if given:
         what = "--verdicts" if args.verdicts is not None else "--all"
         raise ValueError(
@@ -299,7 +307,7 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
             "run one reproduction by name to change its settings"
         )
     if args.verdicts is not None:
-        print(verdict_table(collect(args.verdicts)))
+        print(verdict_table(collect(args.verdicts), link_base=args.links))
         return 0
     folder = Path(args.output or ("runs/reproduce/all" + ("-quick" if args.quick else "")))
     for name in available():
