@@ -9,63 +9,77 @@ noise patches (the coefficients ``<w_{y_i,r}, xi_i>`` grow) and the test error s
 ascent step deactivates the filters that align with noise early in training, so the signal is learnt first and the
 test error is small over a strictly larger part of the ``(||mu||, d)`` plane.
 
-The reproduction trains the same initialisation on the same data with full-batch gradient descent
-(``torch.optim.SGD``) and with the library's :class:`~flatminima.SAM` around it, over a grid of ``(||mu||, d)`` and
-several seeds, one model at a time (SAM normalises its ascent over all of a model's parameters, so models trained
-together as one stacked parameter would not be trained by SAM), and compares the regions where the mean clean test
-error is within ``BENIGN_MARGIN`` of the optimum, 0.
+The reproduction follows the shared protocol (:mod:`flatminima.experiments.protocol`): SGD's learning rate and
+SAM's radius are chosen from grids of the same size on held-out seeds (:mod:`.selection`), SGD and SAM at the chosen
+settings (and SAM at every radius of the grid) are then trained over the ``(||mu||, d)`` grid on the reported seeds,
+one model at a time from the same initialisation, at equal steps and at equal gradient evaluations, and the claims
+are verdicts on paired differences and on cells decided by their intervals (:mod:`.verdicts`). Each benign cell is
+also classed by how much of the flipped labels the model fits there: SAM may "overfit benignly" (fit them and still
+generalise, the paper's picture) or "never overfit" (generalise without fitting them).
 
 The radius: at initialisation the gradient is dominated by its noise part, and the ascent ``rho g / ||g||`` moves
 each coefficient ``<w_{y_i,r}, xi_i>`` down by about ``rho sqrt(d / (n m))``, while the coefficients are spread with
 standard deviation ``sigma_0 sigma_p sqrt(d)``; the shift is ``rho / (sigma_0 sqrt(n m))`` standard deviations,
-independent of ``d``. With ``sigma_0 = 0.01``, ``n = 20``, ``m = 10`` that is ``rho / 0.14``, so ``rho = 0.5``
-(3.5 standard deviations) switches off the noise-aligned filters at the perturbed point, the paper's mechanism; the
-full run also trains ``rho = 0.1`` and ``0.2``, which do not, to show how the effect depends on the radius.
+independent of ``d``. With ``sigma_0 = 0.01``, ``n = 20``, ``m = 10`` that is ``rho / 0.14``: only the largest
+radii of the SAM paper's grid switch the noise-aligned filters off at the perturbed point.
 
 The package computes, then reports: :mod:`.problem` (the data and the settings), :mod:`.training` (one run,
-:func:`train_cnn`), :mod:`.compute` (:func:`compute`, the grid, to a :class:`CnnDataModelResult`), :mod:`.report`
-(:func:`report`, the result to the table, text and results) and :mod:`.plots` (its figures).
+:func:`train_cnn`), :mod:`.regions` (one setting over the grid, :class:`Arm`, and its benign region),
+:mod:`.selection` (the grids and the choice), :mod:`.compute` (:func:`compute`, to a :class:`CnnDataModelResult`),
+:mod:`.verdicts` (the claims), :mod:`.report` (:func:`report`, the table, text and results) and :mod:`.plots`.
 """
 
 from __future__ import annotations
 
-from flatminima.experiments.cnn_data_model.compute import (
+from flatminima.experiments.cnn_data_model.compute import TRACKED, CnnDataModelResult, compute
+from flatminima.experiments.cnn_data_model.problem import Setting, held_out_labels, make_data, noise_patches
+from flatminima.experiments.cnn_data_model.regions import (
     BENIGN_MARGIN,
-    SAM_RHO,
-    TRACKED,
-    CnnDataModelResult,
-    OptimiserGrid,
+    Arm,
+    Decided,
+    Fit,
     benign_cells,
     benign_threshold,
-    compute,
+    fit_class,
 )
-from flatminima.experiments.cnn_data_model.problem import Setting, make_data, noise_patches
 from flatminima.experiments.cnn_data_model.report import report
-from flatminima.experiments.cnn_data_model.training import TrainedCNN, train_cnn
+from flatminima.experiments.cnn_data_model.selection import LR_GRID, RHO_GRID, SELECTION_SEEDS, Selection
+from flatminima.experiments.cnn_data_model.training import TrainedCNN, train_checkpoints, train_cnn
+from flatminima.experiments.cnn_data_model.verdicts import claims
+from flatminima.experiments.protocol import SEEDS
 from flatminima.experiments.reproduce import Context, Outcome, Reproduction
 
 __all__ = [
     "BENIGN_MARGIN",
+    "LR_GRID",
     "REPRODUCTION",
-    "SAM_RHO",
+    "RHO_GRID",
+    "SELECTION_SEEDS",
     "TRACKED",
+    "Arm",
     "CnnDataModelResult",
-    "OptimiserGrid",
+    "Decided",
+    "Fit",
+    "Selection",
     "Setting",
     "TrainedCNN",
     "benign_cells",
     "benign_threshold",
+    "claims",
     "compute",
+    "fit_class",
+    "held_out_labels",
     "make_data",
     "noise_patches",
     "report",
     "run",
+    "train_checkpoints",
     "train_cnn",
 ]
 
 
 def run(ctx: Context) -> Outcome:
-    """Train SGD and SAM over the ``(||mu||, d)`` grid and every seed; compare the benign regions."""
+    """Choose the settings on the held-out seeds, train SGD and SAM over the grid and the reported seeds, report."""
     return report(compute(ctx), ctx)
 
 
@@ -75,6 +89,6 @@ REPRODUCTION = Reproduction(
     paper="Chen, Zhang, Kou, Chen, Hsieh, Gu, Why Does Sharpness-Aware Minimization Generalize Better Than SGD? "
     "(NeurIPS 2023)",
     run=run,
-    default_seeds=(0, 1, 2, 3, 4),
-    quick_seeds=(0, 1, 2),
+    default_seeds=SEEDS,
+    quick_seeds=SEEDS,
 )

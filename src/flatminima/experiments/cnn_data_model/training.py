@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,12 +11,19 @@ from torch.nn import functional as F
 
 from flatminima.data.dataset import ImageDataset
 from flatminima.data.patches import signal_vector
-from flatminima.experiments.cnn_data_model.problem import INIT_STD, LR, WIDTH, Setting, make_data, noise_patches
+from flatminima.experiments.cnn_data_model.problem import (
+    INIT_STD,
+    WIDTH,
+    Setting,
+    held_out_labels,
+    make_data,
+    noise_patches,
+)
 from flatminima.models.two_layer_cnn import TwoLayerCNN, noise_memorisation
 from flatminima.optim import SAM
 from flatminima.step import PlainStep, SharpnessAwareStep
 
-__all__ = ["TrainedCNN", "Trajectory", "train_cnn"]
+__all__ = ["TrainedCNN", "Trajectory", "train_checkpoints", "train_cnn"]
 
 #: ``(step, noise memorisation, signal learning)`` records over training.
 Trajectory = list[tuple[int, float, float]]
@@ -24,11 +31,15 @@ Trajectory = list[tuple[int, float, float]]
 
 @dataclass(frozen=True)
 class TrainedCNN:
-    """What one run measured at the end of training: clean test error, training error and loss (on the observed,
-    partly flipped labels), how many labels were flipped and how many of those the model fits, and the noise and
-    signal coefficients; ``trajectory`` holds the coefficients over training when they were tracked (else empty)."""
+    """What one run measured after ``steps`` steps: clean test error, the error on the test points with labels
+    flipped like the training ones (``held_out_error``, what a held-out draw chooses settings by), training error
+    and loss (on the observed, partly flipped labels), how many labels were flipped and how many of those the
+    model fits, and the noise and signal coefficients; ``trajectory`` holds the coefficients over training up to
+    ``steps`` when they were tracked (else empty)."""
 
+    steps: int
     test_error: float
+    held_out_error: float
     train_error: float
     train_loss: float
     flipped: int
@@ -48,21 +59,57 @@ def _coefficients(model: TwoLayerCNN, xi: Tensor, labels: Tensor, mu: Tensor) ->
     return float(own.max(dim=1).values.mean()), float(learnt)
 
 
-def _step(model: TwoLayerCNN, rho: float | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """The library's full-batch step on the logistic loss: ``PlainStep`` of ``torch.optim.SGD(lr=LR)`` for
-    ``rho=None``, else ``SharpnessAwareStep`` of ``SAM(params, SGD, rho=rho, lr=LR)``."""
+def _step(model: TwoLayerCNN, rho: float | None, lr: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The library's full-batch step on the logistic loss: ``PlainStep`` of ``torch.optim.SGD(lr=lr)`` for
+    ``rho=None``, else ``SharpnessAwareStep`` of ``SAM(params, SGD, rho=rho, lr=lr)``."""
     if rho is None:
-        return PlainStep(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=LR))
-    return SharpnessAwareStep(model, F.cross_entropy, SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=LR))
+        return PlainStep(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=lr))
+    return SharpnessAwareStep(model, F.cross_entropy, SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr))
 
 
-def train_cnn(setting: Setting, data: ImageDataset | None = None, track_every: int = 0) -> TrainedCNN:
-    """Train one :class:`TwoLayerCNN` on one draw of the patch data; return its errors and coefficients.
+def _measure(
+    model: TwoLayerCNN,
+    data: ImageDataset,
+    noisy_test: Tensor,
+    coefficients: tuple[float, float],
+    steps: int,
+    trajectory: Trajectory,
+) -> TrainedCNN:
+    """The run's measures at the current weights, after ``steps`` steps."""
+    x, y = data.train_images, data.train_labels
+    with torch.no_grad():
+        test_predicted = model(data.test_images).argmax(dim=1)
+        logits = model(x)
+    predicted = logits.argmax(dim=1)
+    flipped = y != data.clean_train_labels
+    return TrainedCNN(
+        steps=steps,
+        test_error=float((test_predicted != data.test_labels).float().mean()),
+        held_out_error=float((test_predicted != noisy_test).float().mean()),
+        train_error=float((predicted != y).float().mean()),
+        train_loss=float(F.cross_entropy(logits, y)),
+        flipped=int(flipped.sum()),
+        flipped_fitted=int((predicted[flipped] == y[flipped]).sum()),
+        noise_memorisation=coefficients[0],
+        signal_learning=coefficients[1],
+        trajectory=trajectory,
+    )
+
+
+def train_checkpoints(
+    setting: Setting, data: ImageDataset | None = None, track_every: int = 0, checkpoints: Sequence[int] = ()
+) -> list[TrainedCNN]:
+    """Train one :class:`TwoLayerCNN` on one draw of the patch data; measure it after each of ``checkpoints``
+    steps and at the end (``setting.steps``), in order of steps.
+
+    Full-batch gradient descent is deterministic, so the measure after ``k`` steps of a longer run is the measure
+    of a run of ``k`` steps: one run of twice the steps gives SGD's two budgets.
 
     ``data`` is ``make_data(signal_norm, dim, seed)`` when not given. The filters are drawn from
-    ``N(0, INIT_STD^2)`` with a generator seeded ``seed + 10_000``, so both optimisers start from the same point.
+    ``N(0, INIT_STD^2)`` with a generator seeded ``seed + 10_000``, so every optimiser starts from the same point.
     Each step is one full-batch step of the library's (:func:`_step`). With ``track_every > 0`` the noise and
-    signal coefficients are recorded every ``track_every`` steps (and at step 0 and the end) in ``trajectory``.
+    signal coefficients are recorded every ``track_every`` steps (and at step 0 and each checkpoint) in each
+    measure's ``trajectory``.
 
     The loop is this function's, not :func:`flatminima.train`'s: that loop builds a registry model with its own
     initialisation from a :class:`~flatminima.train.TrainConfig` and records once per epoch, while this run needs
@@ -70,34 +117,32 @@ def train_cnn(setting: Setting, data: ImageDataset | None = None, track_every: i
     """
     if data is None:
         data = make_data(setting.signal_norm, setting.dim, setting.seed)
+    stops = sorted({*(c for c in checkpoints if 0 <= c < setting.steps), setting.steps})
     x, y = data.train_images, data.train_labels
     mu = signal_vector(setting.dim, setting.signal_norm)
     xi = noise_patches(x)
+    noisy_test = held_out_labels(data, setting.seed)
     model = TwoLayerCNN(setting.dim, WIDTH, INIT_STD)
     generator = torch.Generator().manual_seed(setting.seed + 10_000)
     with torch.no_grad():
         model.weight.copy_(INIT_STD * torch.randn(model.weight.shape, generator=generator))
-    step = _step(model, setting.rho)
+    step = _step(model, setting.rho, setting.lr)
     trajectory: Trajectory = []
-    for index in range(setting.epochs):
-        if track_every and index % track_every == 0:
-            trajectory.append((index, *_coefficients(model, xi, y, mu)))
-        step(x, y)
-    noise, signal = _coefficients(model, xi, y, mu)
-    if track_every:
-        trajectory.append((setting.epochs, noise, signal))
-    with torch.no_grad():
-        test_error = float((model(data.test_images).argmax(dim=1) != data.test_labels).float().mean())
-        logits = model(x)
-    predicted = logits.argmax(dim=1)
-    flipped = y != data.clean_train_labels
-    return TrainedCNN(
-        test_error=test_error,
-        train_error=float((predicted != y).float().mean()),
-        train_loss=float(F.cross_entropy(logits, y)),
-        flipped=int(flipped.sum()),
-        flipped_fitted=int((predicted[flipped] == y[flipped]).sum()),
-        noise_memorisation=noise,
-        signal_learning=signal,
-        trajectory=trajectory,
-    )
+    measured: list[TrainedCNN] = []
+    for index in range(setting.steps + 1):
+        at_stop = index in stops
+        tracked = bool(track_every) and (index % track_every == 0 or at_stop)
+        if tracked or at_stop:
+            coefficients = _coefficients(model, xi, y, mu)
+            if tracked:
+                trajectory.append((index, *coefficients))
+            if at_stop:
+                measured.append(_measure(model, data, noisy_test, coefficients, index, list(trajectory)))
+        if index < setting.steps:
+            step(x, y)
+    return measured
+
+
+def train_cnn(setting: Setting, data: ImageDataset | None = None, track_every: int = 0) -> TrainedCNN:
+    """Train one :class:`TwoLayerCNN` for ``setting.steps`` steps and measure it (:func:`train_checkpoints`)."""
+    return train_checkpoints(setting, data, track_every)[-1]
