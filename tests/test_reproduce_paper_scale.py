@@ -58,10 +58,12 @@ def test_label_noise_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys
         "batch_size": 16,
         "rho": 0.1,
     }
-    assert results["rho"] == 0.1 and results["rho_given"] is True and results["rho_selection"] is None
-    assert results["setting"].startswith("mlp on cifar10, 1 epochs, batch 16")
-    assert results["epochs"] == 1 and {r["noise"] for r in results["runs"]} == {0.0, 0.4}
-    assert "given on the command line" in report and results["paper_command"] in report
+    assert results["tuned"] is False and results["tuning"] == []  # a given rho replaces the tuning
+    assert {r["rho"] for r in results["runs"] if r["role"] == "sam"} == {0.1}
+    assert results["setting"].startswith("mlp on cifar10, 1 epochs (equal-evaluations SGD: 2), batch 16")
+    assert results["epochs"] == 1 and {r["noise"] for r in results["runs"]} == {0.4}
+    assert {r["epochs"] for r in results["runs"] if r["role"] == "sgd-2x"} == {2}
+    assert "Settings given on the command line" in report and results["paper_command"] in report
     assert "--dataset cifar10" in results["command"] and "--rho 0.1" in results["command"]
 
 
@@ -69,8 +71,9 @@ def test_label_noise_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys
 def test_m_sharpness_on_cifar10_files(tiny_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, _ = _run("m-sharpness", tmp_path / "ms", _flags(tiny_cifar10, "mlp"), capsys)
     assert results["batch_size"] == 16 and results["epochs"] == 1
-    assert results["methods"] == ["sgd", "msam-4", "sam"]
-    cells = results["summary"]["0.4"]
+    assert results["ms"] == [1, 4, 16]
+    assert results["methods"] == ["sgd", "sgd-2x", "msam-1", "msam-4", "sam", "rwsam"]
+    cells = results["summary"]
     assert cells["sam"]["m"] == 16 and cells["msam-4"]["m"] == 4
     assert cells["sam"]["trace_v_final"] > 0  # an MLP has no BatchNorm: tr(V) is measured
 

@@ -1,41 +1,36 @@
-"""``m-sharpness``: at a fixed batch size, does a smaller m in m-SAM generalise better, and does RW-SAM get there
-at SAM's cost?
+"""``m-sharpness``: at a fixed batch size, does a smaller m in m-SAM generalise better, does the m-sharpness of the
+final weights predict the generalisation gap better at small m, and does RW-SAM get part of the way at SAM's cost?
 
-Foret et al. (ICLR 2021, sec. 4.1) found that computing SAM's perturbation separately on groups of ``m`` examples
-(m-SAM) generalises better the smaller ``m`` is. Luo et al. (NeurIPS 2025) explain it with an SDE: the
-perturbation's gradient noise adds an implicit regulariser ``(rho / 2m) tr(V)``, ``V`` the per-example gradient
-covariance, so smaller ``m`` regularises more; their Reweighted SAM (RW-SAM) keeps one parallel, full-batch
-perturbation but weights the examples toward the sharp ones, for about one sixth more than SAM's cost.
+Foret et al. (ICLR 2021, sec. 4.1, Fig. 3) found that computing SAM's perturbation separately on groups of ``m``
+examples (m-SAM) generalises better the smaller ``m`` is, with rho tuned per m, and that the m-sharpness of trained
+models correlates better with their generalisation gap for small ``m``. Luo et al. (NeurIPS 2025) explain the first
+with an SDE: the perturbation's gradient noise adds an implicit regulariser ``(rho / 2m) tr(V)``, ``V`` the
+per-example gradient covariance; their Reweighted SAM (RW-SAM) keeps one batch-wide perturbation but weights the
+examples toward the sharp ones, for about one sixth more than SAM's cost.
 
-The reproduction trains the demo's small CNN on the embedded digits (batch 32, lr 0.05, cosine, but rho 0.05,
-not the demo's 0.3; see :data:`~flatminima.experiments.label_noise.DEMO_CONFIG`) with SGD, m-SAM for several
-``m`` (``m = 32``, the batch, is plain SAM), n-SAM and RW-SAM, with clean and with 40 %-noisy training labels.
-Along training it measures ``tr(V) = mean_i ||g_i - g_bar||^2`` from per-example gradients (``torch.func``:
-``vmap`` over ``grad``) on a fixed sample of training examples as trained (labels as corrupted, no augmentation),
-and the regulariser ``(rho / 2m) tr(V)`` that m-SAM's own ``m`` puts on it.
-The measurement runs from a global optimiser step hook
-(:func:`torch.optim.optimizer.register_optimizer_step_post_hook`) on the base SGD step, so the library's training
-loop runs unchanged; its time is taken out of the seconds per epoch.
+The task (:mod:`.problem`) is Chen et al.'s two-layer CNN on signal/noise patch data trained with mini-batches, a
+setting where SGD overfits harmfully (it fits the flipped labels by memorising noise patches) and a small group's
+ascent is dominated by its own examples' noise: the digits CNN of the former version was flat in m. The protocol of
+:mod:`flatminima.experiments.protocol` throughout: grids of one size per method, chosen on a validation split, two
+budgets for SGD, seeds with paired intervals, and claims with verdicts computed by rules fixed before the run
+(:mod:`.analysis`).
 
-The package computes, then reports: :mod:`.methods` (the methods and settings), :mod:`.tracking` (one training
-with tr(V) measured along it) and :mod:`.compute` (every training and their summary, an :class:`MSharpnessResult`);
-:mod:`.report` turns that result into the table, the commentary and the figures.
+The package computes, then reports: :mod:`.problem` (the data), :mod:`.methods` (the methods and their grids),
+:mod:`.settings` (the design of a run), :mod:`.tracking` (one training, with tr(V) measured along it and the final
+weights' m-sharpness), :mod:`.compute` (tuning, seeds, to an :class:`MSharpnessResult`), :mod:`.analysis`
+(intervals, correlations, claims) and :mod:`.report` (the table, the commentary and the figures).
 """
 
 from __future__ import annotations
 
-from flatminima.experiments.m_sharpness.compute import (
-    CurvePoint,
-    MethodCell,
-    MSharpnessResult,
-    RunRecord,
-    Settings,
-    compute,
-    settings_for,
-)
-from flatminima.experiments.m_sharpness.methods import BATCH, METHODS, RHO, SAMPLE, Methods, methods_for
+from flatminima.experiments.m_sharpness.analysis import claims, correlations, more_seeds_for
+from flatminima.experiments.m_sharpness.compute import MSharpnessResult, RunRecord, Tuning, compute
+from flatminima.experiments.m_sharpness.methods import SAMPLE, Method, m_values, methods_for, rho_grid
+from flatminima.experiments.m_sharpness.problem import BASE, SignalNoise
 from flatminima.experiments.m_sharpness.report import outcome
+from flatminima.experiments.m_sharpness.settings import Settings, settings_for
 from flatminima.experiments.m_sharpness.tracking import (
+    Job,
     Measurement,
     TrackedRun,
     gradient_variance_trace,
@@ -44,23 +39,27 @@ from flatminima.experiments.m_sharpness.tracking import (
 from flatminima.experiments.reproduce import TRAINING_FIELDS, Context, Outcome, Reproduction
 
 __all__ = [
-    "BATCH",
-    "METHODS",
+    "BASE",
     "REPRODUCTION",
-    "RHO",
     "SAMPLE",
-    "CurvePoint",
+    "Job",
     "MSharpnessResult",
     "Measurement",
-    "MethodCell",
-    "Methods",
+    "Method",
     "RunRecord",
     "Settings",
+    "SignalNoise",
     "TrackedRun",
+    "Tuning",
+    "claims",
     "compute",
+    "correlations",
     "gradient_variance_trace",
+    "m_values",
     "methods_for",
+    "more_seeds_for",
     "outcome",
+    "rho_grid",
     "run",
     "settings_for",
     "train_and_track",
@@ -68,17 +67,19 @@ __all__ = [
 
 
 def run(ctx: Context) -> Outcome:
-    """Train every (noise, method, seed) in two worker processes; tabulate accuracy, cost and regulariser."""
-    return outcome(compute(settings_for(ctx.quick, ctx.seeds, ctx.overrides), ctx.progress), ctx)
+    """Tune every method on validation, train the chosen settings over the seeds, measure and judge the claims."""
+    settings = settings_for(ctx.quick, ctx.seeds, ctx.overrides)
+    return outcome(compute(settings, ctx.progress, more_seeds_for), ctx)
 
 
 REPRODUCTION = Reproduction(
     name="m-sharpness",
-    summary="m-sharpness: smaller m in m-SAM, the regulariser (rho / 2m) tr(V), and RW-SAM's cost",
+    summary="m-sharpness: smaller m in m-SAM, m-sharpness against the generalisation gap, the regulariser "
+    "(rho / 2m) tr(V), and RW-SAM",
     paper="Foret et al., SAM (ICLR 2021), sec. 4.1; Luo et al., Unveiling m-Sharpness (NeurIPS 2025)",
     run=run,
     overridable=frozenset(TRAINING_FIELDS),
-    # Fig. 3 of the SAM paper: m in {1, 4, 16, 64, 256} on CIFAR-10; at batch 256 this runs m = 4, 8, 16, 64, 256
+    # Fig. 3 of the SAM paper: m in {1, 4, 16, 64, 256} on CIFAR-10; at batch 256 this runs m = 4, 16, 64, 256
     paper_command=(
         "flatminima reproduce m-sharpness --dataset cifar10 --data-root DATA --model wrn16_8 --epochs 200 "
         "--batch-size 256 --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --augment --rho 0.05 --device cuda"

@@ -1,186 +1,208 @@
-"""The reproduction's trainings and their summary: every (noise, method, seed) trained in worker processes, then
-per (noise, method) the accuracy over seeds, the cost against SAM and the regulariser along training, gathered in
-an :class:`MSharpnessResult` (no text, no figures)."""
+"""The reproduction's trainings: each grid tuned on validation, then the chosen settings over the seeds, and more
+seeds where a claim's paired difference is too close to call; gathered in an :class:`MSharpnessResult` (no text,
+no figures, no verdicts: :mod:`.analysis` draws those from it).
+
+Stages, all in the same worker processes: (1) SGD's grid; (2) the SAM family's grids at SGD's chosen learning rate
+and weight decay, with SGD's grid at twice the epochs (its own choice); each grid point on the tuning seeds, and
+each method's setting chosen by :func:`~flatminima.experiments.protocol.choose` on the mean validation accuracy at
+the last epoch; (3) each chosen setting on the remaining seeds (the tuning seeds' runs of it are reused: the same
+config and seed give the same run); (4) :data:`~flatminima.experiments.protocol.MORE_SEEDS` for the methods of a
+claim whose paired difference is within two standard errors of zero (full run with the default seeds only).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flatminima.experiments.label_noise import DEMO_CONFIG
-from flatminima.experiments.m_sharpness.methods import BATCH, RHO, Methods, methods_for
-from flatminima.experiments.m_sharpness.tracking import Measurement, train_and_track
-from flatminima.experiments.summary import mean, mean_std
+from flatminima.experiments.m_sharpness.methods import Method
+from flatminima.experiments.m_sharpness.settings import Settings
+from flatminima.experiments.m_sharpness.tracking import Job, Measurement, TrackedRun, train_and_track
+from flatminima.experiments.protocol import choose
+from flatminima.experiments.summary import mean
 from flatminima.train import TrainConfig
 from flatminima.worker_pool import worker_pool
 
-__all__ = ["CurvePoint", "MSharpnessResult", "MethodCell", "RunRecord", "Settings", "compute", "settings_for"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What is trained: the label noises, the methods (by name, in table order) and seeds, and the shared training
-    settings (the demo config with the command line's overrides); ``overridden``: any setting came from there."""
-
-    noises: tuple[float, ...]
-    names: list[str]
-    methods: Methods
-    seeds: tuple[int, ...]
-    batch: int
-    rho: float
-    epochs: int
-    every: int  # tr(V) is measured after every this many epochs (and the last)
-    workers: int  # concurrent training processes
-    base: TrainConfig
-    overridden: bool
+__all__ = ["MSharpnessResult", "RunRecord", "Tuning", "compute"]
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One training: its noise, method and seed, and what :func:`train_and_track` measured."""
+    """One training: the method, seed, grid index and setting, its epochs, and what :func:`train_and_track`
+    measured."""
 
-    noise: float
     method: str
     seed: int
+    index: int
+    setting: dict[str, float]
+    epochs: int
+    validation_accuracy: float
     test_accuracy: float
+    test_loss: float
+    train_accuracy: float
     train_loss: float
-    test_accuracy_curve: list[float]
     seconds_per_epoch: float
-    measured: list[Measurement]
+    trace_v: list[Measurement]
+    m_sharpness: dict[str, float]
+
+    @property
+    def gap(self) -> float:
+        """The generalisation gap: training accuracy (labels as trained) minus test accuracy."""
+        return self.train_accuracy - self.test_accuracy
 
 
 @dataclass(frozen=True)
-class CurvePoint:
-    """tr(V) after ``epoch`` epochs, mean over seeds, and the regulariser ``(rho / 2m) tr(V)`` (None without an m)."""
+class Tuning:
+    """One method's tuning: its grid, the validation accuracy of each point (mean over the tuning seeds), and the
+    point chosen from those scores alone."""
 
-    epoch: int
-    trace_v_mean: float
-    regulariser_mean: float | None
-
-
-@dataclass(frozen=True)
-class MethodCell:
-    """One method at one noise, over its seeds: accuracy, cost and the regulariser (None where not measured)."""
-
-    m: int | None
-    test_accuracy_mean: float
-    test_accuracy_std: float
-    seconds_per_epoch: float
-    cost_relative_to_sam: float
-    trace_v_final: float | None
-    regulariser_final: float | None
-    regulariser_mean_second_half: float | None
-    regulariser_curve: list[CurvePoint]
+    method: str
+    settings: list[dict[str, float]]
+    validation_scores: list[float]
+    chosen_index: int
+    chosen: dict[str, float]
 
 
 @dataclass(frozen=True)
 class MSharpnessResult:
-    """The settings, every training (job order), and the summary: noise (``f"{noise:g}"``) -> method -> cell."""
+    """The settings, every training (grid points and final seeds), each method's tuning, and the methods that got
+    :attr:`Settings.more_seeds` (and which claim asked for them)."""
 
     settings: Settings
     runs: list[RunRecord]
-    summary: dict[str, dict[str, MethodCell]]
+    tuning: dict[str, Tuning]
+    extended: dict[str, list[str]]
+
+    def finals(self, name: str) -> list[RunRecord]:
+        """The method's runs at its chosen setting, by seed."""
+        index = self.tuning[name].chosen_index
+        return sorted((r for r in self.runs if r.method == name and r.index == index), key=lambda r: r.seed)
 
     @property
     def trace_measured(self) -> bool:
         """Whether tr(V) was measured (not for a model with BatchNorm)."""
-        return bool(self.runs[0].measured)
+        return bool(self.runs[0].trace_v)
 
 
-def settings_for(quick: bool, seeds: Sequence[int], overrides: Mapping[str, Any]) -> Settings:
-    """The quick run: 40 % noise, SGD / the smallest m-SAM / SAM, 3 epochs, tr(V) every epoch; the full run: 0 and
-    40 % noise, every method, 12 epochs, tr(V) four times. Batch, rho and epochs may come from the command line."""
-    given = dict(overrides)
-    batch = given.pop("batch_size", BATCH)
-    rho = given.pop("rho", RHO)
-    epochs = given.pop("epochs", 3 if quick else 12)
-    if given.get("device") == "cuda" and "threads" not in given:
-        given["threads"] = 0
-    base = dataclasses.replace(DEMO_CONFIG, **given)
-    methods = methods_for(batch)
-    smallest = next((name for name in methods if name.startswith("msam-")), None)
-    return Settings(
-        noises=(0.4,) if quick else (0.0, 0.4),
-        names=["sgd", *([smallest] if smallest else []), "sam"] if quick else list(methods),
-        methods=methods,
-        seeds=tuple(seeds),
-        batch=batch,
-        rho=rho,
-        epochs=epochs,
-        every=1 if quick else max(1, epochs // 4),
-        workers=1 if base.device == "cuda" else 2,  # one GPU: one training at a time
-        base=base,
-        overridden=bool(overrides),
+_Key = tuple[str, int, int]  # method, grid index, seed
+_FIELDS = dataclasses.fields(TrackedRun)
+
+
+def _config(
+    settings: Settings, method: Method, setting: dict[str, Any], sgd: dict[str, Any], seed: int, scratch: Path
+) -> TrainConfig:
+    fields = {**method.fields, **(sgd if method.after_sgd else {}), **setting}
+    return dataclasses.replace(
+        settings.base,
+        **fields,
+        epochs=settings.epochs * method.epochs_factor,
+        seed=seed,
+        output=str(scratch / f"{method.name}-{seed}-{'-'.join(f'{v:g}' for v in setting.values())}"),
+        progress=False,
+        overwrite=True,
     )
 
 
-def _train_all(settings: Settings, progress: Callable[[str], None]) -> list[RunRecord]:
-    """Every (noise, method, seed), in ``settings.workers`` spawned processes; records in job order."""
+def _cost(settings: Settings, method: Method) -> float:
+    """A rough relative cost, to start the longest trainings first (m-SAM: one pass pair per group)."""
+    passes = 1 if not method.sharpness_aware else 2 * (settings.batch // method.m if method.m else 1)
+    return method.epochs_factor * passes
+
+
+class _Trainer:
+    """Submits trainings to the pool and keeps their records by (method, index, seed)."""
+
+    def __init__(self, settings: Settings, pool: Executor, scratch: Path, progress: Callable[[str], None]) -> None:
+        self.settings, self.pool, self.scratch, self.progress = settings, pool, scratch, progress
+        self.records: dict[_Key, RunRecord] = {}
+
+    def run(self, wanted: Sequence[tuple[Method, int, int]], sgd: dict[str, Any]) -> None:
+        """Train each (method, grid index, seed) not trained yet, longest first."""
+        settings = self.settings
+        todo = [w for w in dict.fromkeys((m.name, i, s) for m, i, s in wanted) if w not in self.records]
+        by_name = {method.name: method for method, _, _ in wanted}
+        todo.sort(key=lambda key: -_cost(settings, by_name[key[0]]))
+        jobs = {}
+        for name, index, seed in todo:
+            method = by_name[name]
+            setting = method.grid.settings[index]
+            config = _config(settings, method, setting, sgd, seed, self.scratch)
+            job = Job(
+                config,
+                settings.problem,
+                settings.ms,
+                settings.sharpness_rho,
+                settings.sharpness_steps,
+                settings.sample,
+                settings.every,
+            )
+            jobs[(name, index, seed)] = (self.pool.submit(train_and_track, job), config)
+        for (name, index, seed), (future, config) in jobs.items():
+            tracked: TrackedRun = future.result()
+            setting = dict(by_name[name].grid.settings[index])
+            self.records[(name, index, seed)] = RunRecord(
+                name, seed, index, setting, config.epochs, **{f.name: getattr(tracked, f.name) for f in _FIELDS}
+            )
+            self.progress(
+                f"m-sharpness: {name} {_words(setting)} seed {seed}: validation "
+                f"{100 * tracked.validation_accuracy:.1f} %, test {100 * tracked.test_accuracy:.1f} %"
+            )
+
+
+def _words(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in setting.items())
+
+
+def _tune(trainer: _Trainer, methods: Sequence[Method], sgd: dict[str, Any]) -> dict[str, Tuning]:
+    """Train every grid point of ``methods`` on the tuning seeds; choose each method's point on validation."""
+    seeds = trainer.settings.tuning_seeds
+    trainer.run([(m, i, s) for m in methods for i in range(len(m.grid)) for s in seeds], sgd)
+    tuning = {}
+    for method in methods:
+        scores = [
+            mean([trainer.records[(method.name, i, s)].validation_accuracy for s in seeds])
+            for i in range(len(method.grid))
+        ]
+        chosen = choose(method.grid, scores)
+        index = list(method.grid.settings).index(chosen)
+        tuning[method.name] = Tuning(method.name, [dict(s) for s in method.grid.settings], scores, index, chosen)
+    return tuning
+
+
+def compute(
+    settings: Settings,
+    progress: Callable[[str], None] = print,
+    more_seeds_for: Callable[[MSharpnessResult], dict[str, list[str]]] | None = None,
+) -> MSharpnessResult:
+    """Tune, train the chosen settings over the seeds, and (``more_seeds_for``: which methods a close call needs
+    more seeds for, and the claims asking) train :attr:`Settings.more_seeds` for those."""
+    methods = settings.methods
+    sgd_method = settings.method("sgd")
+    rest = [m for m in methods if m.name != "sgd"]
+    grid_runs = sum(len(m.grid) for m in methods) * len(settings.tuning_seeds)
+    progress(
+        f"m-sharpness: {grid_runs} tuning runs, then {len(methods)} methods over seeds {list(settings.seeds)}, "
+        f"in {settings.workers} worker process(es)"
+    )
     scratch = tempfile.TemporaryDirectory(prefix="m-sharpness-")
-    jobs = []
-    for noise in settings.noises:
-        for name in settings.names:
-            for seed in settings.seeds:
-                config = dataclasses.replace(
-                    settings.base,
-                    **settings.methods[name][0],
-                    batch_size=settings.batch,
-                    rho=settings.rho,
-                    label_noise=noise,
-                    epochs=settings.epochs,
-                    seed=seed,
-                    output=str(Path(scratch.name) / f"{noise:g}-{name}-{seed}"),
-                    progress=False,
-                    overwrite=True,
-                )
-                jobs.append((noise, name, seed, config))
-    progress(f"m-sharpness: {len(jobs)} trainings of {settings.epochs} epochs in {settings.workers} worker process(es)")
     with scratch, worker_pool(settings.workers) as pool:
-        futures = [pool.submit(train_and_track, config, settings.every) for *_, config in jobs]
-        runs = []
-        for (noise, name, seed, _), future in zip(jobs, futures):
-            tracked = future.result()
-            runs.append(RunRecord(noise, name, seed, **vars(tracked)))
-            progress(f"m-sharpness: noise {noise:g} {name} seed {seed}: {100 * tracked.test_accuracy:.2f} %")
-    return runs
-
-
-def _cell(settings: Settings, cell: list[RunRecord], m: int | None, sam_seconds: float) -> MethodCell:
-    """One method's seeds at one noise, summarised; the curve's points are the measurements' means over seeds."""
-    accuracy, accuracy_std = mean_std([r.test_accuracy for r in cell])
-    seconds = mean([r.seconds_per_epoch for r in cell])
-    curve = []
-    for index, point in enumerate(cell[0].measured):
-        trace = mean([r.measured[index].trace_v for r in cell])
-        regulariser = settings.rho / (2 * m) * trace if m is not None else None
-        curve.append(CurvePoint(epoch=point.epoch, trace_v_mean=trace, regulariser_mean=regulariser))
-    late = curve[len(curve) // 2 :]  # the second half of training
-    return MethodCell(
-        m=m,
-        test_accuracy_mean=accuracy,
-        test_accuracy_std=accuracy_std,
-        seconds_per_epoch=seconds,
-        cost_relative_to_sam=seconds / sam_seconds,
-        trace_v_final=curve[-1].trace_v_mean if curve else None,
-        regulariser_final=curve[-1].regulariser_mean if curve else None,
-        regulariser_mean_second_half=mean([p.regulariser_mean for p in late]) if m is not None and curve else None,
-        regulariser_curve=curve,
-    )
-
-
-def compute(settings: Settings, progress: Callable[[str], None] = print) -> MSharpnessResult:
-    """Train every (noise, method, seed) and summarise each (noise, method) over its seeds."""
-    runs = _train_all(settings, progress)
-    summary: dict[str, dict[str, MethodCell]] = {}
-    for noise in settings.noises:
-        at_noise = [r for r in runs if r.noise == noise]
-        sam_seconds = mean([r.seconds_per_epoch for r in at_noise if r.method == "sam"])
-        summary[f"{noise:g}"] = {
-            name: _cell(settings, [r for r in at_noise if r.method == name], settings.methods[name][1], sam_seconds)
-            for name in settings.names
-        }
-    return MSharpnessResult(settings=settings, runs=runs, summary=summary)
+        trainer = _Trainer(settings, pool, Path(scratch.name), progress)
+        tuning = _tune(trainer, [sgd_method], {})
+        sgd = tuning["sgd"].chosen
+        tuning.update(_tune(trainer, rest, sgd))
+        tuning = {m.name: tuning[m.name] for m in methods}  # table order
+        trainer.run([(m, tuning[m.name].chosen_index, s) for m in methods for s in settings.seeds], sgd)
+        result = MSharpnessResult(settings, list(trainer.records.values()), tuning, {})
+        extended = more_seeds_for(result) if more_seeds_for is not None and settings.more_seeds else {}
+        if extended:
+            progress(f"m-sharpness: seeds {list(settings.more_seeds)} for {', '.join(extended)} (close calls)")
+            wanted = [
+                (settings.method(name), tuning[name].chosen_index, s) for name in extended for s in settings.more_seeds
+            ]
+            trainer.run(wanted, sgd)
+    return MSharpnessResult(settings, list(trainer.records.values()), tuning, extended)

@@ -1,5 +1,6 @@
 """One training run through the library's loop, with ``tr(V)``, the trace of the per-example gradient covariance,
-measured along it from an optimiser step hook."""
+measured along it from an optimiser step hook, and its final weights measured: training loss and accuracy (on the
+labels as trained), and their m-sharpness for every m."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from flatminima.experiments.m_sharpness.methods import SAMPLE
+from flatminima.experiments.m_sharpness.problem import SignalNoise
 from flatminima.running_stats import norm_layers
+from flatminima.sharpness.msharpness import m_sharpness
 from flatminima.train import BatchPipeline, TrainConfig, train
+from flatminima.train.batches import evaluate
 from flatminima.train.prepare import model_for, prepare_data
 
-__all__ = ["Measurement", "TrackedRun", "gradient_variance_trace", "train_and_track"]
+__all__ = ["Job", "Measurement", "TrackedRun", "gradient_variance_trace", "train_and_track"]
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,34 @@ class Measurement:
 
 
 @dataclass(frozen=True)
-class TrackedRun:
-    """What one training run gives: its final numbers, the test accuracy per epoch, the training seconds per epoch
-    (the measurement's own time taken out) and the tr(V) measurements (none for a model with BatchNorm)."""
+class Job:
+    """One training: its config, the patch problem it draws its data from (None: the config's dataset), the m
+    and radius of the final m-sharpness, its ascent steps, the examples measured on and how often tr(V) is."""
 
+    config: TrainConfig
+    problem: SignalNoise | None
+    ms: tuple[int, ...]
+    sharpness_rho: float
+    sharpness_steps: int
+    sample: int
+    every: int
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """What one training gives: the final validation and test accuracy, test loss, the training accuracy and loss
+    of the final weights on the labels as trained, the training seconds per epoch (median; evaluation and the
+    measurements taken out), tr(V) along training (none for a model with BatchNorm) and the m-sharpness of the
+    final weights per m (``str(m)`` -> the mean over groups of the loss increase)."""
+
+    validation_accuracy: float
     test_accuracy: float
+    test_loss: float
+    train_accuracy: float
     train_loss: float
-    test_accuracy_curve: list[float]
     seconds_per_epoch: float
-    measured: list[Measurement]
+    trace_v: list[Measurement]
+    m_sharpness: dict[str, float]
 
 
 def gradient_variance_trace(model: nn.Module, params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> float:
@@ -68,16 +90,23 @@ def gradient_variance_trace(model: nn.Module, params: dict[str, Tensor], inputs:
     return squares / count - mean_square
 
 
-def train_and_track(config: TrainConfig, every: int) -> TrackedRun:
-    """One training run with ``tr(V)`` measured after every ``every``-th epoch (and the last, and at the start).
+def _per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def train_and_track(job: Job) -> TrackedRun:
+    """Train ``job.config``, measuring ``tr(V)`` after the first step, every ``job.every``-th epoch and the last;
+    then measure the final weights.
 
     A module-level function, so that worker processes can run it. The measurement runs from a global optimiser step
     hook on the base SGD step, so :func:`flatminima.train` runs unchanged; there are none for a model with
     BatchNorm, whose per-example gradients are not defined in training mode (one example has no batch statistics).
     """
-    data = prepare_data(config)
+    config = job.config
+    dataset = job.problem.draw(config.seed) if job.problem is not None else None
+    data = prepare_data(config, dataset)
     pipeline = BatchPipeline(data.dataset, config, torch.device("cpu"))
-    count = min(SAMPLE, data.train_images.shape[0])
+    count = min(job.sample, data.train_images.shape[0])
     inputs = pipeline(data.train_images[:count], None)
     targets = data.train_labels[:count]
     skeleton = model_for(config, data.dataset)
@@ -105,22 +134,44 @@ def train_and_track(config: TrainConfig, every: int) -> TrackedRun:
         state["steps"] += 1
         if state["steps"] % per_epoch == 0:
             epoch = state["steps"] // per_epoch
-            if epoch % every == 0 or epoch == config.epochs:
+            if epoch % job.every == 0 or epoch == config.epochs:
                 measure(optimizer, epoch)
 
     handle = register_optimizer_step_post_hook(hook)
     try:
-        result = train(config)
+        result = train(config, dataset)
     finally:
         handle.remove()
     seconds = [
         r["seconds"] - r["eval_seconds"] - state["cost"].get(r["epoch"], 0.0) - (state["cost"].get(0, 0.0) * (i == 0))
         for i, r in enumerate(result.history)
     ]
+    model = result.model
+    device = next(model.parameters()).device
+    model.eval()
+    eval_pipeline = BatchPipeline(data.dataset, config, device)
+    train_loss, train_accuracy = evaluate(model, data.train_images, data.train_labels, eval_pipeline)
+    sample = (inputs.to(device), targets.to(device))
+    sharpness = {
+        str(m): m_sharpness(
+            model,
+            _per_example_cross_entropy,
+            sample,
+            m,
+            job.sharpness_rho,
+            steps=job.sharpness_steps,
+        ).loss_increase
+        for m in job.ms
+        if m <= count
+    }
+    final = result.final
     return TrackedRun(
-        test_accuracy=result.final["test_accuracy"],
-        train_loss=result.final["train_loss"],
-        test_accuracy_curve=[r["test_accuracy"] for r in result.history],
+        validation_accuracy=final.get("val_accuracy", float("nan")),
+        test_accuracy=final["test_accuracy"],
+        test_loss=final["test_loss"],
+        train_accuracy=train_accuracy,
+        train_loss=train_loss,
         seconds_per_epoch=statistics.median(seconds),
-        measured=state["measured"],
+        trace_v=state["measured"],
+        m_sharpness=sharpness,
     )
