@@ -239,6 +239,7 @@ _REGISTRY_CASES = {
     "wrn28_10": (10, 3, 8, {}),
     "wrn16_8": (100, 3, 8, {}),
     "wrn28_10_nobn": (10, 3, 8, {}),
+    "wrn40_10_nobn": (10, 3, 8, {}),
     "wrn16_8_nobn": (100, 3, 8, {}),
     "wrn": (10, 3, 16, {"depth": 10, "widen_factor": 1}),
     "small_cnn": (10, 1, 8, {"width": 4}),
@@ -254,7 +255,7 @@ def test_registry_cases_cover_all_names():
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_build_model_forward(name):
     num_classes, in_channels, image_size, kwargs = _REGISTRY_CASES[name]
-    if name.startswith(("wrn28_10", "wrn16_8")):
+    if name.startswith(("wrn28_10", "wrn16_8", "wrn40_10")):
         # too big to run on a CPU in a unit test: only check the architecture (and that _nobn has no BatchNorm)
         model = build_model(name, num_classes, in_channels, image_size, **kwargs)
         assert isinstance(model, WideResNet) and model.linear.out_features == num_classes
@@ -272,6 +273,10 @@ def test_build_model_wrn_kwargs():
     assert isinstance(model, WideResNet) and (model.depth, model.widen_factor) == (16, 8)
     assert count_parameters(model) == 10_954_170
     assert count_parameters(build_model("resnet20", 10, 3, 32)) == 269_722
+    # the SAM paper's Hessian-spectrum network: WRN-40-10 (published: 55.8M with BatchNorm), here without it
+    paper = build_model("wrn40_10_nobn", 10, 3, 32)
+    assert (paper.depth, paper.widen_factor, paper.batch_norm) == (40, 10, False)
+    assert count_parameters(paper) == 55_814_842
 
 
 def test_build_model_errors():

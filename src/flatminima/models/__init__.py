@@ -41,6 +41,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "wrn16_8",
     "wrn28_10_nobn",
     "wrn16_8_nobn",
+    "wrn40_10_nobn",
     "wrn",
     "small_cnn",
     "mlp",
@@ -71,11 +72,13 @@ def build_model(
     convolutional networks with global pooling ignore it, the MLP uses it for its input width and the small
     CNN needs it square.  For ``"two_layer_cnn"`` it is ``(P, d)``, the number and dimension of the patches
     (``in_channels`` is ignored), and ``num_classes`` must be 2.  ``"wrn"`` takes ``depth`` and
-    ``widen_factor`` keyword arguments; any other ``kwargs`` go to the model's constructor. ``"wrn28_10_nobn"``
-    and ``"wrn16_8_nobn"`` are the WideResNets without BatchNorm (``batch_norm=False``), as in the SAM paper's
-    Hessian-spectrum experiment.
+    ``widen_factor`` keyword arguments; any other ``kwargs`` go to the model's constructor. ``"wrn28_10_nobn"``,
+    ``"wrn16_8_nobn"`` and ``"wrn40_10_nobn"`` are the WideResNets without BatchNorm (``batch_norm=False``); the
+    last is the network of the SAM paper's Hessian-spectrum figure (WRN-40-10 without BatchNorm).
     """
     key = name.lower()
+    if key == "wrn40_10_nobn":
+        key, kwargs = "wrn", {**kwargs, "depth": 40, "widen_factor": 10, "batch_norm": False}
     if key.endswith("_nobn") and key[: -len("_nobn")] in ("wrn28_10", "wrn16_8"):
         key = key[: -len("_nobn")]
         kwargs = {**kwargs, "batch_norm": False}

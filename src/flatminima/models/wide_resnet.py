@@ -9,8 +9,8 @@ identity when the shape is unchanged and a 1x1 convolution (no BN) otherwise; as
 layer has one.  With 10 classes WRN-28-10 has 36,479,194 parameters (the published "36.5M") and WRN-16-8 has
 10,961,370 ("11.0M").
 
-``batch_norm=False`` replaces every BatchNorm by the identity (the SAM paper's Hessian-spectrum experiments
-use a WRN without BatchNorm).  The convolutions keep ``bias=False`` so the network stays the same function
+``batch_norm=False`` replaces every BatchNorm by the identity (the SAM paper's Hessian-spectrum figure uses a
+WRN-40-10 without BatchNorm).  The convolutions keep ``bias=False`` so the network stays the same function
 class up to the BN affine parameters, and the parameter count drops only by the BN weights and biases
 (WRN-28-10: 36,461,242).  Without normalisation the residual stream grows with depth at Kaiming
 initialisation, so use a small learning rate (or a shallow/narrow network) when training it.

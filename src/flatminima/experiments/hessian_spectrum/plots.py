@@ -13,6 +13,11 @@ from flatminima.experiments.hessian_spectrum.setting import label
 __all__ = ["plot_density", "plot_tracking"]
 
 
+def _colours(result: HessianSpectrumResult) -> dict[str, str]:
+    """One colour per optimiser key: SGD red, the paper's rho blue, the validated one green."""
+    return dict(zip(result.keys, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+
+
 def plot_tracking(path: Path, result: HessianSpectrumResult) -> Path:
     """lambda_max along training, against the step and against the full training loss; the last point of each run
     is the Lanczos lambda_max at the stopping point.
@@ -20,7 +25,7 @@ def plot_tracking(path: Path, result: HessianSpectrumResult) -> Path:
     The tracker's power iteration finds the eigenvalue of largest *magnitude*: where that one is negative (a saddle,
     e.g. SAM's first steps on the ``ln 10`` plateau), its magnitude is drawn with an ``x``, on the log scale."""
     keys = result.keys
-    colours = dict(zip(keys, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    colours = _colours(result)
     with saved_figure(path, 1, 2, size=(10, 3.8)) as (_, (left, right)):
         negative_drawn = False
         for name in keys:
@@ -45,7 +50,8 @@ def plot_tracking(path: Path, result: HessianSpectrumResult) -> Path:
         left.set_xlabel("step")
         left.set_ylabel(f"lambda_max ({result.setting.examples} training examples)")
         left.set_yscale("log")
-        left.set_title("lambda_max along training (star: the measured point)", fontsize=9)
+        tracked = "along training" if result.setting.track_every else "(not tracked in this run)"
+        left.set_title(f"lambda_max {tracked} (star: the measured point)", fontsize=9)
         left.legend(fontsize=8)
         right.set_xscale("log")
         right.set_yscale("log")
@@ -66,12 +72,12 @@ def plot_density(path: Path, result: HessianSpectrumResult, mean_lambda_max: dic
     low, high = float(nodes.min()), float(nodes.max())
     sigma = 0.01 * max(high - low, 1e-12)
     grid = torch.linspace(low - 5 * sigma, high + 5 * sigma, 1500, dtype=torch.float64)
-    colours = {"sgd": "tab:red"}
-    rhos = dict(zip(result.keys, result.rhos))
+    colours = _colours(result)
+    rhos = dict(zip(result.keys, (None, *result.rhos)))
     with saved_figure(path, size=(6.5, 3.8)) as (_, axis):
-        for name, group in densities.items():
+        for name, group in sorted(densities.items(), key=lambda item: result.keys.index(item[0])):
             values = torch.stack([d.density(grid, sigma) for d in group]).mean(dim=0)
-            colour = colours.get(name, "tab:blue")
+            colour = colours[name]
             runs = sum(d.num_runs for d in group)
             legend = f"{label(rhos[name])} (SLQ runs: {runs})"
             axis.semilogy(grid.numpy(), values.clamp_min(1e-8).numpy(), color=colour, linewidth=1.0, label=legend)

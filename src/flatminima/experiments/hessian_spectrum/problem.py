@@ -9,13 +9,14 @@ from torch.nn import functional as F
 
 from flatminima.data import load_dataset
 from flatminima.data.dataset import to_float
+from flatminima.data.splits import validation_split
 from flatminima.data.transforms import normalize
-from flatminima.experiments.hessian_spectrum.setting import DEFAULT_RECIPE, WIDTH, Recipe
+from flatminima.experiments.hessian_spectrum.setting import DEFAULT_RECIPE, VALIDATION_FRACTION, WIDTH, Recipe
 from flatminima.models import SmallCNN, build_model
 from flatminima.optim import SAM
 from flatminima.running_stats import norm_layers
 
-__all__ = ["build", "digits_tensors", "loss_and_accuracy"]
+__all__ = ["build", "digits_tensors", "loss_and_accuracy", "tuning_split"]
 
 
 def digits_tensors(seed: int, recipe: Recipe = DEFAULT_RECIPE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -27,6 +28,15 @@ def digits_tensors(seed: int, recipe: Recipe = DEFAULT_RECIPE) -> tuple[Tensor, 
     train = normalize(to_float(data.train_images), data.mean, data.std).to(device)
     test = normalize(to_float(data.test_images), data.mean, data.std).to(device)
     return train, data.train_labels.to(device), test, data.test_labels.to(device)
+
+
+def tuning_split(
+    images: Tensor, labels: Tensor, seed: int, fraction: float = VALIDATION_FRACTION
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The tuning runs' data: ``fraction`` of the training set held out as a validation split (stratified, the
+    seed's draw; clean labels like the rest, the claim is not about noise): train images, train labels, validation
+    images, validation labels. The measured runs train on the whole training set."""
+    return validation_split(images, labels, fraction, seed)
 
 
 def build(
@@ -44,7 +54,8 @@ def build(
     if norm_layers(model):
         raise ValueError(
             f"hessian-spectrum compares models without BatchNorm (as the paper): {recipe.model} has BatchNorm; "
-            "use e.g. --model wrn28_10_nobn, wrn16_8_nobn or small_cnn"
+            "use e.g. --model wrn40_10_nobn (the paper's: WideResNet-40-10 without BatchNorm), "
+            "wrn16_8_nobn or small_cnn"
         )
     model = model.to(recipe.device)
     options = {"lr": recipe.lr, "momentum": recipe.momentum, "weight_decay": recipe.weight_decay}

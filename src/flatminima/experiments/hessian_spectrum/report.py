@@ -1,5 +1,5 @@
-"""The report: the table, results.json, the commentary (every outcome it states chosen from the runs) and the
-figures, made from a :class:`~flatminima.experiments.hessian_spectrum.compute.HessianSpectrumResult`."""
+"""The report: the table, results.json, the claims, the commentary (every outcome it states computed from the runs)
+and the figures, made from a :class:`~flatminima.experiments.hessian_spectrum.compute.HessianSpectrumResult`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,30 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from flatminima.experiments.hessian_spectrum.claims import (
+    QUANTITIES,
+    RULE,
+    Comparison,
+    claims,
+    comparisons,
+    ratio_bounds,
+)
 from flatminima.experiments.hessian_spectrum.compute import HessianSpectrumResult, RunRecord
 from flatminima.experiments.hessian_spectrum.plots import plot_density, plot_tracking
-from flatminima.experiments.hessian_spectrum.setting import PAPER, PAPER_RHO, TOP_K, VALUE_TOL, WIDTH, key, label
+from flatminima.experiments.hessian_spectrum.setting import (
+    PAPER,
+    PAPER_NETWORK,
+    PAPER_RHO,
+    SAM_GRID,
+    SGD_GRID,
+    TOP_K,
+    VALIDATION_FRACTION,
+    VALUE_TOL,
+    WIDTH,
+    key,
+    label,
+)
+from flatminima.experiments.protocol import MORE_SEEDS, SEEDS, interval
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.summary import cell, mean, spread
 
@@ -19,17 +40,28 @@ __all__ = ["HEADERS", "caption", "commentary", "outcome", "results_json", "summa
 HEADERS = [
     "optimiser",
     "training loss (all)",
-    "loss on the {examples} measured",
     "epochs",
+    "gradient evaluations",
     "lambda_max",
-    "lambda_5",
     "lambda_max / lambda_5",
+    "lambda_5",
     "tr(H)",
     "test acc %",
     "paper lambda_max",
     "paper lambda_max / lambda_5",
 ]
-SUMMARISED = ("lambda_max", "lambda_5", "ratio", "trace", "train_loss", "subset_loss", "step", "test_accuracy")
+SUMMARISED = (
+    "lambda_max",
+    "lambda_5",
+    "ratio",
+    "trace",
+    "train_loss",
+    "subset_loss",
+    "step",
+    "epochs",
+    "gradient_evaluations",
+    "test_accuracy",
+)
 
 
 def _value(record: RunRecord, name: str) -> float:
@@ -37,29 +69,60 @@ def _value(record: RunRecord, name: str) -> float:
     return float(getattr(record.spectrum if hasattr(record.spectrum, name) else record, name))
 
 
+def _ci(values: list[float], digits: int = 3) -> str:
+    """``mean [low, high]``: the mean over seeds and its 95 % Student-t interval (the value alone for one seed)."""
+    found = interval(values)
+    if found.n == 1:
+        return f"{found.mean:.{digits}g}"
+    return f"{found.mean:.{digits}g} [{found.low:.{digits}g}, {found.high:.{digits}g}]"
+
+
+def _title(result: HessianSpectrumResult, rho: float | None) -> str:
+    """An optimiser's row title: SGD with its settings, SAM with where its radius came from."""
+    if rho is None:
+        return f"SGD (lr {result.recipe.lr:g}, wd {result.recipe.weight_decay:g})"
+    names = []
+    if rho == PAPER_RHO:
+        names.append("paper's rho")
+    if rho == result.validated_rho:
+        names.append("validated" if result.rho_source == "validation" else "given")
+    return f"{label(rho)} ({', '.join(names)})"
+
+
 def _summary(runs: list[RunRecord]) -> dict[str, Any]:
-    """Mean and spread over seeds (NaN for a single seed) of one optimiser's measurements; the trace's standard
+    """Mean, spread, range and 95 % interval over seeds of one optimiser's measurements; the trace's standard
     error is that of the mean of the per-seed estimates (each with its own Hutchinson error)."""
     out: dict[str, Any] = {"seeds": [r.seed for r in runs], "all_reached": all(r.reached for r in runs)}
     for name in SUMMARISED:
         values = [_value(r, name) for r in runs]
-        out[name] = statistics.fmean(values)
+        found = interval(values)
+        out[name] = found.mean
         out[f"{name}_std"] = spread(values) if len(values) > 1 else math.nan
         out[f"{name}_min"], out[f"{name}_max"] = min(values), max(values)
+        out[f"{name}_interval"] = [found.low, found.high]
     out["trace_stderr"] = math.sqrt(sum(r.spectrum.trace_stderr**2 for r in runs)) / len(runs)
+    out["max_relative_error_bound"] = max(_relative_bound(r) for r in runs)
     return out
+
+
+def _relative_bound(record: RunRecord) -> float:
+    """The largest Lanczos error bound of the record's top eigenvalues, relative to its eigenvalue."""
+    spectrum = record.spectrum
+    if spectrum.error_bounds is None:
+        return math.inf
+    return max(b / abs(v) for b, v in zip(spectrum.error_bounds, spectrum.eigenvalues))
 
 
 def summaries(result: HessianSpectrumResult) -> dict[str, dict[str, Any]]:
     """results.json's ``measured``: per optimiser key, its radius, the summary over seeds and the paper's numbers."""
     return {
-        name: {
+        key(rho): {
             "rho": rho,
-            **_summary(result.runs(name)),
+            **_summary(result.runs(key(rho))),
             "paper_lambda_max": PAPER["sgd" if rho is None else "sam"]["lambda_max"],
             "paper_ratio": PAPER["sgd" if rho is None else "sam"]["ratio"],
         }
-        for name, rho in zip(result.keys, result.rhos)
+        for rho in (None, *result.rhos)
     }
 
 
@@ -70,33 +133,42 @@ def _per_seed(result: HessianSpectrumResult, name: str, of: str, how: str = "ove
     return [a / b if how == "over" else abs(b - a) for a, b in pairs]
 
 
-def table_rows(result: HessianSpectrumResult, measured: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    """One row per optimiser (mean ± std over seeds, the paper's numbers), then SGD's value over each SAM's."""
+def table_rows(result: HessianSpectrumResult, compared: list[Comparison]) -> list[list[Any]]:
+    """One row per optimiser (95 % intervals of lambda_max and the ratio, mean ± std of the rest, the paper's
+    numbers), then SGD / SAM per radius (geometric mean and 95 % interval; lambda_5 and tr(H): mean ± std of the
+    per-seed ratio)."""
     rows: list[list[Any]] = []
-    for name, rho in zip(result.keys, result.rhos):
-        runs = result.runs(name)
+    for rho in (None, *result.rhos):
+        runs = result.runs(key(rho))
         paper = PAPER["sgd" if rho is None else "sam"]
-        title = label(rho) + (" (paper's rho)" if rho == PAPER_RHO else "")
+        reached = all(r.reached for r in runs)
         rows.append(
             [
-                title + ("" if measured[name]["all_reached"] else " (threshold NOT reached)"),
+                _title(result, rho) + ("" if reached else " (threshold NOT reached)"),
                 cell([r.train_loss for r in runs]),
-                cell([r.subset_loss for r in runs]),
                 cell([r.epochs for r in runs], 2),
-                *(cell([_value(r, field) for r in runs]) for field in ("lambda_max", "lambda_5", "ratio", "trace")),
+                cell([float(r.gradient_evaluations) for r in runs], 3),
+                _ci([r.spectrum.lambda_max for r in runs]),
+                _ci([r.spectrum.ratio for r in runs]),
+                cell([r.spectrum.lambda_5 for r in runs]),
+                cell([r.spectrum.trace for r in runs]),
                 cell([r.test_accuracy for r in runs], 3, scale=100),
                 f"{paper['lambda_max']:g}",
                 f"{paper['ratio']:g}",
             ]
         )
-    for name in result.keys[1:]:
+    by = {(c.rho, c.quantity): c for c in compared}
+    for rho in result.rhos:
         rows.append(
             [
-                f"SGD / {label(measured[name]['rho'])}",
+                f"SGD / {label(rho)}",
                 "",
                 "",
                 "",
-                *(cell(_per_seed(result, field, name)) for field in ("lambda_max", "lambda_5", "ratio", "trace")),
+                by[(rho, "lambda_max")].ratio_text(),
+                by[(rho, "ratio")].ratio_text(),
+                cell(_per_seed(result, "lambda_5", key(rho))),
+                cell(_per_seed(result, "trace", key(rho))),
                 "",
                 f"{PAPER['sgd']['lambda_max'] / PAPER['sam']['lambda_max']:g}",
                 f"{PAPER['sgd']['ratio'] / PAPER['sam']['ratio']:.3g}",
@@ -117,8 +189,26 @@ def _seconds(result: HessianSpectrumResult) -> dict[str, dict[str, float]]:
     }
 
 
-def results_json(result: HessianSpectrumResult, measured: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """results.json: the setting, the paper's numbers, the summaries, SGD over SAM per seed, and every run."""
+def _comparison_json(c: Comparison) -> dict[str, Any]:
+    """One comparison as results.json's ``comparisons`` holds it."""
+    return {
+        "rho": c.rho,
+        "quantity": QUANTITIES[c.quantity],
+        "difference": "log(SGD / SAM) per seed",
+        "seeds": list(c.seeds),
+        "log_ratios": list(c.log_ratios),
+        "interval": [c.interval.mean, c.interval.low, c.interval.high],
+        "sgd_over_sam_geometric": [math.exp(v) for v in (c.interval.mean, c.interval.low, c.interval.high)],
+        "lanczos_error": c.lanczos_error,
+        "widened_interval": [c.widened.mean, c.widened.low, c.widened.high],
+        "verdict": c.verdict.value,
+    }
+
+
+def results_json(
+    result: HessianSpectrumResult, measured: dict[str, dict[str, Any]], compared: list[Comparison]
+) -> dict[str, Any]:
+    """results.json: the setting, the tuning, the paper's numbers, the summaries, the comparisons, and every run."""
     setting, recipe = result.setting, result.recipe
     return {
         "setting": {
@@ -131,6 +221,7 @@ def results_json(result: HessianSpectrumResult, measured: dict[str, dict[str, An
             "device": recipe.device,
             "exact_crossing": setting.replay,
             "lr_schedule": "constant",
+            "budget": "every run to the same full training loss (the threshold)",
             "threshold": setting.threshold,
             "max_epochs": setting.max_epochs,
             "check_every": setting.check_every,
@@ -140,10 +231,20 @@ def results_json(result: HessianSpectrumResult, measured: dict[str, dict[str, An
             "trace_probes": setting.trace_probes,
             "density_runs": setting.density_runs,
             "density_steps": setting.density_steps,
-            "rhos": list(setting.rhos),
+            "rhos": list(result.rhos),
+            "headline_rho": PAPER_RHO,
+            "validated_rho": result.validated_rho,
+            "rho_source": result.rho_source,
+            "workers": result.workers,
         },
+        "paper_network": PAPER_NETWORK,
         "paper_numbers": PAPER,
+        "tuning": result.tuning.as_json() if result.tuning is not None else None,
+        "seeds_measured": list(result.seeds),
+        "close_call": result.close_call,
+        "seeds_extended": result.seeds_extended,
         "measured": measured,
+        "comparisons": [_comparison_json(c) for c in compared],
         "sgd_over_sam_lambda_max": {name: _per_seed(result, "lambda_max", name) for name in result.keys[1:]},
         "paper_sgd_over_sam_lambda_max": PAPER["sgd"]["lambda_max"] / PAPER["sam"]["lambda_max"],
         "train_loss_gap": {name: _per_seed(result, "train_loss", name, "gap") for name in result.keys[1:]},
@@ -152,22 +253,47 @@ def results_json(result: HessianSpectrumResult, measured: dict[str, dict[str, An
     }
 
 
+def _tuning_table(result: HessianSpectrumResult) -> str:
+    """The tuning runs: each grid point, where it stopped, its validation accuracy, and the choice."""
+    tuning = result.tuning
+    assert tuning is not None
+    rows = []
+    for runs, choice in ((tuning.sgd, tuning.sgd_choice), (tuning.sam, tuning.sam_choice)):
+        for run in runs:
+            point = {k: v for k, v in run.settings.items() if run.optimizer == "sgd" or k == "rho"}
+            chosen = all(run.settings.get(k) == v for k, v in choice.items())
+            rows.append(
+                [
+                    run.optimizer.upper(),
+                    ", ".join(f"{k} {v:g}" for k, v in point.items()),
+                    f"{run.train_loss:.3g} at step {run.step}" + ("" if run.reached else " (NOT reached)"),
+                    f"{100 * run.val_accuracy:.2f}" if run.reached else "n/a (not at the threshold)",
+                    "chosen" if chosen else "",
+                ]
+            )
+    headers = ["optimiser", "setting", "training loss at the stop", "validation acc %", ""]
+    return markdown_table(headers, rows)
+
+
 def _detail_table(result: HessianSpectrumResult) -> str:
-    """Per seed and optimiser: the stopping point, the top-5 eigenvalues with their residuals and error bounds, and
-    the trace with its standard error."""
+    """Per seed and optimiser: the stopping point, the top-5 eigenvalues, lambda_max and lambda_5 with their error
+    bounds, the range of the ratio the bounds allow, and the trace with its standard error."""
     before = "a step before" if result.setting.replay else "at the check before"
     rows = []
-    for r in result.records:
+    for r in sorted(result.records, key=lambda r: (result.seeds.index(r.seed), result.keys.index(r.optimizer))):
         s = r.spectrum
         bounds = s.error_bounds if s.error_bounds is not None else [math.nan] * len(s.eigenvalues)
+        low, high = ratio_bounds(r)
         rows.append(
             [
                 r.seed,
                 label(r.rho),
                 f"{r.train_loss:.4g} at step {r.step} ({r.train_loss_step_before:.4g} {before})",
                 ", ".join(f"{v:.4g}" for v in s.eigenvalues),
+                f"{s.lambda_max:.4g} ± {bounds[0]:.1e}",
+                f"{s.lambda_5:.4g} ± {bounds[TOP_K - 1]:.1e}",
+                f"{s.ratio:.4g} [{low:.5g}, {high:.5g}]",
                 f"{max(s.relative_residuals):.1e}",
-                f"{max(b / abs(v) for b, v in zip(bounds, s.eigenvalues)):.1e}",
                 f"{s.trace:.4g} ± {s.trace_stderr:.2g}",
                 s.lanczos_hvp,
             ]
@@ -177,8 +303,10 @@ def _detail_table(result: HessianSpectrumResult) -> str:
         "optimiser",
         "training loss at the measured point",
         "top-5 eigenvalues",
+        "lambda_max ± bound",
+        "lambda_5 ± bound",
+        "lambda_max / lambda_5 [bounds]",
         "max rel. residual",
-        "max rel. error bound",
         "tr(H) ± stderr",
         "Lanczos products",
     ]
@@ -210,98 +338,187 @@ def _fairness(result: HessianSpectrumResult) -> tuple[str, str]:
     return stop, f"the loss {earlier} too (above the threshold{where})"
 
 
-def _other_statements(result: HessianSpectrumResult, measured: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _tuning_text(result: HessianSpectrumResult) -> str:
+    """How SGD's settings and the second radius were chosen (or that the command line gave them)."""
+    tuning = result.tuning
+    if tuning is None:
+        extra = result.rhos[1:]
+        second = f" SAM is measured at the paper's rho = {PAPER_RHO:g}" + "".join(
+            f" and at the given rho = {rho:g}" for rho in extra
+        )
+        return (
+            "**Tuning: none.** The command line gave the learning rate, the weight decay or rho, so no grid was "
+            f"trained: SGD uses lr {result.recipe.lr:g} and weight decay {result.recipe.weight_decay:g}.{second}."
+        )
+    first = tuning.sgd[0]
+    sgd = ", ".join(f"(lr {p['lr']:g}, wd {p['weight_decay']:g})" for p in SGD_GRID.settings)
+    rhos = ", ".join(f"{p['rho']:g}" for p in SAM_GRID.settings)
+    return f"""**Tuning** (on seed {tuning.seed}'s training set: {first.validation_examples} examples, \
+{VALIDATION_FRACTION:.0%} stratified, held out as a validation split with clean labels like the rest, since the claim
+is not about label noise; the tuning runs train on the other {first.train_examples}). SGD's grid: {len(SGD_GRID)}
+settings of learning rate x weight decay, {sgd}; SAM's: {len(SAM_GRID)} radii, {rhos} (the four middle radii of
+the paper's grid, fixed before any run), each on SGD's chosen pair: the same tuning budget for both. Every point is
+trained once to the same stopping rule as the measured runs and scored by its validation accuracy there (a point
+that never reaches the threshold scores nothing); the best is kept, a tie going to the earlier setting (the
+default, the smaller radius). No Hessian is computed and the test set is not looked at: the size of the sharpness
+effect plays no part in the choice. Chosen: SGD lr {tuning.sgd_choice["lr"]:g}, weight decay \
+{tuning.sgd_choice["weight_decay"]:g}; rho = {tuning.sam_choice["rho"]:g}. The measured runs then train on the whole
+training set of each seed.
+
+{_tuning_table(result)}"""
+
+
+def _budget_text(result: HessianSpectrumResult) -> str:
+    """The budget each optimiser spent: every run to the same training loss, so neither equal epochs nor equal
+    gradient evaluations; the epochs and evaluations each needed."""
+    spent = "; ".join(
+        f"{label(rho)}: {mean([r.epochs for r in result.runs(key(rho))]):.2f} epochs, "
+        f"{mean([float(r.gradient_evaluations) for r in result.runs(key(rho))]):.0f} gradient evaluations"
+        for rho in (None, *result.rhos)
+    )
+    return (
+        "**Budget.** Every run trains until its full training loss reaches the threshold, so the two budgets of the "
+        "protocol (equal epochs; equal gradient evaluations, SGD at twice SAM's epochs) do not apply: each optimiser "
+        "gets what it needs to reach the same training loss, which is what a sharpness comparison must hold fixed. "
+        f"Spent on average: {spent} (SAM: two gradients a step)."
+    )
+
+
+def _seeds_text(result: HessianSpectrumResult) -> str:
+    """Which seeds were measured, and why seeds 3-4 were added (or not)."""
+    seeds, more = list(result.seeds), list(MORE_SEEDS[len(SEEDS) :])
+    if result.seeds_extended:
+        return (
+            f"**Seeds** {seeds}: after seeds {list(SEEDS)} a claim's paired difference (a log ratio) was within two "
+            f"standard errors of zero, so seeds {more} were added (the protocol's rule)."
+        )
+    if not result.close_call:
+        return f"**Seeds** {seeds}: every claim's paired difference was beyond two standard errors of zero."
+    if tuple(seeds) == SEEDS:
+        return (
+            f"**Seeds** {seeds}: a claim's paired difference was within two standard errors of zero; a full run adds "
+            f"seeds {more} then, this quick one does not."
+        )
+    return f"**Seeds** {seeds}, as asked (seeds {more} are added only to a full run on the default seeds)."
+
+
+def _other_statements(result: HessianSpectrumResult) -> dict[str, str]:
     """The computed clauses of the commentary, by name."""
-    setting, records, keys = result.setting, result.records, result.keys
+    records, keys = result.records, result.keys
     converged = [r.spectrum.lanczos_converged for r in records]
     start = mean([r.loss_checks[0][1] for r in result.runs("sgd")])  # every optimiser of a seed starts alike
     uniform = math.log(result.classes)
     near = "near" if abs(start - uniform) < 0.1 else "away from"
-    ablation = (
-        f" The paper's radius, rho = {PAPER_RHO:g}, was not trained in this run (the full run on digits, without "
-        "--rho, trains it as an ablation)."
+    rho_of = {key(rho): rho for rho in (None, *result.rhos)}
+    tracking = (
+        f"lambda_max along training every {result.setting.track_every} steps by `SharpnessTracker` (warm-started "
+        "power iteration, relative tolerance 1e-3)"
+        if result.setting.track_every
+        else "lambda_max is not tracked along training in this run (the quick one)"
     )
-    if PAPER_RHO in setting.rhos:
-        values = _per_seed(result, "lambda_max", key(PAPER_RHO))
-        ablation = (
-            f" With the paper's radius, rho = {PAPER_RHO:g}, SGD's lambda_max is "
-            f"{statistics.fmean(values):.3g} times SAM's (per seed {', '.join(f'{v:.3g}' for v in values)})."
-        )
     return {
+        "tracking": tracking,
         "matched": "At matched training loss"
         if all(r.reached for r in records)
         else "At the stopping points (not every run reached the threshold, so the losses are not matched)",
         "converged": "" if all(converged) else f" (reached in {sum(converged)} of {len(converged)} runs only)",
         "start": f"it starts at {start:.3g}{' on average' if len(result.seeds) > 1 else ''}, {near} ln "
         f"{result.classes} = {uniform:.2f}, the uniform prediction",
-        "ablation": ablation,
         "plateau": "; ".join(
-            f"{label(measured[k]['rho'])} "
+            f"{label(rho_of[k])} "
             + cell(
                 [math.nan if r.steps_to_loss_below_2 is None else r.steps_to_loss_below_2 for r in result.runs(k)], 4
             )
             for k in keys
         ),
-        "negative": "; ".join(
-            f"{label(measured[k]['rho'])} {sum(t[2] <= 0 for r in result.runs(k) for t in r.tracked)}"
+        "negative": "not tracked in this run"
+        if not result.setting.track_every
+        else "; ".join(
+            f"{label(rho_of[k])} {sum(t[2] <= 0 for r in result.runs(k) for t in r.tracked)}"
             f" of {sum(len(r.tracked) for r in result.runs(k))}"
             for k in keys
         ),
         "timing": "; ".join(
-            f"{label(measured[k]['rho'])}: {s['training']:.0f} s training, {s['tracking']:.0f} s tracking "
+            f"{label(rho_of[k])}: {s['training']:.0f} s training, {s['tracking']:.0f} s tracking "
             f"lambda_max, {s['measuring']:.0f} s measuring"
             for k, s in _seconds(result).items()
         ),
     }
 
 
-def commentary(result: HessianSpectrumResult, measured: dict[str, dict[str, Any]]) -> str:
-    """The commentary that follows the table: the protocol, the per-seed details, and the comparison with the paper,
-    each statement computed from the runs."""
-    setting, recipe = result.setting, result.recipe
-    main = result.keys[1]
-    sgd, sam = measured["sgd"], measured[main]
+def _against_paper(result: HessianSpectrumResult, compared: list[Comparison], matched: str) -> str:
+    """The comparison with the paper's numbers, per radius, computed."""
     by_seed = result.by_seed()
-    sam_runs = [by_seed[(s, main)] for s in result.seeds]
-    flatter_ratio = _count(sam_runs, lambda r: r.spectrum.ratio < by_seed[(r.seed, "sgd")].spectrum.ratio)
-    smaller_trace = _count(sam_runs, lambda r: r.spectrum.trace < by_seed[(r.seed, "sgd")].spectrum.trace)
-    largest_gap = max(max(_per_seed(result, "train_loss", k, "gap")) for k in result.keys[1:])
-    ratios = _per_seed(result, "lambda_max", main)
-    stop, earlier = _fairness(result)
-    said = _other_statements(result, measured)
-    model = f"SmallCNN width {WIDTH} on digits" if recipe.is_default else f"{recipe.model} on {recipe.dataset}"
-    return f"""
-**How the comparison was made fair.** Both optimisers start from the same initialisation and see the same batches
-({model}; SGD: lr {recipe.lr:g}, momentum {recipe.momentum:g}, weight decay {recipe.weight_decay:g}, batch
-{recipe.batch_size}, constant lr; SAM: the library's `SAM` around that same SGD). {stop} The table gives both
-optimisers' losses at those
-points, over all training examples and over the {setting.examples} the Hessian is taken on; the per-seed table
-below gives {earlier}. The largest SGD-SAM difference in training loss
-at the measured points is {largest_gap:.2g}. The cross-entropy Hessian shrinks as the loss goes to zero, so
-lambda_max is plotted against the training loss too (figure, right), over the whole runs.
+    parts = []
+    for rho in result.rhos:
+        c_max = next(c for c in compared if c.rho == rho and c.quantity == "lambda_max")
+        c_ratio = next(c for c in compared if c.rho == rho and c.quantity == "ratio")
+        runs = result.runs(key(rho))
+        smaller = _count(runs, lambda r: r.spectrum.lambda_max < by_seed[(r.seed, "sgd")].spectrum.lambda_max)
+        flatter = _count(runs, lambda r: r.spectrum.ratio < by_seed[(r.seed, "sgd")].spectrum.ratio)
+        trace = _count(runs, lambda r: r.spectrum.trace < by_seed[(r.seed, "sgd")].spectrum.trace)
+        parts.append(
+            f"{_title(result, rho)}: {matched.lower()} SGD's lambda_max is {c_max.ratio_text()} times SAM's "
+            f"(smaller with SAM on {smaller} seeds; verdict {c_max.verdict.value}), SGD's lambda_max / lambda_5 "
+            f"{c_ratio.ratio_text()} times SAM's (smaller with SAM on {flatter}; {c_ratio.verdict.value}), tr(H) "
+            f"smaller with SAM on {trace}."
+        )
+    paper = PAPER["sgd"]["ratio"] / PAPER["sam"]["ratio"]
+    return (
+        " ".join(parts)
+        + f" The paper ({PAPER_NETWORK}, 200 epochs, a cosine schedule, measured at the end of training, not at a "
+        f"matched loss): 24 times for lambda_max and {paper:.3g} times for lambda_max / lambda_5 (11.4 against 2.6)."
+    )
 
-**Measurements**, on the first {setting.examples} training examples of each seed's split: the top-{TOP_K}
-eigenvalues by Lanczos with full reorthogonalisation, stopped when every eigenvalue's error bound is within
-{VALUE_TOL:g} of it relatively (`value_tol`, one guard value){said["converged"]}, residuals verified with true \
-products; tr(H) by
-Hutchinson with {setting.trace_probes} Rademacher probes (± its standard error per seed below; the table gives mean
-± std over seeds, and the standard error of that mean from the probes alone is {sgd["trace_stderr"]:.2g} for SGD and
-{sam["trace_stderr"]:.2g} for SAM); the spectral density by SLQ ({setting.density_runs} start vector(s) x
-{setting.density_steps} Lanczos steps per model, pooled over seeds); lambda_max along training every
-{setting.track_every} steps by `SharpnessTracker` (warm-started power iteration, relative tolerance 1e-3).
+
+def commentary(result: HessianSpectrumResult, measured: dict[str, dict[str, Any]], compared: list[Comparison]) -> str:
+    """The commentary that follows the table and the verdicts: the protocol, the budget, the per-seed details and
+    the comparison with the paper, each statement computed from the runs."""
+    setting, recipe = result.setting, result.recipe
+    largest_gap = max(max(_per_seed(result, "train_loss", k, "gap")) for k in result.keys[1:])
+    stop, earlier = _fairness(result)
+    said = _other_statements(result)
+    digits = recipe.model == "small_cnn"
+    model = f"SmallCNN width {WIDTH} on digits" if digits else f"{recipe.model} on {recipe.dataset}"
+    stderr = "; ".join(f"{label(measured[k]['rho'])} {measured[k]['trace_stderr']:.2g}" for k in result.keys)
+    return f"""
+**Verdicts' rule**, fixed before the run: {RULE}. The paired difference is of the logs, seed by seed (SGD's value
+over SAM's; the paper's numbers differ by factors), and the widening is the largest error on a seed's log ratio that
+the Lanczos error bounds allow (here at most {max(c.lanczos_error for c in compared):.1g}). The table's SGD / SAM rows
+give the geometric mean of SGD / SAM with its 95 % interval (before the widening).
+
+{_tuning_text(result)}
+
+{_budget_text(result)}
+
+**How the comparison was made fair.** Every optimiser of a seed starts from the same initialisation and sees the
+same batches ({model}; SGD: lr {recipe.lr:g}, momentum {recipe.momentum:g}, weight decay {recipe.weight_decay:g},
+batch {recipe.batch_size}, constant lr; SAM: the library's `SAM` around that same SGD). {stop} The per-seed table
+below gives {earlier}. The largest SGD-SAM difference in training loss at the measured points is {largest_gap:.2g}.
+The cross-entropy Hessian shrinks as the loss goes to zero, so lambda_max is plotted against the training loss too
+(figure, right), over the whole runs.
+
+{_seeds_text(result)}
+
+**Measurements**, on the first {setting.examples} training examples of each seed: the top-{TOP_K} eigenvalues by
+Lanczos with full reorthogonalisation, stopped when every eigenvalue's error bound (`min(r, r^2 / gap)` from the
+verified residual r = ||H y - theta y||) is within {VALUE_TOL:g} of it relatively (`value_tol`, one guard
+value){said["converged"]}; the per-seed table gives lambda_max and lambda_5 with their bounds and the range of
+lambda_max / lambda_5 the bounds allow. tr(H) by Hutchinson with {setting.trace_probes} Rademacher probes (± its
+standard error per seed below; the standard error of each optimiser's mean from the probes alone: {stderr}); the
+spectral density by SLQ ({setting.density_runs} start vector(s) x {setting.density_steps} Lanczos steps per model,
+pooled over seeds); {said["tracking"]}.
 
 {_detail_table(result)}
 
-**Against the paper.** {said["matched"]} SGD's lambda_max is {statistics.fmean(ratios):.3g} times SAM's
-(per seed {", ".join(f"{v:.3g}" for v in ratios)}; the paper: 24). SAM's lambda_max / lambda_5 is the smaller in
-{flatter_ratio} seed(s) ({sam["ratio"]:.3g} against SGD's {sgd["ratio"]:.3g}; the paper: 2.6 against
-11.4), and its trace the smaller in {smaller_trace}.{said["ablation"]}
+**Against the paper.** {_against_paper(result, compared, said["matched"])} The paper-scale command below uses
+the paper's network, `wrn40_10_nobn` (a WideResNet-40-10 with `batch_norm=False`).
 
 **On the way.** Steps until the full training loss first fell below 2 ({said["start"]}; checked every \
 {setting.check_every} steps): {said["plateau"]}. Tracked points where the eigenvalue of largest
 magnitude, which power iteration finds, was negative (a saddle; drawn as x in the figure): {said["negative"]}.
 
-Time per run (mean over seeds): {said["timing"]}.
+Time per run (mean over seeds; {result.workers} worker process(es)): {said["timing"]}.
 """
 
 
@@ -311,16 +528,20 @@ def caption(result: HessianSpectrumResult) -> str:
     where = "step" if setting.replay else "check"
     capped = "" if all(r.reached for r in result.records) else f" (or after {setting.max_epochs} epochs if never)"
     return (
-        f"Mean ± std over seeds {list(result.seeds)}; each optimiser stopped at the first {where} whose full training "
-        f"loss is below {setting.threshold:g}{capped}; Hessian of the cross-entropy on the first {setting.examples} "
-        "training examples. The last row(s): SGD's value over SAM's, per seed. The paper's numbers are a "
-        "WideResNet without BatchNorm on CIFAR-10."
+        f"Seeds {list(result.seeds)}; every run stopped at the first {where} whose full training loss is below "
+        f"{setting.threshold:g}{capped}; Hessian of the cross-entropy on the first {setting.examples} training "
+        "examples. lambda_max and lambda_max / lambda_5: mean [95 % interval] over seeds; the rest mean ± std. The "
+        f"headline is SAM at the paper's rho = {PAPER_RHO:g}. The last row(s): SGD's value over SAM's, per seed "
+        "(lambda_max and the ratio: geometric mean [95 % interval]). The paper's numbers are a "
+        f"{PAPER_NETWORK}."
     )
 
 
 def outcome(result: HessianSpectrumResult, ctx: Context) -> Outcome:
-    """The Outcome of the reproduction: table, results.json, commentary and the two figures (in ``ctx``'s folder)."""
+    """The Outcome of the reproduction: table, claims, results.json, commentary and the two figures (in ``ctx``'s
+    folder)."""
     measured = summaries(result)
+    compared = comparisons(result)
     figures = [
         plot_tracking(ctx.figure_path("lambda_max_along_training.png"), result),
         plot_density(
@@ -328,10 +549,11 @@ def outcome(result: HessianSpectrumResult, ctx: Context) -> Outcome:
         ),
     ]
     return Outcome(
-        headers=[h.format(examples=result.setting.examples) for h in HEADERS],
-        rows=table_rows(result, measured),
-        results=results_json(result, measured),
-        report=commentary(result, measured),
+        headers=HEADERS,
+        rows=table_rows(result, compared),
+        results=results_json(result, measured, compared),
+        report=commentary(result, measured, compared),
         figures=figures,
         caption=caption(result),
+        claims=claims(result),
     )

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from flatminima.experiments.hessian_spectrum.problem import build, loss_and_accuracy
 from flatminima.experiments.hessian_spectrum.setting import DEFAULT_RECIPE, Recipe, Setting
+from flatminima.experiments.protocol import SAM_EVALUATIONS_PER_STEP
 from flatminima.optim import SAM
 from flatminima.sharpness import SharpnessTracker
 from flatminima.step import PlainStep, SharpnessAwareStep
@@ -44,6 +45,11 @@ class TrainedRun:
     seconds_training: float = 0.0
     seconds_tracking: float = 0.0
 
+    @property
+    def gradient_evaluations(self) -> int:
+        """Batch gradients computed: one a step for SGD, two for SAM (the ascent's and the descent's)."""
+        return self.step * (1 if self.rho is None else SAM_EVALUATIONS_PER_STEP)
+
 
 def train_to_loss(
     seed: int,
@@ -53,6 +59,7 @@ def train_to_loss(
     subset: list[tuple[Tensor, Tensor]],
     setting: Setting,
     recipe: Recipe = DEFAULT_RECIPE,
+    track: bool = True,
 ) -> TrainedRun:
     """Train SGD (``rho=None``) or SAM until the full training loss first falls below ``setting.threshold``.
 
@@ -60,7 +67,8 @@ def train_to_loss(
     the full training loss is computed; the model and optimiser states at the last check above the threshold are
     kept, and when a check falls below it they are restored and the steps since are replayed one at a time, so
     the run stops at the first step below the threshold. lambda_max is tracked on ``subset`` every ``track_every``
-    steps (and at step 0) with a warm-started :class:`SharpnessTracker`.
+    steps (and at step 0) with a warm-started :class:`SharpnessTracker`, unless ``track`` is False (the tuning
+    runs, which only need the stopping point) or ``track_every`` is 0 (the quick run).
 
     Each step is the library's (:class:`~flatminima.step.SharpnessAwareStep` for SAM, :class:`PlainStep` for
     SGD); the iteration around it stays here because :func:`flatminima.train` runs a fixed number of epochs and
@@ -84,12 +92,15 @@ def train_to_loss(
         batch = orders[epoch][index * size : (index + 1) * size].to(images.device)
         step_on(images[batch], labels[batch])
 
-    tracker = SharpnessTracker(F.cross_entropy, subset, setting.track_every, seed=seed)
+    track = track and setting.track_every > 0
+    tracker = SharpnessTracker(F.cross_entropy, subset, max(setting.track_every, 1), seed=seed)
     started = time.perf_counter()
     tracking = 0.0
 
-    def track(step: int, loss: float) -> None:
+    def measure(step: int, loss: float) -> None:
         nonlocal tracking
+        if not track:
+            return
         begin = time.perf_counter()
         record = tracker.measure(model, step)
         tracking += time.perf_counter() - begin
@@ -97,7 +108,7 @@ def train_to_loss(
 
     loss, accuracy = loss_and_accuracy(model, images, labels)
     run = TrainedRun(model, rho, 0, 0.0, False, loss, math.nan, accuracy, losses=[(0, loss)])
-    track(0, loss)
+    measure(0, loss)
     kept = (0, loss, *_states(model, optimizer, setting.replay))
     last = setting.max_epochs * per_epoch
     step = 0
@@ -126,8 +137,8 @@ def train_to_loss(
             run.losses.append((step, loss))
             break
         run.losses.append((step, loss))
-        if step % setting.track_every == 0:
-            track(step, loss)
+        if track and step % setting.track_every == 0:
+            measure(step, loss)
         kept = (step, loss, *_states(model, optimizer, setting.replay))
     run.step, run.train_loss, run.train_accuracy = step, loss, accuracy
     run.epochs = run.step / per_epoch
