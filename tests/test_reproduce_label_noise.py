@@ -122,6 +122,9 @@ def test_compute_tunes_on_validation_then_trains_the_chosen_settings_over_the_se
     assert len(found) == 2 * (len(NOISE_LEVELS) + 2)  # two budgets, at every level and the two paper rows
     outcome = report(result, Context(output=tmp_path, quick=False, seeds=(0, 1, 2)))
     assert len(outcome.rows) == len(NOISE_LEVELS) + 2 and outcome.claims == found
+    text = " ".join(outcome.report.split())
+    assert "at 60 % validation chose 0.2, so SAM also ran at the paper's 0.1" in text
+    assert "at 80 % validation chose 0.2, so SAM also ran at the paper's 0.05" in text
 
 
 def test_settings_given_on_the_command_line_tune_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
