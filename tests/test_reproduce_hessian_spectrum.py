@@ -240,6 +240,10 @@ def test_verdicts_follow_the_paired_log_ratios() -> None:
     assert "SGD / SAM = 3.89x [" in found[0].measured and "log(SGD / SAM)" in found[0].rule
     mixed = _result(sgd=[2.0, 1.0, 1.5], sam=[1.0, 2.0, 1.4], validated=[1.0, 1.0, 1.0])
     assert claims(mixed)[0].verdict is Verdict.INCONCLUSIVE
+    # validation chose the paper's rho itself: the two claims once, not twice over the same runs
+    same = dataclasses.replace(result, validated_rho=0.05)
+    assert [c.verdict for c in claims(same)] == [Verdict.SUPPORTS, Verdict.CONTRADICTS]
+    assert "the paper's rho = 0.05 (also the validated one)" in claims(same)[0].statement
 
 
 def test_a_lanczos_error_as_large_as_the_effect_makes_the_verdict_inconclusive() -> None:

@@ -108,13 +108,16 @@ def comparisons(result: HessianSpectrumResult) -> list[Comparison]:
 
 def claims(result: HessianSpectrumResult) -> list[Claim]:
     """The paper's two claims at the paper's rho (the headline), then at the validated (or given) one: SAM's
-    lambda_max and lambda_max / lambda_5 are smaller than SGD's. When the validated rho is the paper's, its claims
-    are stated again under that name, with the same numbers."""
+    lambda_max and lambda_max / lambda_5 are smaller than SGD's. When the validated (or given) rho is the paper's,
+    the claims are stated once, saying so (the same runs would only be counted twice)."""
     by_rho = {(c.rho, c.quantity): c for c in comparisons(result)}
-    names = [(PAPER_RHO, f"the paper's rho = {PAPER_RHO:g}")]
-    if result.validated_rho is not None:
-        source = "validated" if result.rho_source == "validation" else "given"
-        names.append((result.validated_rho, f"the {source} rho = {result.validated_rho:g}"))
+    source = "validated" if result.rho_source == "validation" else "given"
+    if result.validated_rho == PAPER_RHO:
+        names = [(PAPER_RHO, f"the paper's rho = {PAPER_RHO:g} (also the {source} one)")]
+    else:
+        names = [(PAPER_RHO, f"the paper's rho = {PAPER_RHO:g}")]
+        if result.validated_rho is not None:
+            names.append((result.validated_rho, f"the {source} rho = {result.validated_rho:g}"))
     found = []
     for rho, where in names:
         for quantity, name in QUANTITIES.items():
