@@ -91,11 +91,13 @@ def test_every_grid_has_the_same_size_and_rho_shrinks_with_m() -> None:
 
 def test_the_full_run_tunes_on_two_seeds_and_extends_close_calls_to_five() -> None:
     full = settings_for(False, (0, 1, 2), {})
-    assert full.tuning_seeds == (0, 1) and full.more_seeds == (3, 4) and full.ms == (1, 2, 4, 8, 16)
+    assert full.tuning_seeds == (100, 101) and full.more_seeds == (3, 4) and full.ms == (1, 2, 4, 8, 16)
     assert full.base.model == "two_layer_cnn" and full.base.validation_fraction == 0.5 and full.epochs == 30
     quick = settings_for(True, (0,), {})
-    assert quick.tuning_seeds == (0,) and quick.more_seeds == () and quick.ms == (1, 4, 16)
+    assert quick.tuning_seeds == (100,) and quick.more_seeds == () and quick.ms == (1, 4, 16)
     assert settings_for(False, (0, 1, 2, 3), {}).more_seeds == ()  # seeds given: no more are added
+    with pytest.raises(ValueError, match=r"seeds \[100\] choose"):  # a selection seed is never reported
+        settings_for(False, (0, 100), {})
     other = settings_for(True, (0,), {"dataset": "cifar10", "data_root": "DATA", "batch_size": 256})
     assert other.problem is None and other.base.model == "small_cnn" and other.ms == (4, 64, 256)
 
@@ -180,7 +182,7 @@ def test_quick_run_records_the_protocol(quick: tuple[dict, str]) -> None:
     assert results["methods"] == ["sgd", "sgd-2x", "msam-1", "msam-4", "sam", "rwsam"]
     protocol = results["protocol"]
     assert set(protocol["grid_sizes"]) == set(results["methods"]) and set(protocol["grid_sizes"].values()) == {2}
-    assert protocol["validation_fraction"] == 0.5 and protocol["tuning_seeds"] == [0]
+    assert protocol["validation_fraction"] == 0.5 and protocol["tuning_seeds"] == [100]
     budgets = protocol["budgets"]
     assert budgets["equal epochs"]["sgd_epochs"] == budgets["equal epochs"]["sam_epochs"] == results["epochs"]
     assert budgets["equal gradient evaluations"]["sgd_epochs"] == 2 * results["epochs"]

@@ -1,20 +1,20 @@
 """The protocol every training reproduction follows, and the numbers its verdict rests on.
 
 Tuning: each optimiser gets a :class:`Grid` of the same size (SGD over its learning rate and weight decay, SAM over
-rho on top of SGD's chosen pair), each point trained once on the training set less a validation split, and the point
-with the best final validation accuracy is kept (:func:`choose`); the test set is never looked at until the tuned
-settings are trained over the seeds. Two budgets (:class:`Budget`): equal epochs, and equal gradient evaluations,
-where SGD trains :data:`SAM_EVALUATIONS_PER_STEP` times SAM's epochs (SAM computes two gradients a step). Seeds:
-:data:`SEEDS`, and :data:`MORE_SEEDS` when the paired difference lies within two standard errors of zero
-(:func:`needs_more_seeds`).
+rho on top of SGD's chosen pair), each point trained on data held out from the test set (a validation split of the
+training set, or draws of their own: :data:`SELECTION_SEEDS`), and the point with the best validation score is kept
+(:func:`choose`); the test set is never looked at until the tuned settings are trained over the reported seeds. Two
+budgets (:class:`Budget`): equal epochs, and equal gradient evaluations, where SGD trains
+:data:`SAM_EVALUATIONS_PER_STEP` times SAM's epochs (SAM computes two gradients a step). Seeds: :data:`SEEDS`, and
+:data:`MORE_SEEDS` when the paired difference lies within two standard errors of zero (:func:`needs_more_seeds`).
 
 Verdicts: 95 % intervals over seeds, the paired difference of two optimisers run on the same seeds, and a verdict
 computed from that interval by a rule fixed before the run.
 
 A claim "SAM beats SGD" is SUPPORTED when the 95 % interval of the paired difference (SAM minus SGD, seed by seed)
 lies wholly on the paper's side of zero, CONTRADICTED when it lies wholly on the other side, and INCONCLUSIVE
-otherwise. The interval is Student's t over the seeds (n - 1 degrees of freedom), so three seeds give a wide one:
-that is the point, a verdict from few seeds has to be clear to count.
+otherwise. The interval is Student's t over the seeds (n - 1 degrees of freedom), so three seeds give a wide one: that
+is the point, a verdict from few seeds has to be clear to count.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "MORE_SEEDS",
     "SAM_EVALUATIONS_PER_STEP",
     "SEEDS",
+    "SELECTION_SEEDS",
     "Budget",
     "Claim",
     "Grid",
@@ -36,6 +37,7 @@ __all__ = [
     "Verdict",
     "agreement",
     "choose",
+    "disjoint_seeds",
     "equal_sizes",
     "interval",
     "needs_more_seeds",
@@ -50,6 +52,9 @@ SAM_EVALUATIONS_PER_STEP = 2
 #: seeds of every training comparison; :data:`MORE_SEEDS` where the difference is within two standard errors of 0
 SEEDS = (0, 1, 2)
 MORE_SEEDS = (0, 1, 2, 3, 4)
+#: seeds whose runs choose the settings where a reproduction tunes on separate draws (fresh data, or fresh runs whose
+#: validation scores would otherwise be reported too): never among the reported seeds
+SELECTION_SEEDS = (100, 101)
 
 
 class Verdict(str, Enum):
@@ -159,6 +164,16 @@ def choose(grid: Grid, validation_scores: Sequence[float]) -> dict[str, Any]:
     return dict(grid.settings[-max(finite)[1]])
 
 
+def disjoint_seeds(reported: Sequence[int], selection: Sequence[int] = SELECTION_SEEDS) -> None:
+    """Refuse to report a seed whose runs chose the settings: its luck on validation would be reported as test."""
+    overlap = sorted(set(reported) & set(selection))
+    if overlap:
+        raise ValueError(
+            f"seeds {overlap} choose this reproduction's settings and cannot be reported too; give --seeds without "
+            f"{list(selection)}"
+        )
+
+
 def needs_more_seeds(differences: Sequence[float]) -> bool:
     """Whether a paired difference over :data:`SEEDS` is too close to call: its mean within two standard errors
     of zero (then the comparison is rerun over :data:`MORE_SEEDS`)."""
@@ -172,7 +187,7 @@ def needs_more_seeds(differences: Sequence[float]) -> bool:
 
 def agreement(measured: float, predicted: float, relative_tolerance: float) -> Verdict:
     """A theory claim's verdict: SUPPORTS when ``measured`` is within ``relative_tolerance`` of ``predicted``
-    (relative to its size), CONTRADICTS otherwise (a closed form leaves nothing inconclusive)."""
+    (relative to its size), CONTRADICTS otherwise; INCONCLUSIVE only when nothing was measured (NaN)."""
     if math.isnan(measured):
         return Verdict.INCONCLUSIVE
     close = abs(measured - predicted) <= relative_tolerance * max(abs(predicted), 1e-300)

@@ -75,7 +75,7 @@ def run(ctx: Context) -> Outcome:
 
 REPRODUCTION = Reproduction(
     name="label-noise",
-    summary="SAM resists label noise: clean test accuracy and memorised noisy labels, SGD vs SAM, noise 0-80 %",
+    summary="SAM resists label noise: clean test accuracy and memorised noisy labels, SGD vs SAM, noise 20-80 %",
     paper="Foret, Kleiner, Mobahi, Neyshabur, Sharpness-Aware Minimization (ICLR 2021), Table 4",
     run=run,
     quick_seeds=(0, 1),

@@ -18,7 +18,15 @@ from flatminima.experiments.label_noise_sweep.settings import (
     VALIDATION_FRACTION,
     describe_setting,
 )
-from flatminima.experiments.protocol import Claim, Interval, interval, paired_difference, verdict
+from flatminima.experiments.protocol import (
+    Budget,
+    Claim,
+    Interval,
+    interval,
+    paired_difference,
+    sgd_epochs,
+    verdict,
+)
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.summary import cell, mean_std
 
@@ -321,7 +329,7 @@ def _results(result: LabelNoiseResult) -> dict[str, Any]:
     """``results.json``'s own part: the settings, the tuning, the summaries per noise level, the runs."""
     return {
         "epochs": result.epochs,
-        "sgd_equal_evaluations_epochs": 2 * result.epochs,
+        "sgd_equal_evaluations_epochs": sgd_epochs(result.epochs, Budget.EQUAL_EVALUATIONS),
         "noise_levels": list(result.noise_levels),
         "setting": describe_setting(result.base, result.epochs),
         "tuned": result.tuned,
@@ -345,7 +353,7 @@ def report(result: LabelNoiseResult, ctx: Context) -> Outcome:
         headers=[
             "noise",
             f"SGD {epochs} ep. %",
-            f"SGD {2 * epochs} ep. %",
+            f"SGD {sgd_epochs(epochs, Budget.EQUAL_EVALUATIONS)} ep. %",
             f"SAM {epochs} ep. %",
             "SAM - SGD, equal epochs",
             "verdict",

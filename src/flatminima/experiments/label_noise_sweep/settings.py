@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flatminima.experiments.label_noise import DEMO_CONFIG
-from flatminima.experiments.protocol import Grid
+from flatminima.experiments.protocol import Budget, Grid, sgd_epochs
 from flatminima.train import TrainConfig
 
 __all__ = [
@@ -100,7 +100,8 @@ def base_config(overrides: dict[str, Any]) -> TrainConfig:
 def describe_setting(config: TrainConfig, epochs: int) -> str:
     """One phrase naming the model, data and the untuned optimiser settings of the sweep's runs."""
     return (
-        f"{config.model} on {config.dataset}, {epochs} epochs (equal-evaluations SGD: {2 * epochs}), batch "
+        f"{config.model} on {config.dataset}, {epochs} epochs (equal-evaluations SGD: "
+        f"{sgd_epochs(epochs, Budget.EQUAL_EVALUATIONS)}), batch "
         f"{config.batch_size}, SGD with a {config.lr_schedule} schedule and momentum {config.momentum:g}"
         + (", random crop and flip" if config.augment else "")
         + (f", cutout {config.cutout}" if config.cutout else "")

@@ -1,13 +1,14 @@
-"""The reproduction's trainings: each grid tuned on validation, then the chosen settings over the seeds, and more
-seeds where a claim's paired difference is too close to call; gathered in an :class:`MSharpnessResult` (no text,
-no figures, no verdicts: :mod:`.analysis` draws those from it).
+"""The reproduction's trainings: each grid tuned on validation, then the chosen settings over the seeds, and more seeds
+where a claim's paired difference is too close to call; gathered in an :class:`MSharpnessResult` (no text, no figures,
+no verdicts: :mod:`.analysis` draws those from it).
 
-Stages, all in the same worker processes: (1) SGD's grid; (2) the SAM family's grids at SGD's chosen learning rate
-and weight decay, with SGD's grid at twice the epochs (its own choice); each grid point on the tuning seeds, and
-each method's setting chosen by :func:`~flatminima.experiments.protocol.choose` on the mean validation accuracy at
-the last epoch; (3) each chosen setting on the remaining seeds (the tuning seeds' runs of it are reused: the same
-config and seed give the same run); (4) :data:`~flatminima.experiments.protocol.MORE_SEEDS` for the methods of a
-claim whose paired difference is within two standard errors of zero (full run with the default seeds only).
+Stages, all in the same worker processes: (1) SGD's grid; (2) the SAM family's grids at SGD's chosen learning rate and
+weight decay, with SGD's grid at twice the epochs (its own choice); each grid point on the tuning seeds, and each
+method's setting chosen by :func:`~flatminima.experiments.protocol.choose` on the mean validation accuracy at the last
+epoch; (3) each chosen setting on the reported seeds, fresh runs (the tuning seeds are
+:data:`~flatminima.experiments.protocol.SELECTION_SEEDS`, never reported); (4)
+:data:`~flatminima.experiments.protocol.MORE_SEEDS` for the methods of a claim whose paired difference is within two
+standard errors of zero (full run with the default seeds only).
 """
 
 from __future__ import annotations

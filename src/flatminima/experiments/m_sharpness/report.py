@@ -236,8 +236,8 @@ every run. Every method has a grid of {len(settings.methods[0].grid)} settings: 
 (at {epochs} and at {2 * epochs} epochs, each its own choice), each m-SAM rho x f x sqrt(m / {settings.batch}),
 RW-SAM lambda x rho, n-SAM rho; the SAM family trains at SGD's chosen learning rate and weight decay. Each point is
 trained on seeds {tuning_seeds}, and the point with the best mean validation accuracy at the last epoch is chosen
-(ties to the earlier point); the test set plays no part. The chosen settings are then trained on seeds {seeds}
-(those of the tuning seeds reused). Seeds added for close calls (a paired difference within two standard errors of
+(ties to the earlier point); the test set plays no part. The chosen settings are then trained afresh on seeds {seeds}
+(the tuning seeds are never reported). Seeds added for close calls (a paired difference within two standard errors of
 zero): {extended}.
 
 **Measured.** Test accuracy at the last epoch, mean and Student-t 95 % interval over the seeds; training accuracy

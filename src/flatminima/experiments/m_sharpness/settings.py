@@ -9,13 +9,13 @@ from typing import Any
 
 from flatminima.experiments.m_sharpness.methods import SAMPLE, Method, m_values, methods_for
 from flatminima.experiments.m_sharpness.problem import SignalNoise, problem_for
-from flatminima.experiments.protocol import MORE_SEEDS, SEEDS
+from flatminima.experiments.protocol import MORE_SEEDS, SEEDS, SELECTION_SEEDS, disjoint_seeds
 from flatminima.train import TrainConfig
 
 __all__ = ["QUICK_EPOCHS", "SHARPNESS_STEPS", "TUNING_SEEDS", "Settings", "settings_for"]
 
 #: the grids are trained on this many of the run's first seeds, and chosen on their mean validation accuracy
-TUNING_SEEDS = 2
+TUNING_SEEDS = 2  # how many of the selection seeds the full run tunes on
 QUICK_EPOCHS = 20
 #: gradient steps of the m-sharpness ascent (the first is SAM's own step; the maximum over the iterates is kept)
 SHARPNESS_STEPS = 2
@@ -27,8 +27,8 @@ class Settings:
 
     ``base``: the shared TrainConfig (SGD's grid replaces its lr and weight decay, the SAM family's its rho);
     ``problem``: the patch data drawn per seed, or None for a dataset given on the command line; ``ms``: the m of
-    m-SAM, the last the batch (SAM); ``seeds``: the run's seeds, the first ``tuning_seeds`` of them the grids'
-    ones; ``more_seeds``: trained for a claim whose paired difference is within two standard errors of zero;
+    m-SAM, the last the batch (SAM); ``seeds``: the reported seeds; ``tuning_seeds``: the grids' (selection seeds,
+    never reported); ``more_seeds``: trained for a claim whose paired difference is within two standard errors of zero;
     ``sharpness_rho``: the radius the m-sharpness of every final model is measured at, for every m."""
 
     base: TrainConfig
@@ -63,9 +63,9 @@ class Settings:
 
 
 def settings_for(quick: bool, seeds: Sequence[int], overrides: Mapping[str, Any]) -> Settings:
-    """The full run: m = 1, 2, 4, 8, 16 (the batch), 30 epochs, every method, grids of 4 tuned on two seeds; the
-    quick run: m = 1, 4, 16, 20 epochs, no n-SAM, grids of 2 tuned on its one seed. The command line's overrides
-    replace the task's settings (another dataset: m = batch / 64, then x 4 up to the batch)."""
+    """The full run: m = 1, 2, 4, 8, 16 (the batch), 30 epochs, every method, grids of 4 tuned on the two selection
+    seeds; the quick run: m = 1, 4, 16, 20 epochs, no n-SAM, grids of 2 tuned on one selection seed. The command
+    line's overrides replace the task's settings (another dataset: m = batch / 64, then x 4 up to the batch)."""
     given = dict(overrides)
     if quick and "epochs" not in given:
         given["epochs"] = QUICK_EPOCHS
@@ -80,6 +80,7 @@ def settings_for(quick: bool, seeds: Sequence[int], overrides: Mapping[str, Any]
     train_size = problem.train_size if problem is not None else None
     methods = methods_for(batch, base.rho, base.lr, base.weight_decay, ms, quick, train_size)
     seeds = tuple(seeds)
+    disjoint_seeds(seeds)
     extend = not quick and seeds == SEEDS
     return Settings(
         base=base,
@@ -87,7 +88,7 @@ def settings_for(quick: bool, seeds: Sequence[int], overrides: Mapping[str, Any]
         ms=ms,
         methods=methods,
         seeds=seeds,
-        tuning_seeds=seeds[: 1 if quick else TUNING_SEEDS],
+        tuning_seeds=SELECTION_SEEDS[: 1 if quick else TUNING_SEEDS],
         more_seeds=tuple(s for s in MORE_SEEDS if s not in seeds) if extend else (),
         epochs=base.epochs,
         sharpness_rho=base.rho,
