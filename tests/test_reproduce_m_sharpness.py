@@ -4,6 +4,7 @@ and claims with valid verdicts."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -158,6 +159,18 @@ def test_the_claims_follow_their_rules_on_made_up_results() -> None:
     assert abs(by_m[16].spearman) < 0.5
     # the close call asks for more seeds of its two methods, and nothing else does
     assert more_seeds_for(result) == {"sgd-2x": ["sam vs sgd-2x"], "sam": ["sam vs sgd-2x"]}
+
+
+def test_the_selection_seeds_runs_are_never_reported() -> None:
+    """The tuning runs of the chosen setting (seeds 100, 101) chose it: they are in the pool of the second panel but
+    never among the reported runs, whatever they measured."""
+    result = _made_up()
+    lucky = [
+        _record(m.name, seed, 1.0, 0.0, {"1": 0.5, "16": 0.1}) for m in result.settings.methods for seed in (100, 101)
+    ]
+    with_tuning = dataclasses.replace(result, runs=result.runs + lucky)
+    assert {r.seed for r in with_tuning.finals("sam")} == {0, 1, 2}
+    assert [c.measured for c in claims(with_tuning)][:4] == [c.measured for c in claims(result)][:4]
 
 
 @pytest.fixture(scope="module")

@@ -80,9 +80,13 @@ class MSharpnessResult:
     extended: dict[str, list[str]]
 
     def finals(self, name: str) -> list[RunRecord]:
-        """The method's runs at its chosen setting, by seed."""
+        """The method's reported runs at its chosen setting, by seed: never the tuning seeds' runs, which chose it."""
         index = self.tuning[name].chosen_index
-        return sorted((r for r in self.runs if r.method == name and r.index == index), key=lambda r: r.seed)
+        tuning_seeds = set(self.settings.tuning_seeds)
+        return sorted(
+            (r for r in self.runs if r.method == name and r.index == index and r.seed not in tuning_seeds),
+            key=lambda r: r.seed,
+        )
 
     @property
     def trace_measured(self) -> bool:
