@@ -42,7 +42,7 @@ def test_the_table_has_a_row_per_claim_and_counts_the_verdicts(tmp_path: Path) -
     table = verdict_table(rows, link_base="docs")
     lines = table.splitlines()
     assert (
-        lines[2] == "| [a-repro (quick)](docs/a-repro/report.md) | A holds / really | -2 [-3, -1] | **CONTRADICTS** |"
+        lines[2] == "| [a-repro (quick)](docs/a-repro/report.md) | A holds \\| really | -2 [-3, -1] | **CONTRADICTS** |"
     )
     assert lines[-1] == "SUPPORTS: 1, CONTRADICTS: 1, INCONCLUSIVE: 1 (of 3 claims)."
 

@@ -64,7 +64,7 @@ def verdict_table(rows: Sequence[ClaimRow], link_base: str | None = None) -> str
         if link_base is not None:
             name = f"[{name}]({link_base}/{row.folder.name}/report.md)"
         cells = (name, row.statement, row.measured, f"**{row.verdict.value}**")
-        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     counts = {v: sum(row.verdict is v for row in rows) for v in Verdict}
     lines += ["", ", ".join(f"{v.value}: {n}" for v, n in counts.items()) + f" (of {len(rows)} claims)."]
     return "\n".join(lines)
