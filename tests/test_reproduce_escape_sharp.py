@@ -244,3 +244,26 @@ def test_escape_sharp_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     exact = results["exact_interpolation_displacement"]
     assert exact["GD"] == exact["SAM"] == exact["ahn-sa"] == 0.0
     assert exact["ahn-rs"] > 1e-3
+
+
+def test_claims_judge_the_walk_and_the_end_point_by_their_rules() -> None:
+    """The walk's claims by the interval of the removed excess over seeds; the end point against the closed-form
+    flattest tr(H), judged only on a run of the full length."""
+    from flatminima.experiments.escape_sharp.compute import FULL_STEPS
+    from flatminima.experiments.escape_sharp.report import claims
+    from flatminima.experiments.protocol import Verdict
+
+    def results(rs: list[float], sa: list[float], steps: int) -> dict:
+        runs = {
+            "ahn-rs": {"trace_nearest_minimum": {"per_seed": rs, "mean": sum(rs) / len(rs)}},
+            "ahn-sa": {"trace_nearest_minimum": {"per_seed": sa, "mean": sum(sa) / len(sa)}},
+        }
+        return {"trace_start": 12.5, "trace_min_on_manifold": 4.0, "steps": steps, "runs": runs}
+
+    full = claims(results([10.4, 10.5, 10.45], [4.03, 4.04, 4.05], FULL_STEPS))
+    assert [c.verdict for c in full] == [Verdict.SUPPORTS] * 3
+    assert full[1].measured.startswith("excess tr(H) removed 99.5 % [")
+    drifting_up = claims(results([12.6, 12.61, 12.62], [4.5, 4.6, 4.4], FULL_STEPS))
+    assert [c.verdict for c in drifting_up] == [Verdict.CONTRADICTS, Verdict.SUPPORTS, Verdict.CONTRADICTS]
+    quick = claims(results([10.4, 10.5], [5.7, 5.8], FULL_STEPS // 3))
+    assert quick[2].verdict is Verdict.INCONCLUSIVE and "not judged" in quick[2].measured

@@ -10,7 +10,7 @@ from flatminima.experiments.escape_sharp.commentary import commentary
 from flatminima.experiments.escape_sharp.compute import FULL_STEPS, EscapeSharpResult
 from flatminima.experiments.escape_sharp.plots import plot_batch_sizes, plot_rows
 from flatminima.experiments.escape_sharp.problem import PROBLEM
-from flatminima.experiments.protocol import Claim, agreement, interval, verdict
+from flatminima.experiments.protocol import Claim, Verdict, agreement, interval, verdict
 from flatminima.experiments.reproduce import Context, Outcome, markdown_table
 from flatminima.experiments.summary import cell, mean, spread
 
@@ -202,13 +202,16 @@ def claims(results: dict[str, Any]) -> list[Claim]:
             )
         )
     sa = results["runs"]["ahn-sa"]["trace_nearest_minimum"]["mean"]
+    judged = results["steps"] >= FULL_STEPS  # a quick run stops before the walk can end: it is not judged
     found.append(
         Claim(
             statement="Algorithm 2 reaches the flattest minima: its nearest minimum's tr(H) is the closed-form minimum "
             "over the minima set",
-            measured=f"tr(H) {sa:.4g} against {floor:.4g} (closed form) after {results['steps']} steps, seed mean",
-            rule=f"SUPPORTS if within {FLATTEST_TOLERANCE:.0%} of the closed form (relative), CONTRADICTS otherwise",
-            verdict=agreement(sa, floor, FLATTEST_TOLERANCE),
+            measured=f"tr(H) {sa:.4g} against {floor:.4g} (closed form) after {results['steps']} steps, seed mean"
+            + ("" if judged else f"; not judged: fewer than the full run's {FULL_STEPS} steps"),
+            rule=f"SUPPORTS if within {FLATTEST_TOLERANCE:.0%} of the closed form (relative) after {FULL_STEPS} steps, "
+            "CONTRADICTS otherwise",
+            verdict=agreement(sa, floor, FLATTEST_TOLERANCE) if judged else Verdict.INCONCLUSIVE,
         )
     )
     return found
