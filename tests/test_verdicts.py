@@ -11,7 +11,7 @@ import pytest
 
 from flatminima.cli import main
 from flatminima.experiments.protocol import Claim, Verdict
-from flatminima.experiments.verdicts import collect, verdict_table
+from flatminima.experiments.verdicts import collect, verdict_summary, verdict_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,20 +69,36 @@ def test_cli_verdicts_prints_the_table_and_all_refuses_per_run_settings(
         assert f"--all does not take {named}" in capsys.readouterr().err
     assert main(["reproduce", "--verdicts", str(tmp_path), "--quick"]) != 0
     assert "--verdicts does not take --quick" in capsys.readouterr().err
+    assert main(["reproduce", "--verdicts", str(tmp_path), "--summary"]) == 0
+    assert "| x | 1 | 1 | 0 | 0 |" in capsys.readouterr().out
+    assert main(["reproduce", "--all", "--summary"]) != 0
+    assert "--all does not take --summary" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    ("page", "link_base"), [("README.md", "docs/reproductions"), ("docs/reproductions.md", "reproductions")]
+    ("page", "summary", "link_base"),
+    [("README.md", True, "docs/reproductions"), ("docs/reproductions.md", False, "reproductions")],
 )
-def test_the_docs_tables_are_the_stored_full_runs_table(page: str, link_base: str) -> None:
-    """The README's and the reproductions page's verdict tables are generated: `flatminima reproduce --verdicts
-    docs/reproductions`, linked from where each page lies."""
+def test_the_docs_tables_are_the_stored_full_runs_table(page: str, summary: bool, link_base: str) -> None:
+    """The README's verdict counts and the reproductions page's table of every claim are generated: `flatminima
+    reproduce --verdicts docs/reproductions [--summary]`, linked from where each page lies."""
     text = (ROOT / page).read_text()
     found = re.search(r"<!-- verdicts: begin[^>]*-->\n(.*?)\n<!-- verdicts: end -->", text, re.S)
     assert found, f"{page} marks its verdict table with <!-- verdicts: begin ... --> and <!-- verdicts: end -->"
     stored = collect(ROOT / "docs" / "reproductions")
     assert not any(row.quick for row in stored), "the stored reproductions are full runs"
-    assert found.group(1) == verdict_table(stored, link_base=link_base)
+    made = verdict_summary if summary else verdict_table
+    assert found.group(1) == made(stored, link_base=link_base)
+
+
+def test_the_summary_counts_each_reproductions_verdicts(tmp_path: Path) -> None:
+    _write(tmp_path, "b", [Claim("B", "1", "rule", Verdict.SUPPORTS), Claim("B'", "0", "rule", Verdict.INCONCLUSIVE)])
+    _write(tmp_path, "a", [Claim("A", "-1", "rule", Verdict.CONTRADICTS)], quick=True)
+    assert verdict_summary(collect(tmp_path)).splitlines()[2:] == [
+        "| a (quick) | 1 | 0 | 1 | 0 |",
+        "| b | 2 | 1 | 0 | 1 |",
+        "| all | 3 | **1** | **1** | **1** |",
+    ]
 
 
 def test_all_runs_every_reproduction_into_its_folder_and_prints_the_verdicts(

@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         help="print the table of every claim with its verdict from the reproductions' folders in FOLDER (no runs)",
     )
     reproduce.add_argument(
+        "--summary",
+        action="store_true",
+        help="with --verdicts: one row per reproduction, counting its verdicts (the README's table)",
+    )
+    reproduce.add_argument(
         "--links",
         metavar="PREFIX",
         default=None,
@@ -290,7 +295,7 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
     from pathlib import Path
 
     from flatminima.experiments.reproduce import available, run_reproduction
-    from flatminima.experiments.verdicts import collect, verdict_table
+    from flatminima.experiments.verdicts import collect, verdict_summary, verdict_table
 
     given = [flag for flag, value in (("a NAME", args.name), ("--seeds", args.seeds)) if value]
     given += ["--" + name.replace("_", "-") for name in overrides]
@@ -298,8 +303,8 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
         given += [
             flag for flag, value in (("--all", args.all), ("--quick", args.quick), ("--output", args.output)) if value
         ]
-    if args.links is not None and args.verdicts is None:
-        given.append("--links")
+    given += [flag for flag, on in (("--links", args.links is not None), ("--summary", args.summary)) if on]
+    given = given if args.verdicts is None else [g for g in given if g not in ("--links", "--summary")]
     if given:
         what = "--verdicts" if args.verdicts is not None else "--all"
         raise ValueError(
@@ -307,7 +312,8 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
             "run one reproduction by name to change its settings"
         )
     if args.verdicts is not None:
-        print(verdict_table(collect(args.verdicts), link_base=args.links))
+        shown = verdict_summary if args.summary else verdict_table
+        print(shown(collect(args.verdicts), link_base=args.links))
         return 0
     folder = Path(args.output or ("runs/reproduce/all" + ("-quick" if args.quick else "")))
     for name in available():

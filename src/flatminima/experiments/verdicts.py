@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flatminima.experiments.protocol import Verdict
 
-__all__ = ["ClaimRow", "collect", "verdict_table"]
+__all__ = ["ClaimRow", "collect", "verdict_summary", "verdict_table"]
 
 
 @dataclass(frozen=True)
@@ -67,4 +67,21 @@ def verdict_table(rows: Sequence[ClaimRow], link_base: str | None = None) -> str
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     counts = {v: sum(row.verdict is v for row in rows) for v in Verdict}
     lines += ["", ", ".join(f"{v.value}: {n}" for v, n in counts.items()) + f" (of {len(rows)} claims)."]
+    return "\n".join(lines)
+
+
+def verdict_summary(rows: Sequence[ClaimRow], link_base: str | None = None) -> str:
+    """The same claims counted per reproduction, one row each (the README's front-page form of
+    :func:`verdict_table`): how many claims, and how many of each verdict."""
+    names = list(dict.fromkeys(row.reproduction for row in rows))
+    lines = ["| reproduction | claims | SUPPORTS | CONTRADICTS | INCONCLUSIVE |", "|---|---:|---:|---:|---:|"]
+    for name in names:
+        own = [row for row in rows if row.reproduction == name]
+        label = name + (" (quick)" if own[0].quick else "")
+        if link_base is not None:
+            label = f"[{label}]({link_base}/{own[0].folder.name}/report.md)"
+        counts = [sum(row.verdict is v for row in own) for v in Verdict]
+        lines.append(f"| {label} | {len(own)} | " + " | ".join(map(str, counts)) + " |")
+    counts = [sum(row.verdict is v for row in rows) for v in Verdict]
+    lines.append(f"| all | {len(rows)} | " + " | ".join(f"**{n}**" for n in counts) + " |")
     return "\n".join(lines)
