@@ -209,16 +209,24 @@ def test_quick_run_chose_on_validation_only(quick: tuple[dict, str]) -> None:
     validation accuracies (no test accuracy enters); the final rows are at the chosen settings."""
     results, _ = quick
     runs = results["runs"]
+    tuning_seeds, reported = set(results["protocol"]["tuning_seeds"]), set(results["seeds"])
+    assert not tuning_seeds & reported  # the selection seeds are never reported
     for name, tuning in results["tuning"].items():
         scores = tuning["validation_scores"]
         assert len(scores) == len(tuning["settings"]) == results["protocol"]["grid_sizes"][name]
         assert tuning["chosen_index"] == scores.index(max(scores))
         assert tuning["chosen"] == tuning["settings"][tuning["chosen_index"]]
         for index, score in enumerate(scores):
-            own = [r["validation_accuracy"] for r in runs if r["method"] == name and r["index"] == index]
+            own = [
+                r["validation_accuracy"]
+                for r in runs
+                if r["method"] == name and r["index"] == index and r["seed"] in tuning_seeds
+            ]
             assert own and score == pytest.approx(sum(own) / len(own))
         assert results["summary"][name]["chosen"] == tuning["chosen"]
-        finals = [r for r in runs if r["method"] == name and r["index"] == tuning["chosen_index"]]
+        finals = [
+            r for r in runs if r["method"] == name and r["index"] == tuning["chosen_index"] and r["seed"] in reported
+        ]
         assert results["summary"][name]["test_accuracies"] == [r["test_accuracy"] for r in finals]
 
 
