@@ -91,3 +91,11 @@ def test_agreement_with_a_closed_form() -> None:
     assert agreement(1.0001, 1.0, 1e-3) is Verdict.SUPPORTS
     assert agreement(1.01, 1.0, 1e-3) is Verdict.CONTRADICTS
     assert agreement(math.nan, 1.0, 1e-3) is Verdict.INCONCLUSIVE
+
+
+def test_a_selection_seed_is_never_reported() -> None:
+    from flatminima.experiments.protocol import SELECTION_SEEDS, disjoint_seeds
+
+    disjoint_seeds((0, 1, 2))
+    with pytest.raises(ValueError, match=r"seeds \[101\] choose"):
+        disjoint_seeds((0, 101), SELECTION_SEEDS)

@@ -181,7 +181,7 @@ def test_select_takes_the_smallest_held_out_error_and_fixes_the_harmful_cells() 
 
 
 def test_compute_refuses_to_report_a_selection_seed(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="choose the settings"):
+    with pytest.raises(ValueError, match="choose this reproduction's settings"):
         compute(Context(output=tmp_path, quick=True, seeds=(0, SELECTION_SEEDS[0])))
 
 

@@ -67,8 +67,8 @@ def test_cli_verdicts_prints_the_table_and_all_refuses_per_run_settings(
     for extra, named in ((["--seeds", "1"], "--seeds"), (["--rho", "0.1"], "--rho"), (["sam-cycle"], "a NAME")):
         assert main(["reproduce", "--all", "--quick", *extra]) != 0
         assert f"--all does not take {named}" in capsys.readouterr().err
-    assert main(["reproduce", "--verdicts", str(tmp_path), "--quick"]) != 0
-    assert "--verdicts does not take --quick" in capsys.readouterr().err
+    assert main(["reproduce", "--verdicts", str(tmp_path), "--quick", "--overwrite"]) != 0
+    assert "--verdicts does not take --quick, --overwrite" in capsys.readouterr().err
     assert main(["reproduce", "--verdicts", str(tmp_path), "--summary"]) == 0
     assert "| x | 1 | 1 | 0 | 0 |" in capsys.readouterr().out
     assert main(["reproduce", "--all", "--summary"]) != 0
@@ -128,3 +128,14 @@ def test_all_runs_every_reproduction_into_its_folder_and_prints_the_verdicts(
     assert saved["claims"][0]["verdict"] == "CONTRADICTS"
     assert saved["command"] == f"flatminima reproduce --all --quick --output {tmp_path}"
     assert "## Verdicts\n\n- **CONTRADICTS**: two holds." in (tmp_path / "two" / "report.md").read_text()
+    # a second run into the same folder replaces its own files; a folder of someone else's is refused, and with
+    # --overwrite left alone and left out of the table (only the reproductions just run are read)
+    assert main(["reproduce", "--all", "--quick", "--output", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "results.json").write_text("{}")
+    assert main(["reproduce", "--all", "--quick", "--output", str(tmp_path)]) != 0
+    assert "did not write (theirs)" in capsys.readouterr().err
+    assert main(["reproduce", "--all", "--quick", "--output", str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "theirs" / "results.json").read_text() == "{}"
+    assert "theirs" not in (tmp_path / "verdicts.md").read_text()

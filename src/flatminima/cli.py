@@ -295,35 +295,40 @@ def _reproduce_every(args: argparse.Namespace, overrides: dict[str, object]) -> 
     from pathlib import Path
 
     from flatminima.experiments.reproduce import available, run_reproduction
-    from flatminima.experiments.verdicts import collect, verdict_summary, verdict_table
+    from flatminima.experiments.verdicts import claims_of, collect, verdict_summary, verdict_table
+    from flatminima.output_folder import OutputFolder, write_atomically
 
+    reading = args.verdicts is not None
     given = [flag for flag, value in (("a NAME", args.name), ("--seeds", args.seeds)) if value]
     given += ["--" + name.replace("_", "-") for name in overrides]
-    if args.verdicts is not None and (args.all or args.quick or args.output):
-        given += [
-            flag for flag, value in (("--all", args.all), ("--quick", args.quick), ("--output", args.output)) if value
-        ]
-    given += [flag for flag, on in (("--links", args.links is not None), ("--summary", args.summary)) if on]
-    given = given if args.verdicts is None else [g for g in given if g not in ("--links", "--summary")]
-    if given:
-        what = "--verdicts" if args.verdicts is not None else "--all"
-        raise ValueError(
-            f"{what} does not take {', '.join(given)}: it runs (or reads) every reproduction with its own settings; "
-            "run one reproduction by name to change its settings"
+    if reading:  # --verdicts runs and writes nothing
+        flags = (
+            ("--all", args.all),
+            ("--quick", args.quick),
+            ("--output", args.output),
+            ("--overwrite", args.overwrite),
         )
-    if args.verdicts is not None:
+    else:  # --all prints the full table of its own runs
+        flags = (("--links", args.links is not None), ("--summary", args.summary))
+    given += [flag for flag, value in flags if value]
+    if given:
+        raise ValueError(
+            f"{'--verdicts' if reading else '--all'} does not take {', '.join(given)}: it runs (or reads) every "
+            "reproduction with its own settings; run one reproduction by name to change its settings"
+        )
+    if reading:
         shown = verdict_summary if args.summary else verdict_table
         print(shown(collect(args.verdicts), link_base=args.links))
         return 0
     folder = Path(args.output or ("runs/reproduce/all" + ("-quick" if args.quick else "")))
-    for name in available():
-        command = f"flatminima reproduce --all{' --quick' * args.quick} --output {folder}"
-        print(f"\n## {name}\n", flush=True)
-        run_reproduction(name, output=folder / name, quick=args.quick, command=command, overwrite=args.overwrite)
-    table = verdict_table(collect(folder))
-    from flatminima.output_folder import write_atomically
-
-    write_atomically(folder / "verdicts.md", table + "\n")
+    command = f"flatminima reproduce --all{' --quick' * args.quick} --output {folder}"
+    names = list(available())
+    with OutputFolder(folder, "reproduce", overwrite=args.overwrite):  # each reproduction holds its own subfolder
+        for name in names:
+            print(f"\n## {name}\n", flush=True)
+            run_reproduction(name, output=folder / name, quick=args.quick, command=command, overwrite=args.overwrite)
+        table = verdict_table([row for name in names for row in claims_of(folder / name / "results.json")])
+        write_atomically(folder / "verdicts.md", table + "\n")
     print("\n## Every claim and its verdict\n\n" + table, flush=True)
     return 0
 

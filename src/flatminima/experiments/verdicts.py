@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flatminima.experiments.protocol import Verdict
 
-__all__ = ["ClaimRow", "collect", "verdict_summary", "verdict_table"]
+__all__ = ["ClaimRow", "claims_of", "collect", "verdict_summary", "verdict_table"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class ClaimRow:
     verdict: Verdict
 
 
-def _rows_of(results_file: Path) -> list[ClaimRow]:
+def claims_of(results_file: Path) -> list[ClaimRow]:
+    """The claims one reproduction's ``results.json`` holds; refused when it holds none (an older version's)."""
     results = json.loads(results_file.read_text())
     name = results.get("reproduction")
     if not isinstance(name, str) or "claims" not in results:
@@ -51,7 +52,7 @@ def collect(folder: str | Path) -> list[ClaimRow]:
     found = sorted(folder.glob("*/results.json"))
     if not found:
         raise FileNotFoundError(f"no reproduction's results.json in the subfolders of {folder}")
-    rows = [row for path in found for row in _rows_of(path)]
+    rows = [row for path in found for row in claims_of(path)]
     return sorted(rows, key=lambda row: row.reproduction)
 
 

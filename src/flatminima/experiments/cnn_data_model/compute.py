@@ -30,7 +30,7 @@ from flatminima.experiments.cnn_data_model.selection import (
     select,
 )
 from flatminima.experiments.cnn_data_model.training import TrainedCNN, train_checkpoints
-from flatminima.experiments.protocol import MORE_SEEDS, SEEDS, Budget, needs_more_seeds
+from flatminima.experiments.protocol import MORE_SEEDS, SEEDS, Budget, disjoint_seeds, needs_more_seeds
 from flatminima.experiments.reproduce import Context
 from flatminima.worker_pool import worker_pool
 
@@ -184,9 +184,7 @@ def compute(ctx: Context, workers: int | None = None) -> CnnDataModelResult:
     ``workers`` processes train at once (default: one per CPU core); the results do not depend on it.
     """
     seeds = tuple(ctx.seeds)
-    overlap = sorted(set(seeds) & set(SELECTION_SEEDS))
-    if overlap:
-        raise ValueError(f"seeds {overlap} choose the settings (SELECTION_SEEDS); report other seeds")
+    disjoint_seeds(seeds, SELECTION_SEEDS)
     norms = QUICK_SIGNAL_NORMS if ctx.quick else FULL_SIGNAL_NORMS
     dims = QUICK_DIMS if ctx.quick else FULL_DIMS
     shape = (len(dims), len(norms))

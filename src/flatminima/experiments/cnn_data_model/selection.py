@@ -22,8 +22,14 @@ from dataclasses import dataclass
 
 from flatminima.experiments.cnn_data_model.problem import STEPS
 from flatminima.experiments.cnn_data_model.regions import BENIGN_MARGIN, Arm, Cell
-from flatminima.experiments.protocol import SELECTION_SEEDS as PROTOCOL_SELECTION_SEEDS
-from flatminima.experiments.protocol import Budget, Grid, choose, equal_sizes, sgd_epochs
+from flatminima.experiments.protocol import (
+    SELECTION_SEEDS,  # the draws that choose; never reported
+    Budget,
+    Grid,
+    choose,
+    equal_sizes,
+    sgd_epochs,
+)
 
 __all__ = [
     "BUDGETS",
@@ -37,8 +43,6 @@ __all__ = [
     "select",
 ]
 
-#: the seeds whose draws choose the settings (the protocol's); never reported (the reported seeds must be disjoint)
-SELECTION_SEEDS = PROTOCOL_SELECTION_SEEDS
 #: SGD's learning rates: factors of 2 around 0.1, six like SAM's grid (the smallest among the first on a tie)
 LR_GRID = Grid("SGD", tuple({"lr": lr} for lr in (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)))
 #: the SAM paper's radii (Foret et al. 2021), at SGD's chosen learning rate

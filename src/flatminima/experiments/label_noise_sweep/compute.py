@@ -122,6 +122,22 @@ def _epochs(role: str, epochs: int) -> int:
     return sgd_epochs(epochs, Budget.EQUAL_EVALUATIONS if role == "sgd-2x" else Budget.EQUAL_EPOCHS)
 
 
+def _role_config(
+    base: TrainConfig,
+    role: str,
+    noise: float,
+    seed: int,
+    epochs: int,
+    output: Path,
+    setting: dict[str, Any],
+    validation: bool = False,
+) -> TrainConfig:
+    """One run of ``role`` (:data:`ROLES`): its optimiser and budget follow from the role, and SGD's roles carry
+    no rho (their config keeps its default, unread)."""
+    own = {k: v for k, v in setting.items() if role.startswith("sam") or k != "rho"}
+    return run_config(base, _optimizer(role), noise, seed, _epochs(role, epochs), output, own, validation)
+
+
 def _tune(
     base: TrainConfig,
     noises: Sequence[float],
@@ -135,15 +151,8 @@ def _tune(
     held out, and choose each grid's best setting on validation accuracy."""
     jobs = [(noise, role, grid, fixed(noise)) for noise in noises for role, grid, fixed in plan]
     configs = [
-        run_config(
-            base,
-            _optimizer(role),
-            noise,
-            seed,
-            _epochs(role, epochs),
-            folder / f"tune-{role}-noise{noise:g}-{index}",
-            {**fixed, **setting},
-            validation=True,
+        _role_config(
+            base, role, noise, seed, epochs, folder / f"tune-{role}-noise{noise:g}-{index}", {**fixed, **setting}, True
         )
         for noise, role, grid, fixed in jobs
         for index, setting in enumerate(grid.settings)
@@ -217,7 +226,7 @@ def compute(ctx: Context) -> LabelNoiseResult:
                 base, noise_levels, [("sam", sam_grid, sgd_choice.__getitem__)], epochs, selection_seed, folder, train
             )
             chosen = {(t.noise, t.role): t.chosen for t in tuning}
-        roles = {noise: [*(r for r in ROLES if r != "sam-paper")] for noise in noise_levels}
+        roles = {noise: [r for r in ROLES if r != "sam-paper"] for noise in noise_levels}
         for noise in noise_levels:
             sam = chosen.get((noise, "sam"), fixed)
             if tuned and noise in _PAPER_ROW_NOISES and sam["rho"] != PAPER_RHO[noise]:
@@ -228,14 +237,14 @@ def compute(ctx: Context) -> LabelNoiseResult:
             configs = [
                 (
                     role,
-                    run_config(
+                    _role_config(
                         base,
-                        _optimizer(role),
+                        role,
                         noise,
                         seed,
-                        _epochs(role, epochs),
+                        epochs,
                         folder / f"{role}-noise{noise:g}-seed{seed}",
-                        _setting(chosen.get((noise, role), fixed), role),
+                        chosen.get((noise, role), fixed),
                     ),
                 )
                 for noise, seed in jobs
@@ -269,11 +278,6 @@ def compute(ctx: Context) -> LabelNoiseResult:
         test_examples=whole.test_labels.numel(),
         runs=runs,
     )
-
-
-def _setting(setting: dict[str, Any], role: str) -> dict[str, Any]:
-    """The fields a run of ``role`` sets: SGD's runs carry no rho (the config keeps its default, unread)."""
-    return {k: v for k, v in setting.items() if role.startswith("sam") or k != "rho"}
 
 
 def _too_close(runs: Sequence[RunRecord], noise: float) -> bool:
