@@ -67,6 +67,9 @@ CONFIG: dict[str, Any] = dict(
     sam_probability=0.5,
     ahn_epsilon=AHN_EPSILON,
     ahn_eta_prime=0.5,
+    esam_beta=0.6,  # seed 3, 4 tensors: the six steps' masks are 1001, 1010, 1000, 1100, 1111, 0001
+    esam_gamma=0.5,  # the descent on 6 of the 12 examples
+    aesam_total_steps=STEPS,  # with the paper's defaults the policy then declines step 2 of the 6
 )
 
 
@@ -94,10 +97,13 @@ COST: dict[str, Cost] = {
     "periodic-sam": Cost(2),  # SAM on t mod k = 0, one pass at w (a plain step) otherwise
     "random-sam": Cost(2),  # SAM when the step's Bernoulli trial succeeds, one pass at w otherwise
     "rwsam": Cost(2, probes=1),  # SAM's two passes (the ascent reweighted) + one forward at w + delta z, no gradient
+    "esam": Cost(2, probes=1),  # batch at w; one no-grad forward at w + e to score; the top gamma B at w + e
+    "aesam": Cost(2),  # g(w), then g(w + e) when ||g(w)||^2 >= mu + c_t sigma; 1 when declined
 }
 # Where m-SAM groups are refused, and by whom: the builder (config.group_size set), or SharpnessAwareStep when built.
 MSAM_REFUSED_BY_BUILDER = ("friendly-sam", "momentum-sam")  # one EMA / one momentum perturbation per step
-MSAM_REFUSED_BY_STEP = ("ahn-rs", "ahn-sa", "gsam", "looksam", "nsam", "rwsam")  # descent needs g(w), or a batch rule
+# the descent needs g(w), or a batch rule
+MSAM_REFUSED_BY_STEP = ("aesam", "ahn-rs", "ahn-sa", "esam", "gsam", "looksam", "nsam", "rwsam")
 
 # 1e-12 on weights of size 0.1-1: both sides run the same maths in float64 (unit roundoff 1.1e-16), and differ
 # only in summation order (a mean over 24 examples against two chunk means, F.cross_entropy's mean against
@@ -109,10 +115,12 @@ REFUSAL = (ValueError, TypeError, NotImplementedError)
 
 def test_every_sharpness_aware_variant_is_in_the_matrix() -> None:
     """A newly registered variant must be given its declared cost here (and so enter every driver's cells)."""
-    assert len(optimizer_names()) == 15 and set(optimizer_names()) - set(VARIANTS) == {"sgd", "adamw"}
+    plain = {"sgd", "adamw", "saf", "mesa"}  # the base optimisers, and SAF and MESA's one pass (PlainStep)
+    assert len(optimizer_names()) == 19 and set(optimizer_names()) - set(VARIANTS) == plain
     assert set(COST) == set(VARIANTS)
     assert set(MSAM_REFUSED_BY_BUILDER) | set(MSAM_REFUSED_BY_STEP) <= set(VARIANTS)
-    assert {name for name in VARIANTS if optimizer_spec(name).batch_rule is not None} == {"ahn-sa", "nsam", "rwsam"}
+    rules = {"ahn-sa", "esam", "nsam", "rwsam"}
+    assert {name for name in VARIANTS if optimizer_spec(name).batch_rule is not None} == rules
 
 
 # ---------------------------------------------------------------------------- setups
@@ -267,10 +275,25 @@ def _ahn_sa_step(opt: SAM, model: nn.Module, rule: Any, x: Tensor, y: Tensor) ->
     return True
 
 
+def _esam_step(opt: SAM, model: nn.Module, rule: Any, x: Tensor, y: Tensor) -> bool:
+    """ESAM: the batch's mean at w (its per-example losses kept), e by SWP (this step's mask of tensors), one forward
+    without gradient at w + e to score l_i(w + e) - l_i(w), the descent on the gamma B examples that rose most."""
+    losses = per_example_loss(model(x), y)  # l_i(w) of the batch
+    assert rule.ascent_weights(losses.detach(), make_probe(model, per_example_loss, x, y)) is None  # plain mean
+    losses.mean().backward()  # g(w)
+    opt.first_step(zero_grad=True)  # e_j = m_j rho g_j / (beta ||g_K||)
+    xs, ys = rule.descent_sample(x, y)  # the forward at w + e, and the top-k examples by rise
+    assert xs.shape[0] == BATCH // 2
+    mean_loss(model, xs, ys).backward()  # their mean at w + e
+    opt.second_step()
+    return True
+
+
 RULE_STEPS: dict[str, Callable[[SAM, nn.Module, Any, Tensor, Tensor], bool]] = {
     "nsam": _nsam_step,
     "rwsam": _rwsam_step,
     "ahn-sa": _ahn_sa_step,
+    "esam": _esam_step,
 }
 
 
@@ -282,8 +305,8 @@ def reference(name: str, group_size: int | None = None) -> tuple[list[Tensor], l
     # which steps ascend is the variant's own schedule: its cadence, and for Ahn et al. the switch at g(w)
     due = [setup.opt.cadence.takes_ascent(t) for t in range(STEPS)]
     declined = [d and not up for d, up in zip(due, ascended)]
-    if name in ("ahn-rs", "ahn-sa"):
-        assert any(declined) and any(ascended), "AHN_EPSILON should let some steps perturb and decline others"
+    if name in ("aesam", "ahn-rs", "ahn-sa"):  # the switch at g(w): AHN_EPSILON, AE-SAM's policy
+        assert any(declined) and any(ascended), "the switch at g(w) should let some steps perturb and decline others"
     else:
         assert not any(declined) and ascended == due
     return setup.weights(), ascended

@@ -90,6 +90,11 @@ def test_small_cnn_shape(batch_norm):
     assert has_bn == batch_norm
 
 
+def test_small_cnn_bn_is_the_small_cnn_with_batch_norm():
+    layers = [type(m).__name__ for m in build_model("small_cnn_bn", 10, 1, 8).features]
+    assert layers == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+
+
 def test_small_cnn_other_sizes():
     model = SmallCNN(in_channels=3, num_classes=5, width=8, image_size=16)
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
@@ -243,6 +248,7 @@ _REGISTRY_CASES = {
     "wrn16_8_nobn": (100, 3, 8, {}),
     "wrn": (10, 3, 16, {"depth": 10, "widen_factor": 1}),
     "small_cnn": (10, 1, 8, {"width": 4}),
+    "small_cnn_bn": (10, 1, 8, {"width": 4}),
     "mlp": (10, 3, (4, 6), {"hidden": (8,)}),
     "two_layer_cnn": (2, 1, (3, 5), {"width": 4}),
 }

@@ -16,7 +16,9 @@ from flatminima.optim import (
     Unnormalized,
 )
 from flatminima.step import PlainStep, SharpnessAwareStep
+from flatminima.trajectory import EMATarget, PastOutputs, TrajectoryLoss
 from flatminima.variants import (
+    AdaptivePolicy,
     AscentSample,
     FriendlyAscent,
     GibbsReweighting,
@@ -26,7 +28,9 @@ from flatminima.variants import (
     OrthogonalEscape,
     RandomCadence,
     RandomSign,
+    SharpnessSensitiveSelection,
     SingleExample,
+    StochasticWeightPerturbation,
 )
 
 __version__ = "0.1.0"
@@ -34,12 +38,14 @@ __version__ = "0.1.0"
 __all__ = [
     "SAM",
     "Adaptive",
+    "AdaptivePolicy",
     "AscentRule",
     "AscentSample",
     "BatchRule",
     "Cadence",
     "DescentRule",
     "DualNorm",
+    "EMATarget",
     "EveryKSteps",
     "EveryStep",
     "FriendlyAscent",
@@ -48,6 +54,7 @@ __all__ = [
     "LookSAMDescent",
     "MomentumAscent",
     "OrthogonalEscape",
+    "PastOutputs",
     "PerturbationRule",
     "PerturbedGradient",
     "PlainStep",
@@ -55,7 +62,10 @@ __all__ = [
     "RandomDirection",
     "RandomSign",
     "SharpnessAwareStep",
+    "SharpnessSensitiveSelection",
     "SingleExample",
+    "StochasticWeightPerturbation",
+    "TrajectoryLoss",
     "Unnormalized",
     "__version__",
 ]

@@ -373,6 +373,7 @@ def _variants(args: argparse.Namespace) -> int:
     print(f"{'name':<{width}}  {'passes per step':<{passes}}  kind            from")
     for spec in specs:
         kind = "batch rule" if spec.batch_rule is not None else "SAM family" if spec.sharpness_aware else "plain"
+        kind = "trajectory" if spec.trajectory is not None else kind
         print(f"{spec.name:<{width}}  {spec.passes:<{passes}}  {kind:<14}  {spec.module}")
         print(f"{'':<{width}}  {spec.help}")
         if spec.options is not None:

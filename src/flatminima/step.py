@@ -34,6 +34,7 @@ from flatminima.batch_rules import BatchRule, Probe, make_probe
 from flatminima.optim.plan import Descend, Pass, StepPlan
 from flatminima.optim.sam import SAM
 from flatminima.optim.scaler import already_unscaled
+from flatminima.trajectory import TrajectoryLoss
 
 __all__ = ["PlainStep", "Precision", "SharpnessAwareStep"]
 
@@ -91,6 +92,13 @@ class PlainStep:
     GradScaler and clipping handling, so a training loop drives both alike. Returns the mean loss, detached.
     ``nonfinite``: on an inf/NaN loss, ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (one host sync
     per step; a GradScaler does its own skipping); ``"ignore"`` (default) checks nothing.
+
+    ``trajectory``: a :class:`~flatminima.trajectory.TrajectoryLoss` (SAF's :class:`~flatminima.trajectory.PastOutputs`,
+    MESA's :class:`~flatminima.trajectory.EMATarget`). The step then minimises the mean loss plus
+    ``trajectory.penalty(outputs, inputs, indices)`` (under the same autocast), calls ``trajectory.after_step(model)``
+    after the optimiser's step, and still returns the mean loss alone (the term is ``trajectory.last_penalty``);
+    ``step(inputs, targets, indices=...)`` gives SAF the examples' indices in the training set. The inf/NaN check
+    covers the sum; a skipped step calls no ``after_step``.
     """
 
     def __init__(
@@ -103,27 +111,39 @@ class PlainStep:
         autocast_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
         nonfinite: str = "ignore",
+        trajectory: TrajectoryLoss | None = None,
     ) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None; got {max_grad_norm}.")
         if nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'ignore'; got {nonfinite!r}.")
+        if trajectory is not None and not isinstance(trajectory, TrajectoryLoss):
+            raise TypeError(
+                f"trajectory must be a flatminima.trajectory.TrajectoryLoss; got {type(trajectory).__name__}."
+            )
+        if trajectory is not None:
+            trajectory.check_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.precision = Precision(grad_scaler, autocast_dtype)
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
+        self.trajectory = trajectory
 
-    def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def __call__(self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
         opt, scaler = self.optimizer, self.precision.scaler
         opt.zero_grad()
-        loss = self.precision.loss(self.model, self.loss_fn, inputs, targets)
-        if self.nonfinite != "ignore" and scaler is None and not bool(torch.isfinite(loss)):
+        if self.trajectory is None:
+            loss = self.precision.loss(self.model, self.loss_fn, inputs, targets)
+            objective = loss
+        else:
+            loss, objective = self._with_trajectory(inputs, targets, indices)
+        if self.nonfinite != "ignore" and scaler is None and not bool(torch.isfinite(objective)):
             if self.nonfinite == "raise":
-                raise FloatingPointError(f"the loss is {loss.item()}, so no step was taken")
+                raise FloatingPointError(f"the loss is {objective.item()}, so no step was taken")
             return loss.detach()  # skip: no backward, no step
-        self.precision.backward(loss)
+        self.precision.backward(objective)
         if self.max_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -134,7 +154,22 @@ class PlainStep:
             scaler.update()
         else:
             opt.step()
+        if self.trajectory is not None:
+            self.trajectory.after_step(self.model)
         return loss.detach()
+
+    def _with_trajectory(self, inputs: Tensor, targets: Tensor, indices: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The mean loss, and the mean loss plus the trajectory's term (one forward pass, under the autocast)."""
+        assert self.trajectory is not None
+        self.trajectory.check_batch(inputs, indices)  # before the forward moves BatchNorm's statistics
+        with self.precision.autocast(inputs.device.type):
+            outputs = self.model(inputs)
+            losses = self.loss_fn(outputs, targets)
+            penalty = self.trajectory.penalty(outputs, inputs, indices)
+        if losses.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 under autocast
+            losses = losses.float()
+        loss = losses.mean()
+        return loss, loss + penalty
 
 
 class SharpnessAwareStep:

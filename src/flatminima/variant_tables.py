@@ -36,6 +36,8 @@ def _specs() -> list[Any]:
 def _kind(spec: Any) -> str:
     if spec.batch_rule is not None:
         return "`SharpnessAwareStep` (batch rule)"
+    if getattr(spec, "trajectory", None) is not None:
+        return "`PlainStep` (trajectory loss)"
     return "any SAM driver" if spec.sharpness_aware else "plain step"
 
 

@@ -44,6 +44,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "wrn40_10_nobn",
     "wrn",
     "small_cnn",
+    "small_cnn_bn",
     "mlp",
     "two_layer_cnn",
 )
@@ -74,7 +75,8 @@ def build_model(
     (``in_channels`` is ignored), and ``num_classes`` must be 2.  ``"wrn"`` takes ``depth`` and
     ``widen_factor`` keyword arguments; any other ``kwargs`` go to the model's constructor. ``"wrn28_10_nobn"``,
     ``"wrn16_8_nobn"`` and ``"wrn40_10_nobn"`` are the WideResNets without BatchNorm (``batch_norm=False``); the
-    last is the network of the SAM paper's Hessian-spectrum figure (WRN-40-10 without BatchNorm).
+    last is the network of the SAM paper's Hessian-spectrum figure (WRN-40-10 without BatchNorm). ``"small_cnn_bn"`` is
+    the small CNN with BatchNorm after each convolution (``batch_norm=True``).
     """
     key = name.lower()
     if key == "wrn40_10_nobn":
@@ -91,6 +93,8 @@ def build_model(
         return wrn16_8(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if key == "wrn":
         return WideResNet(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if key == "small_cnn_bn":
+        key, kwargs = "small_cnn", {**kwargs, "batch_norm": True}
     if key == "small_cnn":
         if height != width:
             raise ValueError(f"small_cnn needs square images, got image_size={image_size!r}")

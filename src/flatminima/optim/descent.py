@@ -2,7 +2,9 @@
 
 The descent rule (:class:`~flatminima.optim.rules.DescentRule`) turns ``.grad`` into the update direction, from
 ``g(w + e)`` and, when it asks, ``g(w)``, which is kept here during the step; the base optimiser then steps along
-it.
+it. Such a rule is asked here, once ``g(w)`` is kept, whether it declines the step's ascent
+(:meth:`~flatminima.optim.rules.DescentRule.declines_ascent`), with its :class:`~flatminima.optim.rules.RuleContext`
+when it takes one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from flatminima.optim import scaler as amp
 from flatminima.optim import sharded
+from flatminima.optim.rules import takes_context
 
 if TYPE_CHECKING:
     from flatminima.optim.sam import SAM
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "apply_direction",
     "base_step",
+    "declines_ascent",
     "descent_gradient_ok",
     "hold_first_gradient",
     "keep_first_gradient",
@@ -49,7 +53,7 @@ def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradSc
         # bucket views, which the next backward pass writes g(w + e) into)
         own = zero_grad and sam.flat_layout is None and all(p.grad._base is None for p in params)
         sam._step.first_grads = (params, [p.grad if own else p.grad.clone() for p in params])
-    return sam.descent.declines_ascent(sam._step.first_grads[1])
+    return declines_ascent(sam, *sam._step.first_grads)
 
 
 @torch.no_grad()
@@ -74,8 +78,18 @@ def keep_first_gradient(sam: SAM, grad_scaler: torch.amp.GradScaler | None) -> b
         if not finite:  # nonfinite="skip"
             sam._step.skipped = True
             return False
-    sam._step.declined = sam.ascent_due and (not finite or sam.descent.declines_ascent(kept))
+    sam._step.declined = sam.ascent_due and (not finite or declines_ascent(sam, params, kept))
     return not sam._step.declined
+
+
+def declines_ascent(sam: SAM, params: list[Tensor], first_grads: list[Tensor]) -> bool:
+    """Ask the descent rule whether it declines the ascent at ``first_grads`` (``g(w)`` of ``params``), handing it
+    the context of ``params`` when its ``declines_ascent`` takes ``context=`` (a rule with state, such as AE-SAM's
+    running statistics); a rule written without it gets ``first_grads`` alone."""
+    rule = sam.descent
+    if takes_context(rule, "declines_ascent"):
+        return bool(rule.declines_ascent(first_grads, context=sam.rule_context(params)))
+    return bool(rule.declines_ascent(first_grads))
 
 
 def apply_direction(sam: SAM, grad_scaler: torch.amp.GradScaler | None = None) -> None:

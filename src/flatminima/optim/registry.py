@@ -8,7 +8,9 @@ A variant registers itself once, in the module that defines it:
 options, rho, p, the whole training config for a variant's own fields, and a sampler of training examples) and
 returns the optimiser, most simply ``request.sam(perturbation=..., descent=..., cadence=...)``, which applies every
 setting the run gives (rho, p, the model, the non-finite policy, the base optimiser and its options); an optional
-``batch_rule`` builder does the same for the variant's :class:`~flatminima.batch_rules.BatchRule`.
+``batch_rule`` builder does the same for the variant's :class:`~flatminima.batch_rules.BatchRule`, and an optional
+``trajectory`` builder, for a name the plain step drives, for its :class:`~flatminima.trajectory.TrajectoryLoss`
+(SAF, MESA: a term added to the loss, from the batch's outputs).
 
 Registering a name again from the module that registered it (a module imported twice, a notebook cell run again)
 replaces the entry; from another module it is an error. Variants installed as packages of their own are found
@@ -86,6 +88,7 @@ class OptimizerSpec:
     passes: str = "1"  # forward-backward passes per step, as the variant states them (flatminima variants)
     module: str = ""  # the module that registered the name
     options: type | None = None  # the dataclass of the variant's own options (command-line flags, YAML fields)
+    trajectory: Callable[[OptimizerRequest], Any] | None = None  # -> a flatminima.trajectory.TrajectoryLoss
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
@@ -102,6 +105,7 @@ def register_optimizer(
     batch_rule: Callable[[OptimizerRequest], Any] | None = None,
     passes: str | None = None,
     options: type | None = None,
+    trajectory: Callable[[OptimizerRequest], Any] | None = None,
 ) -> OptimizerSpec:
     """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error).
 
@@ -111,6 +115,9 @@ def register_optimizer(
     listed by ``flatminima variants``. ``options``: a dataclass of the variant's own settings, each field made
     with :func:`option` (default, help, a check); every field becomes a ``flatminima train`` flag and a YAML field
     of the same name, validated and listed in ``--help``, and the builder reads them as ``request.options``.
+    ``trajectory``, for variants that add a term to the loss (SAF, MESA; the plain step only, so
+    ``sharpness_aware=False``): ``trajectory(request)`` returns the :class:`~flatminima.trajectory.TrajectoryLoss`
+    the plain step is given.
     """
     module = sys._getframe(1).f_globals.get("__name__", "")
     if not name or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
@@ -123,8 +130,12 @@ def register_optimizer(
         _check_options(name, options)
     if batch_rule is not None and not sharpness_aware:
         raise ValueError(f"optimiser {name!r}: a batch rule needs the sharpness-aware step (sharpness_aware=True)")
+    if trajectory is not None and sharpness_aware:
+        raise ValueError(f"optimiser {name!r}: a trajectory loss is driven by the plain step (sharpness_aware=False)")
+    if trajectory is not None and not callable(trajectory):
+        raise TypeError(f"trajectory must be callable as trajectory(request) -> TrajectoryLoss, got {trajectory!r}")
     passes = passes if passes is not None else ("2" if sharpness_aware else "1")
-    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule, passes, module, options)
+    spec = OptimizerSpec(name, help, build, sharpness_aware, batch_rule, passes, module, options, trajectory)
     _REGISTRY[name] = spec
     return spec
 

@@ -71,17 +71,18 @@ class DescentCapabilities(_Declarations):
 
 
 @functools.cache
-def _takes_context(kind: type) -> bool:
+def _takes_context(kind: type, method: str) -> bool:
     try:
-        parameters = inspect.signature(kind.perturb_).parameters
-    except (TypeError, ValueError):  # a builtin or a callable without a signature
+        parameters = inspect.signature(getattr(kind, method)).parameters
+    except (AttributeError, TypeError, ValueError):  # no such method, a builtin, a callable without a signature
         return False
     return "context" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def takes_context(rule: Any) -> bool:
-    """Whether ``rule.perturb_`` accepts ``context=`` (rules written before it existed take four arguments)."""
-    return _takes_context(type(rule))
+def takes_context(rule: Any, method: str = "perturb_") -> bool:
+    """Whether ``rule``'s ``method`` accepts ``context=``: an ascent rule's ``perturb_`` (rules written before the
+    context existed take four arguments), or a descent rule's ``declines_ascent`` (written before it, one)."""
+    return _takes_context(type(rule), method)
 
 
 class RuleContext:
@@ -255,9 +256,17 @@ class DescentRule:
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
 
-    def declines_ascent(self, first_grads: list[Tensor]) -> bool:
+    def declines_ascent(self, first_grads: list[Tensor], *, context: RuleContext | None = None) -> bool:
         """Whether, given ``g(w)``, this step should skip the ascent and step along ``g(w)`` (asked only of rules
-        that need the first gradient). Ahn et al.'s algorithms perturb only once the gradient is small."""
+        that need the first gradient, once per step that the cadence lets ascend, before the weights move).
+
+        ``first_grads`` holds ``g(w)`` of the parameters with a gradient (unscaled under a GradScaler; under DDP
+        already all-reduced, so every rank decides alike), to read, not to change. ``context``
+        (:class:`RuleContext`, aligned with those parameters): the rule's states, kept and checkpointed by SAM,
+        and the step; passed whenever the method accepts it (:func:`takes_context`), so rules written before it,
+        with ``first_grads`` alone, still run. Ahn et al.'s algorithms perturb only once the gradient is small;
+        AE-SAM only when ``||g(w)||^2`` is large against its running statistics, which it keeps in the states.
+        """
         return False
 
     def direction_(

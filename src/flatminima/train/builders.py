@@ -15,6 +15,7 @@ from flatminima.batch_rules import BatchRule
 from flatminima.optim import OptimizerRequest, RhoScheduler, optimizer_spec
 from flatminima.optim.rho_scheduler import cosine_rho, lr_proportional_rho, step_rho
 from flatminima.train.config import TrainConfig
+from flatminima.trajectory import TrajectoryLoss
 
 __all__ = [
     "BASE_OPTIMIZERS",
@@ -23,6 +24,7 @@ __all__ = [
     "build_optimizer",
     "build_rho_scheduler",
     "build_scheduler",
+    "build_trajectory",
     "optimizer_request",
     "rho_at",
     "rho_factor",
@@ -44,8 +46,8 @@ def optimizer_request(
 ) -> OptimizerRequest:
     """What the registered builders get: the base optimiser chosen by the config, rho, p, and the run's data.
 
-    A sharpness-aware name wraps ``config.base_optimizer``; a base name (sgd, adamw) is its own base. Weight decay
-    moves to the loss if asked.
+    A base name (sgd, adamw) is its own base; every other name, sharpness-aware or not (saf, mesa), uses
+    ``config.base_optimizer``. Weight decay moves to the loss if asked.
     """
     spec = optimizer_spec(config.optimizer)
     own_base = not spec.sharpness_aware and config.optimizer in BASE_OPTIMIZERS
@@ -81,6 +83,12 @@ def build_batch_rule(config: TrainConfig, request: OptimizerRequest) -> BatchRul
     """The batch rule of ``config.optimizer`` if it registered one (n-SAM, RW-SAM, ahn-sa), else None."""
     spec = optimizer_spec(config.optimizer)
     return spec.batch_rule(request) if spec.batch_rule is not None else None
+
+
+def build_trajectory(config: TrainConfig, request: OptimizerRequest) -> TrajectoryLoss | None:
+    """The trajectory loss of ``config.optimizer`` if it registered one (saf, mesa), else None."""
+    spec = optimizer_spec(config.optimizer)
+    return spec.trajectory(request) if spec.trajectory is not None else None
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

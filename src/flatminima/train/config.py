@@ -63,12 +63,12 @@ class _RunFields:
     data_root: str | None = _option(None, "folder holding the dataset files (not needed for digits, signal_noise)")
     model: str = _option(
         "small_cnn",
-        "resnet20/32/56, wrn28_10 (or wrn), wrn16_8 (with _nobn: without BatchNorm), small_cnn, mlp, "
-        "two_layer_cnn (signal_noise only)",
+        "resnet20/32/56, wrn28_10 (or wrn), wrn16_8 (with _nobn: without BatchNorm), small_cnn (small_cnn_bn: with "
+        "BatchNorm), mlp, two_layer_cnn (signal_noise only)",
         MODELS,
     )
     optimizer: str = _option("sam", optimizer_help, optimizer_names)
-    base_optimizer: str = _option("sgd", "the optimiser the SAM family wraps", ("sgd", "adamw"))
+    base_optimizer: str = _option("sgd", "the optimiser the SAM family (and saf, mesa) wraps", ("sgd", "adamw"))
     rho: float = _option(0.05, "SAM radius")
     rho_schedule: str = _option(
         "constant",
@@ -189,8 +189,15 @@ class _RunFields:
             return []
         from flatminima.optim import optimizer_spec
 
-        batch_rule = self.optimizer in optimizer_names() and optimizer_spec(self.optimizer).batch_rule is not None
+        spec = optimizer_spec(self.optimizer) if self.optimizer in optimizer_names() else None
+        batch_rule = spec is not None and spec.batch_rule is not None
+        trajectory = spec is not None and spec.trajectory is not None
         return [
+            (
+                not trajectory,
+                f"fsdp does not combine with optimizer {self.optimizer}, whose trajectory loss needs the whole "
+                "weights (use DDP: torchrun without --fsdp)",
+            ),
             (
                 self.group_size is None,
                 "fsdp does not combine with group_size: under FSDP every pass's gradient is the global batch's, so "
@@ -454,17 +461,18 @@ def refuse_unused_settings(config: TrainConfig, flags: Collection[str]) -> None:
     def refuse(name: str, reason: str, fix: str) -> None:
         raise ValueError(f"--{name.replace('_', '-')} is {reason}, and {fix}")
 
+    wraps_base = spec.sharpness_aware or spec.trajectory is not None  # saf and mesa wrap --base-optimizer too
     if not spec.sharpness_aware:
-        for name in sorted(set(SAM_FIELDS) & set(flags)):
+        for name in sorted(set(SAM_FIELDS) & set(flags) - ({"base_optimizer"} if wraps_base else set())):
             refuse(
                 name,
                 "a setting of the SAM family",
                 f"--optimizer {config.optimizer} does not read it: drop it, or choose a sharpness-aware --optimizer "
                 "(flatminima variants)",
             )
-    base = config.base_optimizer if spec.sharpness_aware else config.optimizer
+    base = config.base_optimizer if wraps_base else config.optimizer
     if base == "adamw" and "momentum" in flags:
-        role = "base optimiser" if spec.sharpness_aware else "optimiser"
+        role = "base optimiser" if wraps_base else "optimiser"
         refuse("momentum", "SGD's", f"AdamW (the {role}) does not read it: drop it, or use SGD")
     if (
         "validation_labels" in flags

@@ -35,6 +35,7 @@ from flatminima.train.builders import (
     build_optimizer,
     build_rho_scheduler,
     build_scheduler,
+    build_trajectory,
     optimizer_request,
 )
 from flatminima.train.checkpoint import check_resume_state, check_schedule_steps, load_checkpoint, save_checkpoint
@@ -44,6 +45,7 @@ from flatminima.train.metrics import MetricsLog
 from flatminima.train.prepare import PreparedData, model_for, prepare_data
 from flatminima.train.run_state import RunState
 from flatminima.train.summary import plot_curves, write_summary
+from flatminima.trajectory import TrajectoryLoss
 
 __all__ = [
     "RUN_FILES",
@@ -158,6 +160,7 @@ class _Run:
     tracker: SharpnessTracker | None
     state: RunState
     per_epoch: int
+    trajectory: TrajectoryLoss | None = None  # SAF's record or MESA's average; the step is then given indices
 
 
 def _train(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None, lock: FolderLock) -> TrainResult:
@@ -222,6 +225,7 @@ def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None, 
     )
     optimizer = build_optimizer(config, model, request)
     batch_rule = build_batch_rule(config, request)
+    trajectory = build_trajectory(config, request)
     count = data.train_images.shape[0]
     per_epoch = count // config.batch_size  # the last incomplete batch is dropped, as DDP must: runs compare
     scheduler = build_scheduler(config, optimizer, per_epoch)
@@ -242,13 +246,19 @@ def _setup(config: TrainConfig, ctx: Distributed, dataset: ImageDataset | None, 
         )
     else:
         step = PlainStep(
-            network, loss_fn, optimizer, grad_scaler=scaler, autocast_dtype=autocast_dtype, nonfinite=config.nonfinite
+            network,
+            loss_fn,
+            optimizer,
+            grad_scaler=scaler,
+            autocast_dtype=autocast_dtype,
+            nonfinite=config.nonfinite,
+            trajectory=trajectory,
         )
 
     tracker = _tracker(config, data, batches)
-    state = _run_state(config, ctx, model, optimizer, scheduler, rho_scheduler, scaler, tracker)
+    state = _run_state(config, ctx, model, optimizer, scheduler, rho_scheduler, scaler, tracker, trajectory)
     return _Run(config, ctx, output, checkpoint_path, device, data, model, network, batches, optimizer, scheduler,
-                rho_scheduler, step, tracker, state, per_epoch)  # fmt: skip
+                rho_scheduler, step, tracker, state, per_epoch, trajectory)  # fmt: skip
 
 
 def _resume(run: _Run) -> tuple[list[dict[str, Any]], int]:
@@ -308,6 +318,7 @@ def _epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
     started = time.perf_counter()
     order = torch.randperm(count, generator=_epoch_generator(config.seed, epoch, 0))
     augment = _epoch_generator(config.seed, epoch, 1)
+    with_indices = run.trajectory is not None  # SAF records per example: the step gets their global indices
     measured: list[dict[str, Any]] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = torch.zeros((), dtype=torch.float64, device=device)  # examples whose loss was finite
@@ -316,7 +327,8 @@ def _epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
         local = ctx.shard(global_batch)
         inputs = batches(data.train_images[local], augment)
         try:
-            loss = step(inputs, data.train_labels[local].to(device))
+            targets = data.train_labels[local].to(device)
+            loss = step(inputs, targets, indices=local) if with_indices else step(inputs, targets)
         except FloatingPointError as error:
             kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
             raise FloatingPointError(
@@ -451,6 +463,7 @@ def _run_state(
     rho_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     tracker: SharpnessTracker | None,
+    trajectory: TrajectoryLoss | None = None,
 ) -> RunState:
     """The checkpoint's stateful parts, each registered once (loaded back in this order)."""
     run = RunState()
@@ -475,6 +488,8 @@ def _run_state(
     run.register(lambda: {"rng": torch.get_rng_state()}, lambda state: torch.set_rng_state(state["rng"]))
     if tracker is not None:
         run.register_object("sharpness_tracker", tracker, optional=True)
+    if trajectory is not None:  # SAF's record, MESA's average (equal on every rank; rank 0 writes it)
+        run.register_object("trajectory", trajectory)  # required: without it a resume would not continue exactly
     return run
 
 

@@ -8,9 +8,19 @@
 * :mod:`~flatminima.variants.momentum_sam`: Momentum-SAM, the perturbation along the momentum (``momentum-sam``);
 * :mod:`~flatminima.variants.friendly_sam`: Friendly SAM, the gradient's running mean removed (``friendly-sam``);
 * :mod:`~flatminima.variants.gsam`: GSAM, the surrogate gap's descent (``gsam``);
-* :mod:`~flatminima.variants.looksam`: LookSAM, SAM every k steps and its orthogonal part reused (``looksam``).
+* :mod:`~flatminima.variants.looksam`: LookSAM, SAM every k steps and its orthogonal part reused (``looksam``);
+* :mod:`~flatminima.variants.esam`: ESAM, stochastic weight perturbation and sharpness-sensitive data selection
+  (``esam``);
+* :mod:`~flatminima.variants.aesam`: AE-SAM, SAM's step only where ||g||^2 is high against its running statistics
+  (``aesam``);
+* :mod:`~flatminima.variants.saf`: SAF and MESA, a trajectory loss instead of SAM's second pass (``saf``, ``mesa``).
+
+The convenience builders ``esam()`` and ``aesam()`` are imported from their modules
+(``from flatminima.variants.esam import esam``), so that ``flatminima.variants.esam`` stays the module.
 """
 
+from flatminima.variants.aesam import AdaptivePolicy, PolicyStatistics, policy_statistics
+from flatminima.variants.esam import SharpnessSensitiveSelection, StochasticWeightPerturbation
 from flatminima.variants.escape import OrthogonalEscape, RandomSign, SingleExample
 from flatminima.variants.friendly_sam import FriendlyAscent
 from flatminima.variants.gsam import GSAMDescent
@@ -19,19 +29,27 @@ from flatminima.variants.momentum_sam import MomentumAscent
 from flatminima.variants.nsam import AscentSample
 from flatminima.variants.periodic import RandomCadence, periodic_sam, random_sam, uniform_draw
 from flatminima.variants.rwsam import GibbsReweighting
+from flatminima.variants.saf import EMATarget, PastOutputs
 
 __all__ = [
+    "AdaptivePolicy",
     "AscentSample",
+    "EMATarget",
     "FriendlyAscent",
     "GSAMDescent",
     "GibbsReweighting",
     "LookSAMDescent",
     "MomentumAscent",
     "OrthogonalEscape",
+    "PastOutputs",
+    "PolicyStatistics",
     "RandomCadence",
     "RandomSign",
+    "SharpnessSensitiveSelection",
     "SingleExample",
+    "StochasticWeightPerturbation",
     "periodic_sam",
+    "policy_statistics",
     "random_sam",
     "uniform_draw",
 ]
