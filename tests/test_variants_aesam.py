@@ -107,18 +107,8 @@ def _assert_close(ours: list[Tensor], reference: list[Tensor], atol: float = 1e-
 # ---------------------------------------------------------------- the reference: plain per-tensor code
 
 
-def _forward(w: list[Tensor], x: Tensor) -> Tensor:
-    return torch.tanh(x @ w[0].T + w[1]) @ w[2].T + w[3]
-
-
-def _loss(w: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
-    logits = _forward(w, x)
-    return (torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None])[:, 0]).mean()
-
-
-def _grad(w: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
-    leaves = [t.detach().clone().requires_grad_(True) for t in w]
-    return [g.detach() for g in torch.autograd.grad(_loss(leaves, x, y), leaves)]
+# the per-tensor forward, loss and gradient of the GSAM and LookSAM references (tests/ is on sys.path)
+from test_variants_gsam_looksam import _grad  # noqa: E402
 
 
 def _reference(

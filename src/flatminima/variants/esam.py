@@ -83,10 +83,13 @@ from torch.optim import Optimizer
 from flatminima.batch_rules import BatchRule, Probe, Sample
 from flatminima.optim.catalog import build_sam
 from flatminima.optim.norms import global_norm, tensor_norms
+from flatminima.optim.perturb import DualNorm
 from flatminima.optim.registry import OptimizerRequest, option, register_optimizer
 from flatminima.optim.rules import AscentRule, RuleContext
 from flatminima.optim.sam import SAM
 from flatminima.variants.periodic import uniform_draw
+
+_SAM_ASCENT = DualNorm(2.0)  # beta = 1 is SAM's ascent, e = (rho / ||g||) g
 
 __all__ = ["ESAMOptions", "SharpnessSensitiveSelection", "StochasticWeightPerturbation", "esam", "selected_count"]
 
@@ -138,11 +141,7 @@ class StochasticWeightPerturbation(AscentRule):
     def linear_coefficient(self, rho: float, grad_norm: Tensor | float) -> Tensor | float | None:
         """For ``beta = 1``, SAM's ``e = (rho / ||g||) g`` (so SAM's fused path runs); for ``beta < 1`` the mask makes
         ``e`` no multiple of ``g``."""
-        if self.beta < 1.0:
-            return None
-        if isinstance(grad_norm, Tensor):
-            return torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
-        return rho / grad_norm if grad_norm > 0 else 0.0
+        return _SAM_ASCENT.linear_coefficient(rho, grad_norm) if self.beta == 1.0 else None
 
     def perturb_(
         self,
