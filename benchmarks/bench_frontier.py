@@ -174,6 +174,7 @@ class StepProbe:
         self.sampled = range(0)  # the 1-based steps whose heap is sampled, set when the run is known
         self.peak = 0
         self.sampled_with_grad = 0  # examples of the passes with gradient in the sampled steps
+        self.entry_heap = 0  # the heap in use as the first sampled step began
         self._inside = False
 
     def attach(self, run: Any) -> None:
@@ -190,6 +191,8 @@ class StepProbe:
             self.steps += 1
             sampling = self.steps in self.sampled
             before = self.with_grad
+            if sampling and self.steps == self.sampled.start:
+                self.entry_heap = heap_in_use()
             self._inside = True
             try:
                 with PeakHeap() if sampling else contextlib.nullcontext() as peak:

@@ -1,4 +1,4 @@
-"""Full-batch SAM on a convex quadratic converges to the closed-form 2-cycle (papers.md sec. 2)."""
+"""Full-batch SAM on a convex quadratic converges to the closed-form 2-cycle (docs/papers.md sec. 2)."""
 
 from __future__ import annotations
 

@@ -57,8 +57,15 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except (importlib.metadata.PackageNotFoundError, ValueError):
         version = (0, 0)
     isolation = ["--no-isolation"] if version >= (70, 1) else []
-    _run([sys.executable, "-m", "build", *isolation, "--outdir", str(out), str(ROOT)], cwd=out, timeout=300)
+    built = _run([sys.executable, "-m", "build", *isolation, "--outdir", str(out), str(ROOT)], cwd=out, timeout=300)
+    (out / "build.log").write_text(built.stdout + built.stderr)
     return out
+
+
+def test_the_build_warns_of_nothing(dist: Path) -> None:
+    """No deprecation on the way (the license table form that setuptools stops accepting in 2027, for one)."""
+    log = (dist / "build.log").read_text()
+    assert "Deprecat" not in log, log  # (MANIFEST.in's "no previously-included files" notes are not warnings of it)
 
 
 def test_sdist_holds_what_a_build_needs(dist: Path) -> None:
@@ -85,6 +92,8 @@ def test_wheel_holds_the_package_its_data_and_the_entry_point(dist: Path) -> Non
     missing = _package_files() - names  # every .py and every data file under src/flatminima
     assert not missing, f"package files missing from the wheel (package-data?): {sorted(missing)}"
     assert f"\nVersion: {__version__}\n" in metadata  # pyproject's dynamic version is __version__
+    assert "\nLicense-Expression: MIT\n" in metadata  # SPDX (PEP 639), not the deprecated table form
+    assert "flatminima/py.typed" in names  # Typing :: Typed, and type checkers read the package's hints
     assert "flatminima = flatminima.cli:main" in entry_points
     for extra in ("dev", "docs", "huggingface", "lightning"):
         assert f"Provides-Extra: {extra}\n" in metadata

@@ -154,7 +154,7 @@ TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process_msam(tmp_path: Path) -> None:
-    """DDP with per-rank perturbation == m-SAM with m = per-rank batch in one process (papers.md, sec. 1)."""
+    """DDP with per-rank perturbation == m-SAM with m = per-rank batch in one process (docs/papers.md, sec. 1)."""
     common = ["--epochs", "1", "--optimizer", "sam", "--rho", "0.1", "--batch-size", "64"]
     ddp = subprocess.run(
         _torchrun(

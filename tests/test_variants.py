@@ -1,6 +1,6 @@
 """n-SAM, RW-SAM and Ahn et al.'s two algorithms against independent float64 references of their updates.
 
-Each reference is written from the equations (papers.md sec. 3 and 4) in plain per-tensor code on a hand-written
+Each reference is written from the equations (docs/papers.md sec. 3 and 4) in plain per-tensor code on a hand-written
 two-layer network, with the same random draws (fixed generators, drawn in the same order), and must match the
 library's step through ``SharpnessAwareStep`` to 1e-10 over several steps.
 """

@@ -56,8 +56,9 @@ def make_signal_noise_patches(
 ) -> ImageDataset:
     """Sample the Chen et al. (2023) patch model: float32 images ``[N, 2, dim]``, 2 classes, seeded.
 
-    The defaults are the workable synthetic setting of papers.md sec. 5 (n = 20, 1000 test points, sigma_p = 1,
-    flip probability 0.1) with d = 500 and ||mu|| = 5, in the middle of the swept ranges.
+    The defaults are the workable synthetic setting of the papers page of the documentation (papers.md sec. 5:
+    n = 20, 1000 test points, sigma_p = 1, flip probability 0.1) with d = 500 and ||mu|| = 5, in the middle of the
+    swept ranges.
 
     Training labels are flipped independently with probability ``flip_prob`` (the uncorrupted ones are kept in
     ``clean_train_labels``); test labels are clean.  ``mean``/``std`` are ``(0.0,)``/``(1.0,)``: the data are

@@ -5,7 +5,7 @@ Both algorithms take a plain gradient step while ``||grad f(x)|| > epsilon`` and
     x+ = x - eta grad f(x) - eta' v,    v = u - (<u, grad f(x)> / ||grad f(x)||^2) grad f(x),
 
 the part of a second gradient ``u`` orthogonal to ``grad f(x)``; ``E[v]`` follows the gradient of tr(H) along the
-valley of minima. They differ in ``u`` (papers.md sec. 4):
+valley of minima. They differ in ``u`` (the papers page of the documentation, papers.md sec. 4):
 
 * **randomly smoothed perturbation** (Algorithm 1, ``ahn-rs``): ``u = grad f(x + rho g)``, ``g`` uniform on the
   unit sphere of the whole parameter vector. On the seams: ascent :class:`~flatminima.optim.RandomDirection`,

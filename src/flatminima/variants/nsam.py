@@ -1,5 +1,5 @@
 """n-SAM: the perturbation from a larger sample's gradient, the descent on the mini-batch (Luo, Harandi, Phung, Le,
-NeurIPS 2025, arXiv 2509.18001; papers.md sec. 3).
+NeurIPS 2025, arXiv 2509.18001; the papers page of the documentation, papers.md sec. 3).
 
 Each step: ``e = rho g_n / ||g_n||`` with ``g_n`` the gradient at ``w`` of the mean loss over an *ascent sample*
 of ``n`` training examples (a second draw from the training set, not the mini-batch), then the base step along

@@ -1,4 +1,5 @@
-"""RW-SAM: reweighted SAM (Luo, Harandi, Phung, Le, NeurIPS 2025, arXiv 2509.18001; papers.md sec. 3).
+"""RW-SAM: reweighted SAM (Luo, Harandi, Phung, Le, NeurIPS 2025, arXiv 2509.18001; the papers page of the
+documentation, papers.md sec. 3).
 
 SAM's single perturbation for the whole batch, with the ascent loss reweighted toward the examples whose loss is
 sharpest, to get m-SAM's benefit without its many small passes:

@@ -49,7 +49,7 @@ class Setting:
 
 
 def make_data(signal_norm: float, dim: int, seed: int) -> ImageDataset:
-    """The patch data of papers.md sec. 5: n = 20, 1000 clean test points, sigma_p = 1, flip probability 0.1.
+    """The patch data of docs/papers.md sec. 5: n = 20, 1000 clean test points, sigma_p = 1, flip probability 0.1.
 
     For a given ``(d, seed)`` the labels, flips and noise are the same draw for every ``||mu||`` (the generator
     draws nothing whose size depends on ``||mu||``), so the cells of a row of the grid differ only in the signal.

@@ -93,8 +93,9 @@ def small_eta_sentence(eta: float, rho: float) -> str:
     )
     return (
         f"The small-eta form, `dy/step ~ -eta rho^2 a'(y) / 2` = {small_eta_rate(eta, rho, 1.0):.4g} here, is\n"
-        f"{comparison} at eta a = {eta * a(1.0):g}: the drift\nis proportional to `-rho^2 eta a'(y)` as papers.md "
-        "says, but the constant 1/2 is its eta a -> 0 limit."
+        f"{comparison} at eta a = {eta * a(1.0):g}: the drift\nis proportional to `-rho^2 eta a'(y)` as\n"
+        "[papers.md sec. 2](../../papers.md#2-sam-dynamics-bartlett-long-bousquet-jmlr-2023) says, but the\n"
+        "constant 1/2 is its eta a -> 0 limit."
     )
 
 
