@@ -1,11 +1,11 @@
 """The documentation cannot drift from the code: its Python examples run here, and the site builds strictly.
 
-Each page's ```python blocks run in order in one namespace. A block preceded by the line ``<!-- no-test -->``
-is skipped (used only for blocks that need a GPU, a dataset or torchrun). A page whose examples use a model or
-data they do not define gets a hidden setup from ``SETUP`` below: run before its first block, or, given as
-``{key: code}``, before the blocks each key names (a block index, or a text: the first block containing it;
-``AFTER_LAST`` runs after the last one). Pages in ``ISOLATED`` (a process group, a registered optimiser name)
-run in a fresh interpreter.
+Each page's ```python blocks run in order in one namespace, exactly as the reader sees them: a page whose
+examples need a model or data sets them up in a visible block of its own (nothing is added here before or between
+its blocks), so a reader who copies the blocks into one file gets what the test runs. A block preceded by the line
+``<!-- no-test -->`` is skipped (used only for blocks that need a GPU, a dataset or torchrun). ``CHECKS`` holds
+assertions about a page's outcome, run after its last block; they define nothing the blocks use. Pages in
+``ISOLATED`` (a process group, a registered optimiser name) run in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -24,53 +24,14 @@ DOCS = ROOT / "docs"
 NO_TEST = "<!-- no-test -->"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
-AFTER_LAST = -1
-_TINY_CLASSIFIER = """
-import torch
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-loss_fn = torch.nn.CrossEntropyLoss()
-x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
-train_set = torch.utils.data.TensorDataset(torch.randn(64, 8), y.repeat(2))
-train_loader = torch.utils.data.DataLoader(train_set, batch_size=16)
-def closure():
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    return loss
-"""
-# The DDP and FSDP2 examples on one gloo process: they need a process group, not a second process.
-_PROCESS_GROUP = """
-import tempfile
-import torch.distributed as dist
-dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(dir="."), rank=0, world_size=1)
-"""
-_FSDP_SETUP = (
-    _PROCESS_GROUP
-    + """
-import torch
-class LayeredNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)])
-    def forward(self, x):
-        return self.layers[1](torch.tanh(self.layers[0](x)))
-torch.manual_seed(0)
-model = LayeredNet()
-x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
-def closure():
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    return loss
-"""
-)
+# Checks run after a page's last block: what its examples should have done. Not setup: the page's own blocks
+# define every name these use.
 _FSDP_CHECK = """
 from torch.distributed.tensor import DTensor
 assert all(isinstance(param, DTensor) for param in model.parameters())
 assert opt.state_dict()["sam_steps"] == 1
 dist.destroy_process_group()
 """
-
-# Hidden setup for pages whose examples take a model and data as given.
 # the worked example's options reached the run: its config.yaml, and a bad value's one-line error
 _VARIANT_OPTIONS_CHECK = """
 import yaml
@@ -80,58 +41,10 @@ assert _saved["random_every"] == 2 and _saved["random_seed_offset"] == 0, _saved
 assert _main(["train", "--optimizer", "random-direction", "--random-every", "0", "--output", "runs/bad"]) == 2
 """
 
-SETUP: dict[str, str | dict[int | str, str]] = {
-    "variants.md": """
-import torch
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-per_example_loss = torch.nn.CrossEntropyLoss(reduction="none")
-loss_fn = torch.nn.CrossEntropyLoss()
-x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
-batches = [(torch.randn(32, 10), torch.randint(0, 3, (32,))) for _ in range(3)]
-total_steps = 3
-def closure():
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    return loss
-""",
-    "sharpness.md": """
-import torch
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-mean_loss_fn = torch.nn.CrossEntropyLoss()
-per_example_loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-data = (torch.randn(64, 6), torch.randint(0, 3, (64,)))
-""",
-    "integrations-huggingface.md": """
-import torch
-import transformers
-from torch import nn
-
-
-class TinyClassifier(nn.Module):  # what a Hugging Face model returns: an output with .loss
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Linear(8, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return transformers.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-torch.manual_seed(0)
-model = TinyClassifier()
-train = [{"x": torch.randn(8), "labels": torch.tensor(i % 2)} for i in range(64)]
-loader = torch.utils.data.DataLoader(train, batch_size=16)
-""",
-    "integrations-lightning.md": _TINY_CLASSIFIER,
-    "architecture.md": {1: "import flatminima\n" + _TINY_CLASSIFIER, AFTER_LAST: _VARIANT_OPTIONS_CHECK},
-    "compile-fsdp.md": {1: _FSDP_SETUP, AFTER_LAST: _FSDP_CHECK},
-    "guide-training.md": {
-        "DistributedDataParallel(model)": _PROCESS_GROUP,
-        AFTER_LAST: "assert dist.is_initialized()\ndist.destroy_process_group()",
-    },
+CHECKS: dict[str, str] = {
+    "architecture.md": _VARIANT_OPTIONS_CHECK,
+    "compile-fsdp.md": _FSDP_CHECK,
+    "guide-training.md": "assert dist.is_initialized()\ndist.destroy_process_group()",
 }
 
 
@@ -165,29 +78,39 @@ def test_block_extraction_honours_no_test():
     assert python_blocks(text) == [(2, "x = 1\n")]
 
 
-def run_page(page: str) -> None:
-    """Run the page's python blocks in order in one namespace, with its hidden setup; name a failing block."""
-    blocks = python_blocks((DOCS / page).read_text(encoding="utf-8"))
-    assert blocks, f"{page} has no runnable python block"
-    setup = SETUP.get(page, {})
-    setup = {0: setup} if isinstance(setup, str) else setup
-    module = types.ModuleType(f"docs_{page.replace('.', '_').replace('-', '_')}")  # a module, as a user's file is
+def run_blocks(name: str, blocks: list[tuple[int, str]], check: str | None = None) -> None:
+    """Run ``blocks`` in order in one namespace, nothing before or between them, then ``check``; name a failure."""
+    module = types.ModuleType(f"docs_{re.sub(r'[^0-9A-Za-z_]', '_', name)}")  # a module, as a user's file is
     sys.modules[module.__name__] = module  # (dataclasses look their module up there)
     namespace: dict = module.__dict__
-    steps, pending = [], dict(setup)
-    for index, (line, code) in enumerate(blocks):
-        for key in [k for k in pending if k == index or (isinstance(k, str) and k in code)]:
-            steps.append((f"<setup before block {index} of {page}>", pending.pop(key)))
-        steps.append((f"docs/{page}:{line}", code))
-    pending.pop(AFTER_LAST, None)
-    assert not pending, f"hidden setup for {page} names no block: {sorted(map(str, pending))}"
-    if AFTER_LAST in setup:
-        steps.append((f"<check after the last block of {page}>", setup[AFTER_LAST]))
+    steps = [(f"docs/{name}:{line}", code) for line, code in blocks]
+    if check is not None:
+        steps.append((f"<check after the last block of {name}>", check))
     for where, code in steps:
         try:
             exec(compile(code, where, "exec"), namespace)
         except Exception as err:  # name the block that failed
             raise AssertionError(f"{where} failed: {err!r}") from err
+
+
+def run_page(page: str) -> None:
+    """Run the page's python blocks as the reader sees them, in order, then the page's check."""
+    blocks = python_blocks((DOCS / page).read_text(encoding="utf-8"))
+    assert blocks, f"{page} has no runnable python block"
+    run_blocks(page, blocks, CHECKS.get(page))
+
+
+def test_a_block_that_needs_what_the_page_does_not_show_fails():
+    # no setup is added: a name defined only outside the page's blocks is a failure, named by its block
+    text = "```python\nimport torch\n```\n\nThen:\n\n```python\nopt = torch.optim.SGD(model.parameters())\n```\n"
+    with pytest.raises(AssertionError, match=r"docs/page\.md:7 failed: NameError\(\"name 'model' is not defined"):
+        run_blocks("page.md", python_blocks(text))
+    setup = "The examples run after this setup:\n\n```python\nimport torch\nmodel = torch.nn.Linear(2, 1)\n```\n"
+    run_blocks("page.md", python_blocks(setup + text))  # the same blocks, with the setup shown
+
+
+def test_checks_name_pages_that_are_run():
+    assert set(CHECKS) <= set(PAGES), sorted(set(CHECKS) - set(PAGES))
 
 
 # the pages run in their own interpreter are slow (a fresh torch import, a process group, torch.compile)

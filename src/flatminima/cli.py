@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=["sgd", "sam"],
-        help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} (docs/variants.md)",
+        help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} "
+        "(the Variants page of the documentation)",
     )
     demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
     demo.add_argument("--overwrite", action="store_true", help="replace files of the demo's names it did not write")

@@ -6,7 +6,7 @@ Per-group options are plain values, so that a ``state_dict`` loads with ``torch.
 - ``p``: the L_p ball of the ascent (:class:`~flatminima.optim.perturb.DualNorm`);
 - ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`), ``T_w = |w| + eta``
   with the ASAM paper's ``eta = 0.01`` by default; ``adaptive_eta=0`` is the reference code's (davda54/sam,
-  pytorch_optimizer) ``T_w = |w|`` (docs/variants.md);
+  pytorch_optimizer) ``T_w = |w|`` (the Variants page of the documentation);
 - ``normalize``: ``False`` gives USAM, ``e = rho g`` (:class:`~flatminima.optim.perturb.Unnormalized`).
 
 Groups whose rules coincide share one rule object, so they are normalised together (one global norm, as in the

@@ -140,7 +140,8 @@ class Adaptive(AscentWrapper):
 
     With ``g' = T_w g`` the inner rule gives ``e'``, and ``e = T_w e'``; for ``inner = DualNorm(2)`` this is
     ``e = rho T_w^2 g / ||T_w g||`` (Kwon et al. 2021), invariant to rescaling a layer's weights. ``eta = 0.01``
-    is the ASAM paper's; ``eta = 0`` is davda54/sam's and pytorch_optimizer's ``T_w = |w|`` (docs/variants.md).
+    is the ASAM paper's; ``eta = 0`` is davda54/sam's and pytorch_optimizer's ``T_w = |w|`` (the Variants page of
+    the documentation).
     """
 
     def __init__(self, inner: PerturbationRule | None = None, eta: float = 0.01) -> None:

@@ -49,7 +49,7 @@ class SAM(Optimizer):
         p: the ascent's L_p ball, ``1 <= p <= inf``.
         adaptive: ASAM, the ball taken in the space scaled by ``T_w = |w| + adaptive_eta``.
         adaptive_eta: ASAM's eta, 0.01 as in its paper; ``adaptive_eta=0`` is davda54/sam's and
-            pytorch_optimizer's ``T_w = |w|`` (docs/variants.md).
+            pytorch_optimizer's ``T_w = |w|`` (the Variants page of the documentation).
         normalize: ``False`` for USAM (``e = rho g``).
         perturbation: an ascent rule for all groups (:class:`~flatminima.optim.rules.AscentRule`, or any object
             with ``perturb_``); overrides ``p``, ``adaptive``, ``normalize``.
@@ -57,7 +57,7 @@ class SAM(Optimizer):
         cadence: which steps ascend (default :class:`~flatminima.optim.rules.EveryStep`).
         model: the model being trained: its BatchNorm statistics are then kept from the first pass. Without it,
             ``step(closure)`` finds the layers as they run, except in a model called from inside a
-            ``torch.compile``'d function (docs/compile-fsdp.md).
+            ``torch.compile``'d function (the documentation's torch.compile and FSDP2 page).
         nonfinite: on an inf/NaN gradient, ``"raise"`` (default) a ``FloatingPointError``, ``"skip"`` the step
             (weights and state untouched) or ``"ignore"`` (no check: saves one device-to-host sync per pass; a
             GradScaler does its own checking).

@@ -128,7 +128,8 @@ class _RunFields:
     fsdp: bool = _option(
         False,
         "under torchrun: shard weights, gradients and optimiser state across the processes with FSDP2's "
-        "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient (docs/compile-fsdp.md)",
+        "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient (the documentation's FSDP2 "
+        "page)",
     )
     variant_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "", "internal": True})
 
