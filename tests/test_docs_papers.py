@@ -182,3 +182,15 @@ def test_nothing_points_outside_the_repository() -> None:
         text = read(path)
         wrong += [f"{path.relative_to(ROOT)}:{line_of(text, m.start())}: {m.group(0)}" for m in OUTSIDE.finditer(text)]
     assert not wrong, "paths outside the repository (the project must not depend on them):\n" + "\n".join(wrong)
+
+
+def test_docstrings_carry_no_sphinx_roles() -> None:
+    """``help()`` shows docstrings as written: a ``:class:`~a.b.C``` role would show raw, so none is used."""
+    role = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if role.search(line)
+    ]
+    assert not found, f"Sphinx roles in the source (write ``Name`` instead): {found[:10]}"

@@ -1,16 +1,16 @@
 """The batch seam: which examples each pass of a sharpness-aware step sees, and with which weights.
 
-The optimiser's seams (:mod:`flatminima.optim.rules`) decide the tensor maths; some variants also decide *what
-data* the passes see, which only the batch-aware step (:class:`~flatminima.step.SharpnessAwareStep`) can act on:
+The optimiser's seams (``flatminima.optim.rules``) decide the tensor maths; some variants also decide *what
+data* the passes see, which only the batch-aware step (``SharpnessAwareStep``) can act on:
 
 - n-SAM takes the ascent gradient on another, larger sample than the mini-batch;
 - RW-SAM weights the examples of the ascent pass (Gibbs weights from cheap per-example sharpness scores);
 - Ahn et al.'s sharpness-aware perturbation takes both passes on a single random example.
 
-A :class:`BatchRule` answers three questions per step; the defaults are SAM's (the batch, uniform weights), so a
-rule overrides only what it changes. The step calls, in order: :meth:`~BatchRule.ascent_sample`,
-:meth:`~BatchRule.ascent_weights` (with the per-example losses of the ascent sample at ``w`` and a
-:class:`Probe` for extra forward passes), then :meth:`~BatchRule.descent_sample`.
+A ``BatchRule`` answers three questions per step; the defaults are SAM's (the batch, uniform weights), so a
+rule overrides only what it changes. The step calls, in order: ``ascent_sample``,
+``ascent_weights`` (with the per-example losses of the ascent sample at ``w`` and a
+``Probe`` for extra forward passes), then ``descent_sample``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Probe:
 class BatchRule:
     """SAM's answers: both passes on the mini-batch, the ascent loss its plain mean.
 
-    ``needs_per_example_losses``: :meth:`ascent_weights` is called, so ``loss_fn`` must return one loss per
+    ``needs_per_example_losses``: ``ascent_weights`` is called, so ``loss_fn`` must return one loss per
     example (``reduction="none"``).
     """
 
@@ -100,7 +100,7 @@ def make_probe(
     targets: Tensor,
     autocast: AbstractContextManager[None] | None = None,
 ) -> Probe:
-    """The :class:`Probe` of ``model`` (unwrapped from DDP) on ``(inputs, targets)``; ``loss_fn`` returns one loss
+    """The ``Probe`` of ``model`` (unwrapped from DDP) on ``(inputs, targets)``; ``loss_fn`` returns one loss
     per example. ``autocast`` is entered around each forward pass (the step's mixed precision)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

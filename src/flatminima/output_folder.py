@@ -7,7 +7,7 @@
 * **One run per folder.** The command holds an exclusive lock (``.flatminima.lock``, an ``flock`` released by the
   kernel when the process ends, however it ends) for its lifetime; a second command into the same folder is
   refused with one line naming the holder's PID.
-* **Writes are atomic**: :func:`write_atomically` writes a temporary file beside the target and renames it over.
+* **Writes are atomic**: ``write_atomically`` writes a temporary file beside the target and renames it over.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def write_atomically(path: Path, data: str | bytes) -> None:
 
 def save_figure(figure: Any, path: Path, **options: Any) -> None:
     """Save a matplotlib ``figure`` as a PNG at ``path`` atomically: rendered in memory, then written as
-    :func:`write_atomically` writes (a failed write leaves the previous figure, never half a new one)."""
+    ``write_atomically`` writes (a failed write leaves the previous figure, never half a new one)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", **options)
     write_atomically(Path(path), buffer.getvalue())

@@ -5,7 +5,7 @@ in both passes, the second time with statistics of the *perturbed* network. The 
 statistics of the first, unperturbed pass. The tools here do that without copying a buffer: while frozen, a
 layer's ``track_running_stats`` is off, so in training mode it normalises with the batch statistics (exactly as
 before) but writes nothing, ``num_batches_tracked`` included. Inside a ``torch.compile``'d module, which no
-forward hook reaches, :func:`freeze_everywhere` copies the statistics instead and puts them back after the pass.
+forward hook reaches, ``freeze_everywhere`` copies the statistics instead and puts them back after the pass.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class RunningStatsFreezer:
 
 
 class FrozenPass:
-    """What :func:`freeze_everywhere` saw: ``modules_ran`` is False when no ``nn.Module`` was called in eager mode
+    """What ``freeze_everywhere`` saw: ``modules_ran`` is False when no ``nn.Module`` was called in eager mode
     inside the block (a model without modules, or one called from inside a ``torch.compile``'d function, where
     no hook can reach its layers)."""
 
@@ -117,7 +117,7 @@ def freeze_everywhere() -> Iterator[FrozenPass]:
 
     A compiled module (``torch.compile(model)``) runs its layers inside a graph that no hook reaches (dynamo
     does not re-trace for a hook added later). When the hook meets one, it takes a
-    :class:`RunningStatsSnapshot` of the BatchNorm layers inside it instead, and the block's end puts those
+    ``RunningStatsSnapshot`` of the BatchNorm layers inside it instead, and the block's end puts those
     statistics back: the same result as frozen layers (in training mode the layers normalise with the batch
     statistics either way), with no recompilation.
     """

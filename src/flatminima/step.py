@@ -1,9 +1,9 @@
 """The batch-aware SAM step: for the variants that must see the batch, and for every training setting at once.
 
-:class:`SharpnessAwareStep` owns forward and backward, and with them what SAM makes delicate: BatchNorm running
+``SharpnessAwareStep`` owns forward and backward, and with them what SAM makes delicate: BatchNorm running
 statistics (one update per step, from the unperturbed pass), autocast and GradScaler, gradient accumulation,
-gradient clipping and DistributedDataParallel's ``no_sync``. It runs a :class:`~flatminima.optim.sam.SAM`
-optimiser's plan of each step (:meth:`SAM.plan`): every pass on the examples the plan names, then the descent.
+gradient clipping and DistributedDataParallel's ``no_sync``. It runs a ``SAM``
+optimiser's plan of each step (``SAM.plan``): every pass on the examples the plan names, then the descent.
 
 m-SAM (Foret et al. 2021, sec. 4.1): with ``group_size=m`` the batch is split into disjoint groups of m
 examples; each group is perturbed by its own ``e_k`` (from its own gradient), and the gradients taken at the
@@ -88,13 +88,13 @@ class Precision:
 class PlainStep:
     """One forward-backward and a step of any optimiser: ``loss = step(inputs, targets)``.
 
-    The counterpart of :class:`SharpnessAwareStep` for SGD, AdamW and the like, with the same autocast,
+    The counterpart of ``SharpnessAwareStep`` for SGD, AdamW and the like, with the same autocast,
     GradScaler and clipping handling, so a training loop drives both alike. Returns the mean loss, detached.
     ``nonfinite``: on an inf/NaN loss, ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (one host sync
     per step; a GradScaler does its own skipping); ``"ignore"`` (default) checks nothing.
 
-    ``trajectory``: a :class:`~flatminima.trajectory.TrajectoryLoss` (SAF's :class:`~flatminima.trajectory.PastOutputs`,
-    MESA's :class:`~flatminima.trajectory.EMATarget`). The step then minimises the mean loss plus
+    ``trajectory``: a ``TrajectoryLoss`` (SAF's ``PastOutputs``,
+    MESA's ``EMATarget``). The step then minimises the mean loss plus
     ``trajectory.penalty(outputs, inputs, indices)`` (under the same autocast), calls ``trajectory.after_step(model)``
     after the optimiser's step, and still returns the mean loss alone (the term is ``trajectory.last_penalty``);
     ``step(inputs, targets, indices=...)`` gives SAF the examples' indices in the training set. The inf/NaN check
@@ -178,7 +178,7 @@ class SharpnessAwareStep:
     Args:
         model: the model, plain, wrapped in DistributedDataParallel, or sharded by FSDP2's ``fully_shard``.
         loss_fn: ``loss_fn(outputs, targets)``, per-example losses (``reduction="none"``) or their mean.
-        optimizer: a :class:`SAM` over the model's parameters (any rules, any cadence).
+        optimizer: a ``SAM`` over the model's parameters (any rules, any cadence).
         group_size: m of m-SAM; ``None`` (or >= the batch) is plain SAM.
         accumulation_steps: split each pass of plain SAM into this many micro-batches (same result as the whole
             batch at once, less memory).
@@ -187,11 +187,11 @@ class SharpnessAwareStep:
         max_grad_norm: clip the descent direction to this L2 norm.
         sync_perturbation: under DDP, all-reduce the first pass as well (one perturbation for all ranks). A
             descent rule that needs ``g(w)`` always gets it all-reduced, so every rank takes the same step.
-        batch_rule: which examples each pass sees (:class:`~flatminima.batch_rules.BatchRule`: n-SAM's ascent
+        batch_rule: which examples each pass sees (``BatchRule``: n-SAM's ascent
             sample, RW-SAM's weights, a single example); it is set on the optimiser (``optimizer.batch_rule``),
             whose own rule is used when this is None. Default: the batch for both passes.
 
-    The step runs the optimiser's plan (:meth:`SAM.plan`), which decides the passes: a step the cadence exempts
+    The step runs the optimiser's plan (``SAM.plan``), which decides the passes: a step the cadence exempts
     from the ascent is one pass at ``w``; an ascent that needs no gradient at ``w`` skips the first pass (then the
     loss returned is the one at ``w + e``, and BatchNorm keeps that pass's statistics). Returns from a call the
     mean loss at ``w`` over the batch, detached (no host sync).

@@ -5,11 +5,11 @@ replace SAM's sharpness term by
 
     L = mean_i l(f_w(x_i), y_i) + lambda tau^2 mean_i KL( softmax(z_i / tau) || softmax(f_w(x_i) / tau) )
 
-with ``z_i`` a constant target: the example's own logits from ``E~`` visits earlier (SAF, :class:`PastOutputs`),
-or the logits of an exponential moving average of the weights (MESA, :class:`EMATarget`). One forward-backward
+with ``z_i`` a constant target: the example's own logits from ``E~`` visits earlier (SAF, ``PastOutputs``),
+or the logits of an exponential moving average of the weights (MESA, ``EMATarget``). One forward-backward
 per step (MESA adds one forward of the averaged model, without gradient).
 
-A :class:`TrajectoryLoss` is what :class:`~flatminima.step.PlainStep` asks for (``trajectory=``): at each step
+A ``TrajectoryLoss`` is what ``PlainStep`` asks for (``trajectory=``): at each step
 ``penalty(outputs, inputs, indices)`` returns the scalar added to the mean loss (and records what it must: SAF
 writes the batch's detached logits), and ``after_step(model)`` runs after the optimiser's step (MESA's average;
 SAF nothing). ``state_dict()`` / ``load_state_dict()`` hold tensors only (``torch.load(weights_only=True)``

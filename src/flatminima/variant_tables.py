@@ -5,7 +5,7 @@ The docs do not keep their own list of optimisers or of the variants' flags: a b
     <!-- generated: NAME -->
     <!-- end generated -->
 
-is the table ``NAME`` of :data:`TABLES`, made from the registry (the built-in variants and every installed plugin).
+is the table ``NAME`` of ``TABLES``, made from the registry (the built-in variants and every installed plugin).
 ``python3 -m flatminima.variant_tables docs/*.md`` rewrites the blocks; the docs tests fail, naming that command,
 when a page's block differs from what the registry makes now (a variant added, an option's default changed).
 """

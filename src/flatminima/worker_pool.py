@@ -2,13 +2,13 @@
 
 A command that trains in several processes must stop all of them when it stops, however it stops:
 
-* **Ctrl-C, SIGTERM, an error in a worker**: :func:`worker_pool` cancels the jobs not yet started, terminates the
+* **Ctrl-C, SIGTERM, an error in a worker**: ``worker_pool`` cancels the jobs not yet started, terminates the
   workers (then kills those that do not exit) and waits for them, before the exception goes on, so that the
   caller's temporary folders are removed after the last writer is gone.
 * **The command killed outright** (SIGKILL, a crash): each worker asks the kernel (Linux ``PR_SET_PDEATHSIG``) for
   SIGTERM when its parent dies, so none is left running under PID 1.
 
-The CLI turns SIGTERM into :class:`Terminated`, an exception, so that a ``kill`` runs the same clean-up as Ctrl-C.
+The CLI turns SIGTERM into ``Terminated``, an exception, so that a ``kill`` runs the same clean-up as Ctrl-C.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def terminated_as_exception() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the CLI runs each command so); the
+    """Within the block, SIGTERM raises ``Terminated`` in the main thread (the CLI runs each command so); the
     previous handler is back afterwards. Off the main thread, where Python cannot set handlers, nothing changes."""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -64,7 +64,7 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A :class:`~concurrent.futures.ProcessPoolExecutor` of ``workers`` spawned processes; leaving the block by an
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes; leaving the block by an
     exception stops every worker before the exception goes on (see the module's docstring)."""
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent

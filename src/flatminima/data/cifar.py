@@ -4,7 +4,7 @@ Accepted layouts, for ``root`` =
 
 * the extracted binary-version folder (``cifar-10-batches-bin`` / ``cifar-100-binary``) or its parent;
 * the extracted python-version folder (``cifar-10-batches-py`` / ``cifar-100-python``) or its parent, read with
-  a restricted unpickler (:mod:`flatminima.data.safe_pickle`) so a tampered file cannot run code;
+  a restricted unpickler (``flatminima.data.safe_pickle``) so a tampered file cannot run code;
 * the ``.tar.gz`` archive itself, or a folder holding it; members are read in memory, nothing is extracted.
 
 Binary records are 1 label byte (CIFAR-100: coarse then fine label byte) followed by 3072 pixel bytes, the

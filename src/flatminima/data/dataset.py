@@ -1,10 +1,10 @@
 """The common container every loader returns, and the uint8 -> float conversion.
 
-All loaders (CIFAR, MNIST, SVHN, digits, the synthetic patch model) return an :class:`ImageDataset` so that
+All loaders (CIFAR, MNIST, SVHN, digits, the synthetic patch model) return an ``ImageDataset`` so that
 training code can treat them alike.  Image datasets keep their pixels as ``uint8`` (4x less memory than float32;
-CIFAR-10's train set is 150 MB instead of 600 MB) and are converted batch by batch with :func:`to_float`.
+CIFAR-10's train set is 150 MB instead of 600 MB) and are converted batch by batch with ``to_float``.
 
-The file loaders build it with :func:`image_dataset`, which refuses inconsistent splits (train and test image
+The file loaders build it with ``image_dataset``, which refuses inconsistent splits (train and test image
 shapes, label counts, shapes and ranges) at load time with a one-line message naming the files.
 """
 
@@ -27,7 +27,7 @@ class ImageDataset:
     ``train_images``/``test_images`` are ``uint8 [N, C, H, W]`` for image datasets and float32 for generated
     data (e.g. ``[N, 2, dim]`` for the signal/noise patch model).  Labels are int64 class indices ``[N]``.
     ``mean``/``std`` are the per-channel statistics of the TRAIN images in ``[0, 1]`` units (pixels / 255 for
-    uint8), ready for :func:`flatminima.data.transforms.normalize`.
+    uint8), ready for ``flatminima.data.transforms.normalize``.
 
     ``clean_train_labels`` is set only when the loader itself corrupts the training labels (the patch model
     flips them); it holds the uncorrupted labels so memorisation of the noise can be measured.
@@ -146,9 +146,9 @@ def image_dataset(
     fix: str = "",
     title: str = "",
 ) -> ImageDataset:
-    """Check the splits with :func:`check_splits` (messages start with ``title``, default ``name``, and name the
+    """Check the splits with ``check_splits`` (messages start with ``title``, default ``name``, and name the
     files in ``where``), then build the dataset with the per-channel statistics of the train images: the one
-    place the file loaders build their :class:`ImageDataset`."""
+    place the file loaders build their ``ImageDataset``."""
     check_splits(title or name, train, test, num_classes, where=where, fix=fix)
     mean, std = channel_mean_std(train[0])
     return ImageDataset(name, train[0], train[1], test[0], test[1], num_classes=num_classes, mean=mean, std=std)

@@ -83,9 +83,9 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> ImageDataset:
-    """The digits as an :class:`ImageDataset`: uint8 ``[N, 1, 8, 8]`` (0..16 rescaled to 0..255), 10 classes.
+    """The digits as an ``ImageDataset``: uint8 ``[N, 1, 8, 8]`` (0..16 rescaled to 0..255), 10 classes.
 
-    The train/test split is exactly that of :func:`load_digits_split` with the same ``seed`` and
+    The train/test split is exactly that of ``load_digits_split`` with the same ``seed`` and
     ``test_fraction``, so the two APIs see the same examples.
     """
     x_tr, x_te, y_tr, y_te = _split_digits(test_fraction, seed)

@@ -56,7 +56,7 @@ def asymmetric_label_noise(
     ``c`` are changed to ``mapping[c]``.
 
     ``mapping`` is a dict (classes not in it stay unchanged) or a sequence with one target per class; a class
-    mapped to itself is never changed.  The default is :data:`CIFAR10_ASYMMETRIC_MAPPING` for 10 classes and
+    mapped to itself is never changed.  The default is ``CIFAR10_ASYMMETRIC_MAPPING`` for 10 classes and
     ``c -> (c + 1) % num_classes`` otherwise (the usual CIFAR-100-style cyclic flip).  Positions are drawn with a
     ``torch.Generator`` seeded with ``seed``; the input tensor is never modified.
     """

@@ -40,7 +40,7 @@ FILE_DATASETS: dict[str, str] = {
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **kwargs: Any) -> ImageDataset:
-    """Load dataset ``name`` (see :data:`DATASETS`); ``kwargs`` go to its loader.
+    """Load dataset ``name`` (see ``DATASETS``); ``kwargs`` go to its loader.
 
     ``root`` is required for the file-based sets (cifar10, cifar100, mnist, fashion_mnist, svhn) and ignored by
     the built-in ones (digits, signal_noise).  Names are case-insensitive and '-' may replace '_'.

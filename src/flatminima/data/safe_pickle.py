@@ -1,8 +1,8 @@
 """A restricted unpickler for the python-version CIFAR batches.
 
 ``pickle.load`` on a downloaded file can run arbitrary code (a pickle may name any importable callable, such as
-``os.system``).  The CIFAR batches only need plain containers and numpy arrays, so :class:`RestrictedUnpickler`
-resolves exactly the globals those need and refuses everything else with :class:`RefusedGlobalError` (a
+``os.system``).  The CIFAR batches only need plain containers and numpy arrays, so ``RestrictedUnpickler``
+resolves exactly the globals those need and refuses everything else with ``RefusedGlobalError`` (a
 ``pickle.UnpicklingError``).
 """
 
@@ -37,15 +37,15 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 
 
 class RefusedGlobalError(pickle.UnpicklingError, ValueError):
-    """A pickle referenced a global outside :data:`ALLOWED_GLOBALS`; nothing from it was called. (A ValueError
+    """A pickle referenced a global outside ``ALLOWED_GLOBALS``; nothing from it was called. (A ValueError
     too: a bad input file, which the command line reports in one line.)"""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` resolves only :data:`ALLOWED_GLOBALS`.
+    """Unpickler whose ``find_class`` resolves only ``ALLOWED_GLOBALS``.
 
     Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, arbitrary classes, ...) raises
-    :class:`RefusedGlobalError` naming it, before anything is called.
+    ``RefusedGlobalError`` naming it, before anything is called.
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -58,7 +58,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(file: IO[bytes], encoding: str = "latin1") -> Any:
-    """Unpickle one object from ``file`` with :class:`RestrictedUnpickler`.
+    """Unpickle one object from ``file`` with ``RestrictedUnpickler``.
 
     ``encoding='latin1'`` decodes Python 2 byte strings (the official CIFAR pickles were written by Python 2)
     the way numpy expects for array data.

@@ -4,7 +4,7 @@ pad-and-crop, horizontal flip, Cutout), without torchvision.
 Every random transform takes a ``torch.Generator`` so that augmentation is reproducible and independent of the
 global RNG.  Random numbers are always drawn on the CPU and moved to the images' device, so the same seed gives
 the same augmentation on CPU and GPU.  No transform loops over images in Python.  ``random_crop``,
-``horizontal_flip`` and ``cutout`` also accept uint8 batches (augmenting before :func:`to_float` saves memory);
+``horizontal_flip`` and ``cutout`` also accept uint8 batches (augmenting before ``to_float`` saves memory);
 their zero fill is then black, while on normalised images it is the channel mean.
 """
 
@@ -84,7 +84,7 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     """Per-channel standardisation ``(images - mean[c]) / std[c]`` of ``[B, C, ...]`` float images.
 
     ``mean``/``std`` have one entry per channel, or a single entry applied to all channels (e.g. the ``(0.0,)``
-    / ``(1.0,)`` of the patch model).  Pass ``ImageDataset.mean``/``.std`` after :func:`~flatminima.data.to_float`.
+    / ``(1.0,)`` of the patch model).  Pass ``ImageDataset.mean``/``.std`` after ``to_float``.
     """
     if not images.dtype.is_floating_point:
         raise ValueError(f"normalize expects float images (use to_float first), got dtype {images.dtype}")

@@ -1,7 +1,7 @@
 """SAM resists label noise (Foret et al. 2021, Table 4), on the embedded digits: the ``flatminima demo`` job.
 
 The same small CNN is trained from the same initialisation and batch order with SGD and with SAM around the same
-SGD (and, with ``variants=``, with any of :data:`VARIANTS`: m-SAM, n-SAM, RW-SAM, Ahn et al.'s algorithms), on
+SGD (and, with ``variants=``, with any of ``VARIANTS``: m-SAM, n-SAM, RW-SAM, Ahn et al.'s algorithms), on
 digits whose training labels are 40 % wrong (symmetric noise); test labels are clean.
 
 What the table shows is what the job demonstrates: the clean test accuracy each model ends with, beside the fraction
@@ -98,11 +98,11 @@ def run_label_noise_demo(
 ) -> dict[str, list[dict[str, Any]]]:
     """Train each variant for each seed; returns each run's final record, and writes a figure and a table.
 
-    ``epochs`` defaults to the demo's 60, or to :data:`QUICK_EPOCHS` with ``quick`` (the same comparison, short).
+    ``epochs`` defaults to the demo's 60, or to ``QUICK_EPOCHS`` with ``quick`` (the same comparison, short).
 
     ``workers`` > 1 runs that many trainings at once, in separate processes (one thread each by the demo's
     config); the results do not depend on it. The output folder is checked before any training (see
-    :mod:`flatminima.output_folder`; ``overwrite`` replaces files of the demo's names that it did not write) and
+    ``flatminima.output_folder``; ``overwrite`` replaces files of the demo's names that it did not write) and
     held for the demo's lifetime.
     """
     unknown = [name for name in variants if name not in VARIANTS]
@@ -158,7 +158,7 @@ def train_and_measure(config: TrainConfig) -> tuple[dict[str, Any], list[dict[st
     """One training run: its final record and its history.
 
     The record is the last epoch's, with the best test accuracy over the epochs, the fractions of the noisy and of
-    the clean training labels the final model fits (:func:`fitted_fractions`), and the mean training seconds per
+    the clean training labels the final model fits (``fitted_fractions``), and the mean training seconds per
     epoch. A module-level function, so that worker processes can run it.
     """
     result = train(config)
@@ -176,7 +176,7 @@ def fitted_fractions(config: TrainConfig, model: nn.Module, batch_size: int = 51
     ``noisy`` is the fraction of the training examples whose label the noise changed for which the model predicts
     the changed (wrong) label: the memorised fraction, NaN when no label was changed. ``clean`` is the fraction of
     the other training examples predicted as their (correct) label. The training split and its noise are rebuilt
-    from ``config`` as :func:`~flatminima.train.prepare_data` made them for the run (the seed fixes both), and the
+    from ``config`` as ``prepare_data`` made them for the run (the seed fixes both), and the
     images are fed without augmentation, in eval mode.
     """
     data = prepare_data(config)

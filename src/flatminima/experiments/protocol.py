@@ -1,12 +1,12 @@
 """The protocol every training reproduction follows, and the numbers its verdict rests on.
 
-Tuning: each optimiser gets a :class:`Grid` of the same size (SGD over its learning rate and weight decay, SAM over
+Tuning: each optimiser gets a ``Grid`` of the same size (SGD over its learning rate and weight decay, SAM over
 rho on top of SGD's chosen pair), each point trained on data held out from the test set (a validation split of the
-training set, or draws of their own: :data:`SELECTION_SEEDS`), and the point with the best validation score is kept
-(:func:`choose`); the test set is never looked at until the tuned settings are trained over the reported seeds. Two
-budgets (:class:`Budget`): equal epochs, and equal gradient evaluations, where SGD trains
-:data:`SAM_EVALUATIONS_PER_STEP` times SAM's epochs (SAM computes two gradients a step). Seeds: :data:`SEEDS`, and
-:data:`MORE_SEEDS` when the paired difference lies within two standard errors of zero (:func:`needs_more_seeds`).
+training set, or draws of their own: ``SELECTION_SEEDS``), and the point with the best validation score is kept
+(``choose``); the test set is never looked at until the tuned settings are trained over the reported seeds. Two
+budgets (``Budget``): equal epochs, and equal gradient evaluations, where SGD trains
+``SAM_EVALUATIONS_PER_STEP`` times SAM's epochs (SAM computes two gradients a step). Seeds: ``SEEDS``, and
+``MORE_SEEDS`` when the paired difference lies within two standard errors of zero (``needs_more_seeds``).
 
 Verdicts: 95 % intervals over seeds, the paired difference of two optimisers run on the same seeds, and a verdict
 computed from that interval by a rule fixed before the run.
@@ -49,7 +49,7 @@ __all__ = [
 
 #: gradients SAM computes per step (the ascent's and the descent's); SGD computes one
 SAM_EVALUATIONS_PER_STEP = 2
-#: seeds of every training comparison; :data:`MORE_SEEDS` where the difference is within two standard errors of 0
+#: seeds of every training comparison; ``MORE_SEEDS`` where the difference is within two standard errors of 0
 SEEDS = (0, 1, 2)
 MORE_SEEDS = (0, 1, 2, 3, 4)
 #: seeds whose runs choose the settings where a reproduction tunes on separate draws (fresh data, or fresh runs whose
@@ -125,7 +125,7 @@ class Budget(str, Enum):
 
 
 def sgd_epochs(sam_epochs: int, budget: Budget) -> int:
-    """SGD's epochs in ``budget`` when SAM trains ``sam_epochs``: the same, or :data:`SAM_EVALUATIONS_PER_STEP`
+    """SGD's epochs in ``budget`` when SAM trains ``sam_epochs``: the same, or ``SAM_EVALUATIONS_PER_STEP``
     times as many (the SAM paper's own comparison gave SGD twice the epochs)."""
     return sam_epochs * (SAM_EVALUATIONS_PER_STEP if budget is Budget.EQUAL_EVALUATIONS else 1)
 
@@ -175,8 +175,8 @@ def disjoint_seeds(reported: Sequence[int], selection: Sequence[int] = SELECTION
 
 
 def needs_more_seeds(differences: Sequence[float]) -> bool:
-    """Whether a paired difference over :data:`SEEDS` is too close to call: its mean within two standard errors
-    of zero (then the comparison is rerun over :data:`MORE_SEEDS`)."""
+    """Whether a paired difference over ``SEEDS`` is too close to call: its mean within two standard errors
+    of zero (then the comparison is rerun over ``MORE_SEEDS``)."""
     n = len(differences)
     if n >= len(MORE_SEEDS) or n < 2:
         return False

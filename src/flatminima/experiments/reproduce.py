@@ -1,17 +1,17 @@
 """``flatminima reproduce NAME``: one command per claim of the papers, with one output convention.
 
-Each reproduction is a module of :mod:`flatminima.experiments` that defines ``REPRODUCTION``, a
-:class:`Reproduction` whose ``run`` takes a :class:`Context` and returns an :class:`Outcome`. The runner, not the
+Each reproduction is a module of ``flatminima.experiments`` that defines ``REPRODUCTION``, a
+``Reproduction`` whose ``run`` takes a ``Context`` and returns an ``Outcome``. The runner, not the
 module, owns the convention: the table is printed on stdout, and the output folder receives ``results.json`` (the
 named measured and predicted numbers, with the command and settings that made them), ``report.md`` (the title,
 the command, the table, the module's commentary and its figures) and the figures themselves. ``--quick`` runs a
 small version of the same experiment (the one the tests run); the full one takes minutes on a 2-core CPU.
 
 The training reproductions also take the paper's own scale: flags such as ``--dataset cifar10 --data-root DATA
---model resnet32 --epochs 200 --device cuda`` reach the reproduction as :attr:`Context.overrides`, fields of
-:class:`~flatminima.train.TrainConfig` that replace its digits defaults. Each reproduction declares which fields it
-honours (:attr:`Reproduction.overridable`) and the exact command of the paper's setting
-(:attr:`Reproduction.paper_command`); a flag it does not honour is refused, never ignored.
+--model resnet32 --epochs 200 --device cuda`` reach the reproduction as ``Context.overrides``, fields of
+``TrainConfig`` that replace its digits defaults. Each reproduction declares which fields it
+honours (``Reproduction.overridable``) and the exact command of the paper's setting
+(``Reproduction.paper_command``); a flag it does not honour is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 
-#: The :class:`~flatminima.train.TrainConfig` fields ``flatminima reproduce`` accepts as flags (the paper-scale
-#: settings); each reproduction honours a subset, :attr:`Reproduction.overridable`.
+#: The ``TrainConfig`` fields ``flatminima reproduce`` accepts as flags (the paper-scale
+#: settings); each reproduction honours a subset, ``Reproduction.overridable``.
 TRAINING_FIELDS: tuple[str, ...] = (
     "dataset",
     "data_root",
@@ -91,7 +91,7 @@ class Outcome:
     report: str = ""
     figures: list[Path] = field(default_factory=list)
     caption: str = ""
-    #: the paper's claims this reproduction tests, each with its computed verdict (:mod:`.protocol`)
+    #: the paper's claims this reproduction tests, each with its computed verdict (``.protocol``)
     claims: list[Claim] = field(default_factory=list)
 
 
@@ -105,14 +105,14 @@ class Reproduction:
     run: Callable[[Context], Outcome]
     default_seeds: tuple[int, ...] = (0, 1, 2)
     quick_seeds: tuple[int, ...] = (0,)
-    #: the :data:`TRAINING_FIELDS` this reproduction honours (empty: it trains nothing configurable)
+    #: the ``TRAINING_FIELDS`` this reproduction honours (empty: it trains nothing configurable)
     overridable: frozenset[str] = frozenset()
     #: the exact command that runs the paper's own setting (on a GPU), or "" when there is none
     paper_command: str = ""
 
 
 def available() -> dict[str, Reproduction]:
-    """Every reproduction, by name: the ``REPRODUCTION`` of each module of :mod:`flatminima.experiments`."""
+    """Every reproduction, by name: the ``REPRODUCTION`` of each module of ``flatminima.experiments``."""
     import flatminima.experiments as package
 
     found: dict[str, Reproduction] = {}
@@ -196,7 +196,7 @@ def run_reproduction(
 
     ``output`` defaults to ``runs/reproduce/NAME`` (``NAME-quick`` for a quick run, ``NAME-DATASET`` when the
     dataset is overridden). The folder is checked before any work and held for the run's lifetime
-    (:mod:`flatminima.output_folder`): files of an earlier reproduction there are replaced, anyone else's are
+    (``flatminima.output_folder``): files of an earlier reproduction there are replaced, anyone else's are
     refused unless ``overwrite``. ``overrides`` are training settings (TrainConfig fields) the reproduction must
     honour; one it does not honour is an error.
     """

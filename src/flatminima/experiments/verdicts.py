@@ -73,7 +73,7 @@ def verdict_table(rows: Sequence[ClaimRow], link_base: str | None = None) -> str
 
 def verdict_summary(rows: Sequence[ClaimRow], link_base: str | None = None) -> str:
     """The same claims counted per reproduction, one row each (the README's front-page form of
-    :func:`verdict_table`): how many claims, and how many of each verdict."""
+    ``verdict_table``): how many claims, and how many of each verdict."""
     names = list(dict.fromkeys(row.reproduction for row in rows))
     lines = ["| reproduction | claims | SUPPORTS | CONTRADICTS | INCONCLUSIVE |", "|---|---:|---:|---:|---:|"]
     for name in names:

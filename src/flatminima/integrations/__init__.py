@@ -1,5 +1,5 @@
-"""Integrations with training frameworks (optional extras): :mod:`.huggingface` (``pip install
-flatminima[huggingface]``) and :mod:`.lightning` (``pip install flatminima[lightning]``).
+"""Integrations with training frameworks (optional extras): ``.huggingface`` (``pip install
+flatminima[huggingface]``) and ``.lightning`` (``pip install flatminima[lightning]``).
 
 Each module imports its framework when imported itself, so ``import flatminima`` never needs either.
 """

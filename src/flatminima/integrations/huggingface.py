@@ -4,20 +4,20 @@ flatminima[huggingface]``).
 The Trainer does one forward-backward per micro-batch (``training_step``), then clips and calls
 ``optimizer.step()``, which Accelerate forwards as ``SAM.step(None)``: SAM's two passes do not fit. Here:
 
-- :class:`SAMTrainer` runs each optimizer step as SAM's plan (:meth:`SAM.plan`): the Trainer's own passes over
+- ``SAMTrainer`` runs each optimizer step as SAM's plan (``SAM.plan``): the Trainer's own passes over
   the step's k micro-batches are the plan's first pass (at ``w``, or at ``w + e`` for a rule that reads no
   ``g(w)``; the inputs are kept until the step), the plan's later pass replays the same k micro-batches at
   ``w + e`` (same loss scaling, ``num_items_in_batch`` included), ``w`` is restored exactly; then the Trainer
-  clips the descent direction and its ``optimizer.step()`` takes SAM's descent step (:meth:`SAM.second_step`),
+  clips the descent direction and its ``optimizer.step()`` takes SAM's descent step (``SAM.second_step``),
   through Accelerate's GradScaler under fp16. An optimiser with a batch rule is refused when the Trainer is
   built.
-- :func:`sam_step` is one SAM step in your own Accelerate loop.
+- ``sam_step`` is one SAM step in your own Accelerate loop.
 
 Supported: one process or DDP (``accelerate launch`` / ``torchrun``), fp32, bf16 autocast, fp16 with Accelerate's
 GradScaler; and FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``), where ``prepare`` shards the model and
 swaps the parameters in SAM's groups for their DTensor shards: SAM takes them over at its first step (norms over
 all ranks' shards, ``w + e`` written into the shards), so a step is SAM on the global batch. Under FSDP2 the
-Trainer refuses ``optimizers=``: let :class:`SAMTrainer` build SAM from ``TrainingArguments`` (``sam_rho``...); its
+Trainer refuses ``optimizers=``: let ``SAMTrainer`` build SAM from ``TrainingArguments`` (``sam_rho``...); its
 checkpoints hold the base optimiser's sharded state and SAM's step counter (``sam_state.json``). Tested in float32
 on CPU processes (Accelerate itself enables FSDP on accelerators only); FSDP2's bf16 ``MixedPrecisionPolicy`` is
 not tested. Refused with an error: FSDP1 (its flat parameters hold slices of several tensors), fp16 under FSDP2 (a
@@ -63,7 +63,7 @@ _SAM_STATE_NAME = "sam_state.json"
 
 
 def unwrap_sam(optimizer: Optimizer) -> SAM:
-    """The :class:`SAM` inside ``optimizer`` (itself, or what ``accelerator.prepare`` wrapped); TypeError if none."""
+    """The ``SAM`` inside ``optimizer`` (itself, or what ``accelerator.prepare`` wrapped); TypeError if none."""
     inner = optimizer
     while isinstance(inner, AcceleratedOptimizer):
         inner = inner.optimizer
@@ -87,14 +87,14 @@ def sam_step(
 ) -> Tensor:
     """One SAM step in a plain Accelerate loop: ``loss = sam_step(accelerator, model, optimizer, loss_fn, batch)``.
 
-    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (the optimizer wraps a :class:`SAM`);
+    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (the optimizer wraps a ``SAM``);
     ``loss_fn(model, batch)`` runs the forward pass and returns the scalar loss. Pass several batches to accumulate
     micro-batches: the ascent uses the gradient of all of them at ``w`` and the descent the gradient of all of them
     at ``w + e``. ``reduction="mean"`` minimises the mean of their losses, ``"sum"`` their sum (for losses already
     normalised over the whole step, e.g. by a token count). Do not wrap the call in ``accelerator.accumulate``: the
     call is the whole step, gradients zeroed before and after.
 
-    The passes are SAM's plan of the step (:meth:`SAM.plan`): two, or one when the cadence exempts the step or
+    The passes are SAM's plan of the step (``SAM.plan``): two, or one when the cadence exempts the step or
     the ascent reads no ``g(w)`` (Momentum-SAM, a random direction; the loss returned is then the one at
     ``w + e``). An optimiser with a batch rule (n-SAM, RW-SAM, Ahn et al.'s SA) is refused: those pick examples
     from ``(inputs, targets)`` tensors, which this loop does not hand over; use ``SharpnessAwareStep``.
@@ -164,7 +164,7 @@ class SAMTrainer(transformers.Trainer):
     scheduler_or_None)`` (a scheduler built on the SAM object, or None for the one ``TrainingArguments`` asks
     for), or let the Trainer build its usual optimizer from ``TrainingArguments`` (``optim``, ``learning_rate``,
     ``weight_decay`` groups...) and wrap it in SAM with ``sam_rho`` (default 0.05), ``sam_adaptive`` (ASAM) and
-    ``sam_kwargs`` (any other :class:`SAM` option: ``p``, ``perturbation``, ``descent``, ``cadence``,
+    ``sam_kwargs`` (any other ``SAM`` option: ``p``, ``perturbation``, ``descent``, ``cadence``,
     ``nonfinite``...).
 
     Each optimizer step runs SAM's plan: the Trainer's passes over the k = ``gradient_accumulation_steps`` micro-batches
@@ -218,7 +218,7 @@ class SAMTrainer(transformers.Trainer):
                     unwrap_sam(self.optimizer).restore()  # never leave w + e behind, whatever stopped the loop
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Optimizer:
-        """The Trainer's optimizer from ``TrainingArguments``, wrapped in :class:`SAM` (unless one was given)."""
+        """The Trainer's optimizer from ``TrainingArguments``, wrapped in ``SAM`` (unless one was given)."""
         build = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         if build and not isinstance(optimizer, SAM):

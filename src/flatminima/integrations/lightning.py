@@ -1,11 +1,11 @@
 """SAM in PyTorch Lightning's automatic optimisation: ``class Net(SharpnessAwareMixin, L.LightningModule)``.
 
-Return a :class:`~flatminima.optim.sam.SAM` from ``configure_optimizers`` (schedulers declared on it, as for any
-optimiser) and put :class:`SharpnessAwareMixin` before ``LightningModule`` in the bases. The mixin overrides the
+Return a ``SAM`` from ``configure_optimizers`` (schedulers declared on it, as for any
+optimiser) and put ``SharpnessAwareMixin`` before ``LightningModule`` in the bases. The mixin overrides the
 hooks ``optimizer_step`` and ``on_train_batch_start`` (and, for checkpoints under ``ModelParallelStrategy``,
 ``on_save_checkpoint`` and ``on_load_checkpoint``); everything else stays Lightning's:
 
-- each step runs SAM's plan (:meth:`SAM.plan`). Its first pass is Lightning's own closure (``training_step``,
+- each step runs SAM's plan (``SAM.plan``). Its first pass is Lightning's own closure (``training_step``,
   ``zero_grad`` at the start of an accumulation window, the precision plugin's scaled ``backward``): at ``w``, so
   that with ``accumulate_grad_batches=k`` the ascent uses the gradient accumulated over the window's k batches, or
   at ``w + e`` for rules that read no ``g(w)`` (Momentum-SAM, a random direction) when k = 1 (with k > 1 the
@@ -26,14 +26,14 @@ Single-device, DDP and ``ModelParallelStrategy`` (FSDP2) strategies with the sta
 16/bf16 true and mixed) are accepted. Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``
 apply ``fully_shard`` in ``configure_model`` (mesh ``self.device_mesh["data_parallel"]``; every submodule with
 parameters, then a root that holds the rest): Lightning builds the optimiser afterwards, so SAM holds the sharded
-parameters and takes its norms over all ranks' shards (:mod:`flatminima.optim.sharded`), which makes the step SAM's
+parameters and takes its norms over all ranks' shards (``flatminima.optim.sharded``), which makes the step SAM's
 on the global batch. Its checkpoints (full or distributed) resume exactly: torch's ``set_optimizer_state_dict``
 initialises the optimiser state by a ``step()`` without a closure at learning rate 0 on zero gradients, which SAM
-hands to its base optimiser (:mod:`flatminima.optim.closure`), and SAM's step counter, which torch's optimiser state
+hands to its base optimiser (``flatminima.optim.closure``), and SAM's step counter, which torch's optimiser state
 dict drops,
 is kept in the checkpoint by ``on_save_checkpoint``. The strategy takes precision 32-true, bf16-mixed, bf16-true or
 16-true. Tensor parallelism on the ``"tensor_parallel"`` dimension is untested; SAM accepts only parameters sharded
-over the same mesh dimensions (:func:`flatminima.optim.sharded.shard_groups`) and refuses others. Lightning's
+over the same mesh dimensions (``flatminima.optim.sharded.shard_groups``) and refuses others. Lightning's
 ``FSDPStrategy`` (FSDP1's flat parameters), DeepSpeed and XLA take their own optimiser step and are refused with
 an error.
 """
@@ -72,7 +72,7 @@ _PLAIN_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrate
 
 
 class SharpnessAwareMixin:
-    """Train a ``LightningModule`` with a :class:`~flatminima.optim.sam.SAM` optimiser, in automatic optimisation.
+    """Train a ``LightningModule`` with a ``SAM`` optimiser, in automatic optimisation.
 
     Use it as the first base, before ``LightningModule`` (``lightning.pytorch`` or ``pytorch_lightning``):
 
@@ -88,7 +88,7 @@ class SharpnessAwareMixin:
                 return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30)}
 
     ``training_step`` runs once per pass of SAM's plan: at ``w`` (Lightning's closure) and at ``w + e``
-    (:attr:`sam_second_pass` is then True and ``self.log`` does nothing), once on a step without the ascent or for a
+    (``sam_second_pass`` is then True and ``self.log`` does nothing), once on a step without the ascent or for a
     rule that reads no ``g(w)``. BatchNorm running statistics are kept from the first pass. With an optimiser that is
     not a SAM the mixin steps as Lightning does. If you override ``optimizer_step``, ``on_train_batch_start``, or
     (under ``ModelParallelStrategy``) ``on_save_checkpoint`` or ``on_load_checkpoint``, call ``super()``.
@@ -120,7 +120,7 @@ class SharpnessAwareMixin:
             checkpoint[_STEPS_KEY] = [sam.steps for sam in _sams(self.trainer)]  # type: ignore[attr-defined]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore SAM's step counter saved by :meth:`on_save_checkpoint`."""
+        """Restore SAM's step counter saved by ``on_save_checkpoint``."""
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         steps = checkpoint.get(_STEPS_KEY)
         trainer = getattr(self, "_trainer", None)

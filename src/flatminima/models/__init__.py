@@ -1,5 +1,5 @@
 """Models used in the experiments: CIFAR ResNets, wide ResNets, a small CNN for 8x8 digits, an MLP and the
-two-layer patch CNN of the SAM-versus-SGD analysis, plus a name-based registry (:func:`build_model`)."""
+two-layer patch CNN of the SAM-versus-SGD analysis, plus a name-based registry (``build_model``)."""
 
 from __future__ import annotations
 

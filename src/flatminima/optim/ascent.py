@@ -1,8 +1,8 @@
 """The ascent of a SAM step: ``w + e`` from the gradient at ``w``, by rule, on the fastest path that fits.
 
 Parameters are grouped into buckets by ascent rule (rules that scale with rho share one normalisation across
-groups, as the paper's one global norm), each bucket's ``w + e`` is formed by :mod:`flatminima.optim.functional`,
-and the optimiser's weight store (:mod:`flatminima.optim.weights`) holds it. With ``flatten=True`` and a rule
+groups, as the paper's one global norm), each bucket's ``w + e`` is formed by ``flatminima.optim.functional``,
+and the optimiser's weight store (``flatminima.optim.weights``) holds it. With ``flatten=True`` and a rule
 linear in ``g``, ``w + c g`` is one operation on the flat buffer. Sharded parameters (FSDP2) are handed over as their
 local shards, the norms reduced over all ranks. The gradient's finiteness is checked here, once, on the norms the
 rule needs anyway.
@@ -103,7 +103,7 @@ def _layout(sam: SAM) -> Layout:
 def _buckets(sam: SAM, layout: Layout) -> tuple[list[F.Bucket], list[Tensor]]:
     """Params to perturb with their gradients (or zero buffers, for rules that need none), by rule, and the real
     gradients among them. Sharded parameters are handed over as their local shards; each bucket's rule gets the
-    :class:`~flatminima.optim.rules.RuleContext` of its parameters."""
+    ``RuleContext`` of its parameters."""
     buckets: dict[Any, F.Bucket] = {}
     real: list[Tensor] = []
     shards, complete = sam.sharded, True

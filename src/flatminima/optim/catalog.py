@@ -21,7 +21,7 @@ def _base(request: OptimizerRequest) -> torch.optim.Optimizer:
 
 
 def build_sam(request: OptimizerRequest, **options: Any) -> SAM:
-    """``request.sam(**options)`` (:meth:`OptimizerRequest.sam`), kept for variants written against it."""
+    """``request.sam(**options)`` (``OptimizerRequest.sam``), kept for variants written against it."""
     return request.sam(**options)
 
 

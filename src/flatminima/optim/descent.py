@@ -1,9 +1,9 @@
 """The descent of a SAM step: ``g(w)`` kept for a descent rule that asks, the direction formed, the base step.
 
-The descent rule (:class:`~flatminima.optim.rules.DescentRule`) turns ``.grad`` into the update direction, from
+The descent rule (``DescentRule``) turns ``.grad`` into the update direction, from
 ``g(w + e)`` and, when it asks, ``g(w)``, which is kept here during the step; the base optimiser then steps along
 it. Such a rule is asked here, once ``g(w)`` is kept, whether it declines the step's ascent
-(:meth:`~flatminima.optim.rules.DescentRule.declines_ascent`), with its :class:`~flatminima.optim.rules.RuleContext`
+(``declines_ascent``), with its ``RuleContext``
 when it takes one.
 """
 
@@ -59,7 +59,7 @@ def hold_first_gradient(sam: SAM, zero_grad: bool, grad_scaler: torch.amp.GradSc
 @torch.no_grad()
 def keep_first_gradient(sam: SAM, grad_scaler: torch.amp.GradScaler | None) -> bool:
     """A copy of the batch's ``g(w)`` kept before an ascent on another sample; returns whether the ascent goes
-    ahead (see :meth:`SAM.keep_first_gradient`)."""
+    ahead (see ``SAM.keep_first_gradient``)."""
     if sam.is_perturbed:
         sam._abandon_step()
         raise RuntimeError(
@@ -93,7 +93,7 @@ def declines_ascent(sam: SAM, params: list[Tensor], first_grads: list[Tensor]) -
 
 
 def apply_direction(sam: SAM, grad_scaler: torch.amp.GradScaler | None = None) -> None:
-    """Turn ``.grad`` into the descent rule's direction (once per step; see :meth:`SAM.apply_descent_rule`)."""
+    """Turn ``.grad`` into the descent rule's direction (once per step; see ``SAM.apply_descent_rule``)."""
     step = sam._step
     if step.direction_ready or sam.descent.is_identity:
         return

@@ -1,4 +1,4 @@
-"""SAM's tensor maths as functions, apart from the protocol in :mod:`flatminima.optim.sam`.
+"""SAM's tensor maths as functions, apart from the protocol in ``flatminima.optim.sam``.
 
 As ``torch/optim/sgd.py`` splits ``_single_tensor_sgd`` from ``_multi_tensor_sgd``, the optimiser class only
 decides *which* maths runs; here is the maths: the foreach path (lists of tensors, ``torch._foreach_*``, a fused
@@ -23,7 +23,7 @@ __all__ = ["Bucket", "apply_rule_", "bucket_norms", "linear_coefficients", "pert
 class Bucket:
     """Tensors perturbed by one rule under one normalisation: ``rhos`` holds (count, rho) per param group;
     ``owners`` the parameters themselves (``params`` may be their local shards), which the rule's
-    :class:`RuleContext` is aligned with; ``stateful``: the rule declares ``needs_state``, so it runs on every
+    ``RuleContext`` is aligned with; ``stateful``: the rule declares ``needs_state``, so it runs on every
     ascent (never the fused linear path)."""
 
     rule: AscentRule

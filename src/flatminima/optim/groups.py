@@ -3,11 +3,11 @@
 Per-group options are plain values, so that a ``state_dict`` loads with ``torch.load(weights_only=True)``:
 
 - ``rho``: radius (0 or ``perturb=False`` excludes the group from the perturbation, e.g. norms and biases);
-- ``p``: the L_p ball of the ascent (:class:`~flatminima.optim.perturb.DualNorm`);
-- ``adaptive`` and ``adaptive_eta``: ASAM scaling (:class:`~flatminima.optim.perturb.Adaptive`), ``T_w = |w| + eta``
+- ``p``: the L_p ball of the ascent (``DualNorm``);
+- ``adaptive`` and ``adaptive_eta``: ASAM scaling (``Adaptive``), ``T_w = |w| + eta``
   with the ASAM paper's ``eta = 0.01`` by default; ``adaptive_eta=0`` is the reference code's (davda54/sam,
   pytorch_optimizer) ``T_w = |w|`` (the Variants page of the documentation);
-- ``normalize``: ``False`` gives USAM, ``e = rho g`` (:class:`~flatminima.optim.perturb.Unnormalized`).
+- ``normalize``: ``False`` gives USAM, ``e = rho g`` (``Unnormalized``).
 
 Groups whose rules coincide share one rule object, so they are normalised together (one global norm, as in the
 paper); a rule passed as ``perturbation=`` replaces these for every group.

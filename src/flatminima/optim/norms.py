@@ -1,7 +1,7 @@
 """Norms over lists of tensors, without host syncs, accumulated in float32 for half-precision tensors.
 
-The global reductions (:func:`global_norm`, :func:`global_max`, :func:`global_sum`) are over every tensor passed,
-and, inside :func:`reduced_over`, over the other ranks' parts of them too: with sharded parameters (FSDP2) each rank
+The global reductions (``global_norm``, ``global_max``, ``global_sum``) are over every tensor passed,
+and, inside ``reduced_over``, over the other ranks' parts of them too: with sharded parameters (FSDP2) each rank
 holds a shard of each tensor, and SAM's rules, written for whole tensors, then see the whole model's totals.
 """
 

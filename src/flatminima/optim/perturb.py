@@ -4,11 +4,11 @@ A rule maps the parameters ``w`` and the gradients ``g`` at ``w`` to the perturb
 (in the rule's own geometry). Rules are pure tensor maths on lists of tensors, written with ``torch._foreach_*``
 so that one call covers every parameter; they know nothing of modules, data or optimisers.
 
-Each rule is an :class:`~flatminima.optim.rules.AscentRule` and declares what the optimiser may rely on (whether it
+Each rule is an ``AscentRule`` and declares what the optimiser may rely on (whether it
 needs ``g``, whether ``e`` scales with rho, whether ``e`` is a multiple of ``g``). For speed and memory a rule
 works *in place*: ``perturb_`` overwrites the gradient tensors with ``e``. SAM hands
 it the gradients of the first pass, which are discarded afterwards anyway, so ``e`` costs no extra copy of the
-parameters. Rules compose: :class:`Adaptive` wraps any other rule and applies it in the ``|w|``-scaled space.
+parameters. Rules compose: ``Adaptive`` wraps any other rule and applies it in the ``|w|``-scaled space.
 """
 
 from __future__ import annotations

@@ -7,16 +7,16 @@ One step of SAM (Foret et al. 2021, Algorithm 1) is the plan
     Pass(at="w+e")      the gradient g(w + e) of the batch's loss
     Descend             w restored exactly; the base optimiser steps along the descent rule's direction
 
-and every variant is another short plan, built by :func:`plan_step` from the optimiser's rules: one pass at ``w``
+and every variant is another short plan, built by ``plan_step`` from the optimiser's rules: one pass at ``w``
 when the cadence exempts the step (LookSAM, periodic SAM), no pass at ``w`` when neither rule reads ``g(w)``
 (Momentum-SAM, a random direction), a pass on the batch then one on another sample when a batch rule picks the
 ascent's examples (n-SAM, a single example), one pair of passes per group for m-SAM.
 
-A driver (``SAM.step(closure)``, :class:`~flatminima.step.SharpnessAwareStep`, the Hugging Face Trainer, the
-Lightning mixin) iterates over a :class:`StepPlan` and sees only :class:`Pass` phases, which it runs its own way
-(a closure, micro-batches under autocast, the Trainer's ``training_step``), and one :class:`Descend` at the end,
-where it clips and calls the descent. The optimiser's own phases (:class:`Ascend`, :class:`KeepFirstGradient`,
-:class:`SetAside`) run inside the iteration. When the ascent is declined at ``g(w)`` (by the descent rule, or a
+A driver (``SAM.step(closure)``, ``SharpnessAwareStep``, the Hugging Face Trainer, the
+Lightning mixin) iterates over a ``StepPlan`` and sees only ``Pass`` phases, which it runs its own way
+(a closure, micro-batches under autocast, the Trainer's ``training_step``), and one ``Descend`` at the end,
+where it clips and calls the descent. The optimiser's own phases (``Ascend``, ``KeepFirstGradient``,
+``SetAside``) run inside the iteration. When the ascent is declined at ``g(w)`` (by the descent rule, or a
 GradScaler's overflow) or the step is skipped (a non-finite ``g(w)`` under ``nonfinite="skip"``), the plan moves
 straight to ``Descend(outcome="plain")`` or ``Descend(outcome="skipped")``: no driver asks the optimiser why.
 """
@@ -58,8 +58,8 @@ class Pass:
     """One forward-backward pass that the driver runs, at the weights the parameters hold when it is yielded.
 
     ``sample``: the examples, ``"batch"`` or the batch rule's ``"ascent"`` / ``"descent"`` sample
-    (:meth:`StepPlan.examples`); ``weighted``: the batch rule weights the per-example losses
-    (:meth:`StepPlan.loss_weights`); ``group``: m-SAM's group of the batch (else None, the whole sample);
+    (``StepPlan.examples``); ``weighted``: the batch rule weights the per-example losses
+    (``StepPlan.loss_weights``); ``group``: m-SAM's group of the batch (else None, the whole sample);
     ``sync``: under DistributedDataParallel, this pass's gradient is all-reduced (else it runs under ``no_sync``);
     ``updates_running_stats``: BatchNorm statistics follow this pass (the plan freezes them otherwise, in models
     the optimiser watches); ``reports_loss``: the pass's loss is (its share of) the loss the step returns.
@@ -183,7 +183,7 @@ class StepPlan:
     """One step's phases, and their state while a driver runs them: iterate over it (see the module docstring).
 
     ``passes`` is the number of forward-backward passes planned (the step's cost when nothing is declined);
-    ``passes_run`` counts those yielded so far; ``outcome`` is the :class:`Descend` outcome once reached.
+    ``passes_run`` counts those yielded so far; ``outcome`` is the ``Descend`` outcome once reached.
     """
 
     def __init__(
@@ -241,7 +241,7 @@ class StepPlan:
 
     def loss_weights(self, phase: Pass, losses: Tensor, probe: Callable[[], Any]) -> Tensor | None:
         """The batch rule's weights of ``phase``'s per-example ``losses`` (None: their mean); ``probe()`` builds
-        the :class:`~flatminima.batch_rules.Probe` a rule that scores examples asks for."""
+        the ``Probe`` a rule that scores examples asks for."""
         if not phase.weighted or self.batch_rule is None:
             return None
         if phase.at == "w":
@@ -267,7 +267,7 @@ def build_plan(
     sync_perturbation: bool,
     first_pass: bool = False,
 ) -> StepPlan:
-    """``sam``'s plan of its next step (:meth:`SAM.plan`); the batch rule, if any, draws the ascent's sample now."""
+    """``sam``'s plan of its next step (``SAM.plan``); the batch rule, if any, draws the ascent's sample now."""
     rule = sam.batch_rule
     if rule is not None and batch is None:
         refuse_batch_rule(sam, "this driver")

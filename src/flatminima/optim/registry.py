@@ -4,20 +4,20 @@ A variant registers itself once, in the module that defines it:
 
     register_optimizer("rsam", "SAM along a random direction (no first pass)", build_random, sharpness_aware=True)
 
-``build`` receives an :class:`OptimizerRequest` (the model, the base optimiser chosen by the config with its
+``build`` receives an ``OptimizerRequest`` (the model, the base optimiser chosen by the config with its
 options, rho, p, the whole training config for a variant's own fields, and a sampler of training examples) and
 returns the optimiser, most simply ``request.sam(perturbation=..., descent=..., cadence=...)``, which applies every
 setting the run gives (rho, p, the model, the non-finite policy, the base optimiser and its options); an optional
-``batch_rule`` builder does the same for the variant's :class:`~flatminima.batch_rules.BatchRule`, and an optional
-``trajectory`` builder, for a name the plain step drives, for its :class:`~flatminima.trajectory.TrajectoryLoss`
+``batch_rule`` builder does the same for the variant's ``BatchRule``, and an optional
+``trajectory`` builder, for a name the plain step drives, for its ``TrajectoryLoss``
 (SAF, MESA: a term added to the loss, from the batch's outputs).
 
 Registering a name again from the module that registered it (a module imported twice, a notebook cell run again)
 replaces the entry; from another module it is an error. Variants installed as packages of their own are found
 through the entry-point group ``flatminima.variants`` (each entry a module, or a function taking no argument,
 that registers its names), loaded the first time a name is looked up.
-``sharpness_aware`` tells the training loop which batch step drives it: :class:`~flatminima.step.SharpnessAwareStep`
-(two passes, m-SAM groups, rho schedule) or :class:`~flatminima.step.PlainStep`.
+``sharpness_aware`` tells the training loop which batch step drives it: ``SharpnessAwareStep``
+(two passes, m-SAM groups, rho schedule) or ``PlainStep``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class OptimizerRequest:
         return self.base_class(self.model.parameters(), **self.base_options)
 
     def sam(self, **options: Any) -> torch.optim.Optimizer:
-        """A :class:`~flatminima.optim.sam.SAM` around the requested base optimiser with every setting of the run:
+        """A ``SAM`` around the requested base optimiser with every setting of the run:
         rho, p, the model (its BatchNorm statistics kept from the first pass) and the non-finite policy;
         ``options`` go to ``SAM`` and win (``perturbation=``, ``descent=``, ``cadence=``, ``adaptive=``...)."""
         from flatminima.optim.sam import SAM
@@ -110,13 +110,13 @@ def register_optimizer(
     """Offer ``name`` to ``flatminima train --optimizer``; a name is registered once (a second is an error).
 
     ``batch_rule``, for variants that choose the examples of each pass (n-SAM, RW-SAM, a single example):
-    ``batch_rule(request)`` returns the :class:`~flatminima.batch_rules.BatchRule` the batch step is given.
+    ``batch_rule(request)`` returns the ``BatchRule`` the batch step is given.
     ``passes``: the forward-backward passes per step, in words (default "2" for a sharpness-aware name, else "1"),
     listed by ``flatminima variants``. ``options``: a dataclass of the variant's own settings, each field made
-    with :func:`option` (default, help, a check); every field becomes a ``flatminima train`` flag and a YAML field
+    with ``option`` (default, help, a check); every field becomes a ``flatminima train`` flag and a YAML field
     of the same name, validated and listed in ``--help``, and the builder reads them as ``request.options``.
     ``trajectory``, for variants that add a term to the loss (SAF, MESA; the plain step only, so
-    ``sharpness_aware=False``): ``trajectory(request)`` returns the :class:`~flatminima.trajectory.TrajectoryLoss`
+    ``sharpness_aware=False``): ``trajectory(request)`` returns the ``TrajectoryLoss``
     the plain step is given.
     """
     module = sys._getframe(1).f_globals.get("__name__", "")

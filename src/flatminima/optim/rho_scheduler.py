@@ -1,6 +1,6 @@
 """rho schedules as a scheduler over ``param_groups``, the way ``torch.optim.lr_scheduler.LambdaLR`` sets ``lr``.
 
-Every schedule is one :class:`RhoScheduler`: each group's radius moves between a floor ``rho_min`` and its own
+Every schedule is one ``RhoScheduler``: each group's radius moves between a floor ``rho_min`` and its own
 initial radius ``rho_max`` (the ``rho`` the group was built with) along a shape ``s(t)``,
 
     rho_t = rho_min + (rho_max - rho_min) * s(t),
@@ -8,12 +8,12 @@ initial radius ``rho_max`` (the ``rho`` the group was built with) along a shape 
 so the schedules compose with per-group rho (every group keeps its own ``rho_max``) and with every variant (they
 only write ``group["rho"]``). The factories below give the shapes:
 
-- :func:`constant_rho`: ``s(t) = 1``;
-- :func:`linear_warmup_rho`: ``s(t) = min(1, t / W)``, from ``rho_min`` up to rho over ``W`` steps;
-- :func:`cosine_rho`: ``s(t) = (1 + cos(pi min(1, (t - W) / (T - W)))) / 2`` after ``W`` steps at ``s = 1``,
+- ``constant_rho``: ``s(t) = 1``;
+- ``linear_warmup_rho``: ``s(t) = min(1, t / W)``, from ``rho_min`` up to rho over ``W`` steps;
+- ``cosine_rho``: ``s(t) = (1 + cos(pi min(1, (t - W) / (T - W)))) / 2`` after ``W`` steps at ``s = 1``,
   from rho down to ``rho_min`` over training (``T`` steps);
-- :func:`step_rho`: ``s(t) = gamma ** #{milestones <= t}``, as ``MultiStepLR`` (toward ``rho_min``);
-- :func:`lr_proportional_rho`: ``s(t) = (lr_t - lr_min) / (lr_max - lr_min)``, GSAM's schedule (Zhuang et al.,
+- ``step_rho``: ``s(t) = gamma ** #{milestones <= t}``, as ``MultiStepLR`` (toward ``rho_min``);
+- ``lr_proportional_rho``: ``s(t) = (lr_t - lr_min) / (lr_max - lr_min)``, GSAM's schedule (Zhuang et al.,
   "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022, arXiv 2203.08065), which reads each
   group's current learning rate: **step it after the learning-rate scheduler** (build it after the LR scheduler too):
 
@@ -51,12 +51,12 @@ class RhoScheduler:
     """Sets ``group["rho"] = rho_min + (initial_rho - rho_min) * factor(step)`` on every parameter group: the one
     place rho changes (with ``rho_min = 0``, the default: ``initial_rho * factor(step)``).
 
-    Like ``LambdaLR``: constructing it applies ``factor(0)`` (the rho of the first step); call :meth:`step` after
+    Like ``LambdaLR``: constructing it applies ``factor(0)`` (the rho of the first step); call ``step`` after
     each optimiser step. Each group's starting value is kept in ``group["initial_rho"]`` (saved with the
-    optimiser), and the step count in :meth:`state_dict`, so a resumed run continues the schedule exactly.
+    optimiser), and the step count in ``state_dict``, so a resumed run continues the schedule exactly.
 
     Args:
-        optimizer: any optimiser whose groups hold ``"rho"`` (a :class:`~flatminima.optim.SAM`).
+        optimizer: any optimiser whose groups hold ``"rho"`` (a ``SAM``).
         factor: ``step -> multiplier`` of the initial rho, or one such function per group.
         rho_min: the floor the factor interpolates from (``factor = 0`` gives ``rho_min``), one for all groups or
             one per group; at most each group's initial rho. Groups whose initial rho is 0 stay at 0.
@@ -193,7 +193,7 @@ def lr_proportional_rho(
     """GSAM's schedule: rho proportional to the learning rate,
     ``rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``, per group.
 
-    Each step reads the group's current ``lr``, so call :meth:`RhoScheduler.step` after the LR scheduler's
+    Each step reads the group's current ``lr``, so call ``RhoScheduler.step`` after the LR scheduler's
     ``step`` (and build this after the LR scheduler, whose construction sets the lr of step 0).
 
     Args:

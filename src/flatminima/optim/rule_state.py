@@ -1,7 +1,7 @@
 """The rules' own per-parameter state, kept by SAM apart from the base optimiser's and saved beside it.
 
 A rule that keeps state (Friendly SAM's gradient mean, LookSAM's ``g_v``) writes into the dicts of
-:attr:`RuleContext.states`, which are these. Keeping them out of the base optimiser's state means its own lazy
+``RuleContext.states``, which are these. Keeping them out of the base optimiser's state means its own lazy
 initialisation (Adam starts a parameter's state when the dict is empty) is never disturbed. In a checkpoint they
 are ``state_dict()["sam_rule_state"]``, keyed by parameter index as the base optimiser's ``"state"``; a checkpoint
 written before they were kept apart (the rules' ``state_keys`` inside the base optimiser's state) loads too.
@@ -66,7 +66,7 @@ def _on_param(value: Any, param: Tensor) -> Any:
 
 
 def context(sam: SAM, params: list[Tensor]) -> RuleContext:
-    """The :class:`RuleContext` of ``params`` in ``sam`` (each field computed when a rule reads it)."""
+    """The ``RuleContext`` of ``params`` in ``sam`` (each field computed when a rule reads it)."""
     kept, state, groups = sam.rule_state, sam.state, sam.param_groups
 
     def learning_rates() -> list[float]:

@@ -2,13 +2,13 @@
 
 A SAM-family step is: (maybe) a gradient ``g(w)`` at ``w``, a move to ``w + e``, a gradient ``g(w + e)`` there,
 ``w`` restored, and a base-optimiser step along some direction. The algorithms differ only in three choices,
-each a small object that :class:`~flatminima.optim.sam.SAM` consults and never looks inside:
+each a small object that ``SAM`` consults and never looks inside:
 
-- an **ascent rule** (:class:`AscentRule`): the perturbation ``e`` from ``w`` and, if it wants one, ``g(w)``;
-  the dual-norm rules of the SAM paper, ASAM and USAM live in :mod:`flatminima.optim.perturb`;
-- a **descent rule** (:class:`DescentRule`): the update direction from ``g(w + e)`` and, when it asks, ``g(w)``;
-  SAM's own is :class:`PerturbedGradient`, "use g(w + e) as it is";
-- a **cadence** (:class:`Cadence`): does this step take the ascent at all? SAM's own is :class:`EveryStep`.
+- an **ascent rule** (``AscentRule``): the perturbation ``e`` from ``w`` and, if it wants one, ``g(w)``;
+  the dual-norm rules of the SAM paper, ASAM and USAM live in ``flatminima.optim.perturb``;
+- a **descent rule** (``DescentRule``): the update direction from ``g(w + e)`` and, when it asks, ``g(w)``;
+  SAM's own is ``PerturbedGradient``, "use g(w + e) as it is";
+- a **cadence** (``Cadence``): does this step take the ascent at all? SAM's own is ``EveryStep``.
 
 SAM is ``(DualNorm(2), PerturbedGradient(), EveryStep())``. This mirrors ``optax.contrib.sam``, which builds SAM
 from an ascent transformation passed in, and keeps the maths out of the optimiser class.
@@ -50,7 +50,7 @@ class _Declarations:
 
 @dataclasses.dataclass(frozen=True)
 class AscentCapabilities(_Declarations):
-    """What an ascent rule declares, read in one place (:meth:`of`): the class attributes of :class:`AscentRule`,
+    """What an ascent rule declares, read in one place (``of``): the class attributes of ``AscentRule``,
     with the same defaults for any object that has ``perturb_`` and declares nothing."""
 
     needs_gradient: bool = True
@@ -62,7 +62,7 @@ class AscentCapabilities(_Declarations):
 
 @dataclasses.dataclass(frozen=True)
 class DescentCapabilities(_Declarations):
-    """What a descent rule declares, read in one place (:meth:`of`): the attributes of :class:`DescentRule`."""
+    """What a descent rule declares, read in one place (``of``): the attributes of ``DescentRule``."""
 
     needs_first_gradient: bool = False
     shard_aware: bool = False
@@ -147,7 +147,7 @@ class RuleContext:
 class PerturbationRule(Protocol):
     """What SAM needs of an ascent rule: write ``e`` into the buffers it is given.
 
-    The structural interface; :class:`AscentRule` implements it with the optional declarations defaulted.
+    The structural interface; ``AscentRule`` implements it with the optional declarations defaulted.
     """
 
     def perturb_(
@@ -158,7 +158,7 @@ class PerturbationRule(Protocol):
 class AscentRule:
     """Base class of ascent rules: maps ``(w, g(w))`` to the perturbation ``e`` at radius ``rho``.
 
-    Subclasses implement :meth:`perturb_`; the class attributes and :meth:`linear_coefficient` declare what the
+    Subclasses implement ``perturb_``; the class attributes and ``linear_coefficient`` declare what the
     optimiser may rely on, with safe defaults:
 
     - ``needs_gradient``: ``False`` for rules that draw ``e`` from ``w`` alone (a random direction). Then the
@@ -166,21 +166,21 @@ class AscentRule:
       unless the descent rule wants ``g(w)``.
     - ``scales_with_rho``: ``e(rho) = rho * e(1)``. Lets groups with different ``rho`` share one normalisation
       (one global norm, as in the paper); a rule that says ``False`` gets one call per distinct ``rho``.
-    - :meth:`linear_coefficient`: for rules where ``e = c * g`` with a scalar ``c``, that ``c``; the optimiser
+    - ``linear_coefficient``: for rules where ``e = c * g`` with a scalar ``c``, that ``c``; the optimiser
       then forms ``w + e`` in one fused operation (and on a flat buffer) without writing ``e`` anywhere.
     - ``shard_aware``: the rule is right on sharded parameters (FSDP2), where it is handed each rank's local
-      shards: it is elementwise, or takes every total over tensors through :mod:`flatminima.optim.norms`'s
+      shards: it is elementwise, or takes every total over tensors through ``flatminima.optim.norms``'s
       ``global_norm`` / ``global_max`` / ``global_sum``, which then combine the shards of all ranks. SAM refuses
       sharded parameters with a rule that does not declare it.
     - ``needs_state``: the rule reads or keeps per-parameter state (a running mean of gradients in
       ``context.states``; the base optimiser's momentum buffer in ``context.optimizer_states``). SAM then calls
-      :meth:`perturb_` on every ascent (``first_step``), never the fused linear or flat path, each parameter in
+      ``perturb_`` on every ascent (``first_step``), never the fused linear or flat path, each parameter in
       one call.
     - ``state_keys``: the keys such a rule keeps in its states. Versions before the step plan kept them in the
       base optimiser's state; SAM moves them to its own when such a checkpoint loads.
 
-    SAM reads these declarations in one place, :meth:`AscentCapabilities.of`. A rule built around another derives
-    from :class:`AscentWrapper`, which declares what the inner rule declares.
+    SAM reads these declarations in one place, ``AscentCapabilities.of``. A rule built around another derives
+    from ``AscentWrapper``, which declares what the inner rule declares.
     """
 
     needs_gradient: bool = True
@@ -203,7 +203,7 @@ class AscentRule:
         ``grads`` holds ``g(w)`` (or zeros when ``needs_gradient`` is False) and may be overwritten freely: the
         optimiser hands over tensors it owns. ``grad_norms``, when given, holds the L2 norm of each gradient
         tensor (computed once for the finiteness check); a rule that needs them reuses them. ``context``: the
-        states, learning rates and step (:class:`RuleContext`), passed whenever ``perturb_`` accepts it.
+        states, learning rates and step (``RuleContext``), passed whenever ``perturb_`` accepts it.
         """
         raise NotImplementedError
 
@@ -215,9 +215,9 @@ class AscentRule:
 class AscentWrapper(AscentRule):
     """Base class of ascent rules built around another (``inner``), such as ASAM's scaling or a random sign.
 
-    The wrapper declares what the inner rule declares (:class:`AscentCapabilities`), with the ``overrides`` the
+    The wrapper declares what the inner rule declares (``AscentCapabilities``), with the ``overrides`` the
     wrapper itself needs, so that a wrapper of a stateful rule is stateful and one of a gradient-free rule needs no
-    gradient; :meth:`perturb_inner_` hands the inner rule the context when it is an :class:`AscentRule`.
+    gradient; ``perturb_inner_`` hands the inner rule the context when it is an ``AscentRule``.
     """
 
     def __init__(self, inner: PerturbationRule, **overrides: Any) -> None:
@@ -245,11 +245,11 @@ class AscentWrapper(AscentRule):
 class DescentRule:
     """Base class of descent rules: the update direction handed to the base optimiser.
 
-    ``needs_first_gradient``: keep ``g(w)`` aside during the step and pass it to :meth:`direction_`. SAM then
+    ``needs_first_gradient``: keep ``g(w)`` aside during the step and pass it to ``direction_``. SAM then
     holds one extra copy of the gradients (or, when the first gradients are released with ``zero_grad``, just
-    the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (:meth:`declines_ascent`).
-    ``shard_aware``: as for :class:`AscentRule` (the rule then gets local shards on sharded parameters).
-    ``state_keys``: as for :class:`AscentRule`, the keys the rule keeps in ``context.states``.
+    the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (``declines_ascent``).
+    ``shard_aware``: as for ``AscentRule`` (the rule then gets local shards on sharded parameters).
+    ``state_keys``: as for ``AscentRule``, the keys the rule keeps in ``context.states``.
     """
 
     needs_first_gradient: bool = False
@@ -262,8 +262,8 @@ class DescentRule:
 
         ``first_grads`` holds ``g(w)`` of the parameters with a gradient (unscaled under a GradScaler; under DDP
         already all-reduced, so every rank decides alike), to read, not to change. ``context``
-        (:class:`RuleContext`, aligned with those parameters): the rule's states, kept and checkpointed by SAM,
-        and the step; passed whenever the method accepts it (:func:`takes_context`), so rules written before it,
+        (``RuleContext``, aligned with those parameters): the rule's states, kept and checkpointed by SAM,
+        and the step; passed whenever the method accepts it (``takes_context``), so rules written before it,
         with ``first_grads`` alone, still run. Ahn et al.'s algorithms perturb only once the gradient is small;
         AE-SAM only when ``||g(w)||^2`` is large against its running statistics, which it keeps in the states.
         """
@@ -281,13 +281,13 @@ class DescentRule:
 
         ``grads`` holds the gradient of the last pass: ``g(w + e)`` when ``ascended``, else ``g(w)`` (the
         cadence skipped the ascent). ``first_grads`` is ``g(w)`` when asked for and the step ascended.
-        ``context`` (:class:`RuleContext`): the rule's own states (checkpointed by SAM), the base optimiser's,
+        ``context`` (``RuleContext``): the rule's own states (checkpointed by SAM), the base optimiser's,
         each parameter's learning rate and the step.
         """
 
     @property
     def is_identity(self) -> bool:
-        """True if :meth:`direction_` never changes anything (SAM's rule): the optimiser then skips the call."""
+        """True if ``direction_`` never changes anything (SAM's rule): the optimiser then skips the call."""
         return False
 
 

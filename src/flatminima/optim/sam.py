@@ -1,8 +1,8 @@
 """SAM: the two-pass protocol around any ``torch.optim`` optimiser (Foret et al. 2021, Algorithm 1).
 
 One step: gradient ``g`` at ``w`` -> move to ``w + e`` (an ascent rule's) -> gradient there -> restore ``w``
-exactly -> base step along the descent rule's direction. The step's plan (:mod:`flatminima.optim.plan`) is decided
-here from three seams (:mod:`flatminima.optim.rules`) and run by a driver; the maths is in the sibling modules
+exactly -> base step along the descent rule's direction. The step's plan (``flatminima.optim.plan``) is decided
+here from three seams (``flatminima.optim.rules``) and run by a driver; the maths is in the sibling modules
 (ascent, descent, groups, weights, guard, scaler, sharded). ``param_groups`` and ``state`` *are* the base
 optimiser's, so LR schedulers, per-group options and checkpoints work as with the base optimiser.
 """
@@ -38,7 +38,7 @@ class SAM(Optimizer):
     """Sharpness-Aware Minimization around a base optimiser.
 
     A SAM step is ``first_step`` after the backward pass at ``w``, then ``second_step`` after the one at
-    ``w + e``, or ``step(closure)`` for both, or any driver running :meth:`plan`. ``second_step`` without
+    ``w + e``, or ``step(closure)`` for both, or any driver running ``plan``. ``second_step`` without
     ``first_step`` is a plain step: the base optimiser's along the gradient in ``.grad``.
 
     Args:
@@ -51,17 +51,17 @@ class SAM(Optimizer):
         adaptive_eta: ASAM's eta, 0.01 as in its paper; ``adaptive_eta=0`` is davda54/sam's and
             pytorch_optimizer's ``T_w = |w|`` (the Variants page of the documentation).
         normalize: ``False`` for USAM (``e = rho g``).
-        perturbation: an ascent rule for all groups (:class:`~flatminima.optim.rules.AscentRule`, or any object
+        perturbation: an ascent rule for all groups (``AscentRule``, or any object
             with ``perturb_``); overrides ``p``, ``adaptive``, ``normalize``.
-        descent: the descent rule (default :class:`~flatminima.optim.rules.PerturbedGradient`: SAM's).
-        cadence: which steps ascend (default :class:`~flatminima.optim.rules.EveryStep`).
+        descent: the descent rule (default ``PerturbedGradient``: SAM's).
+        cadence: which steps ascend (default ``EveryStep``).
         model: the model being trained: its BatchNorm statistics are then kept from the first pass. Without it,
             ``step(closure)`` finds the layers as they run, except in a model called from inside a
             ``torch.compile``'d function (the documentation's torch.compile and FSDP2 page).
         nonfinite: on an inf/NaN gradient, ``"raise"`` (default) a ``FloatingPointError``, ``"skip"`` the step
             (weights and state untouched) or ``"ignore"`` (no check: saves one device-to-host sync per pass; a
             GradScaler does its own checking).
-        flatten: parameters and gradients as views of one buffer (:class:`FlatLayout`): a step's maths is a few
+        flatten: parameters and gradients as views of one buffer (``FlatLayout``): a step's maths is a few
             single operations, much faster for many small tensors. Gradients are zeroed in place; parameters share
             one device and dtype; not with FSDP. Steps that do not fit (per-group rho, a rule not linear in ``g``,
             a GradScaler...) take the general path; the two agree to rounding, not bit for bit.
@@ -159,7 +159,7 @@ class SAM(Optimizer):
     @property
     def batch_rule(self) -> Any:
         """The batch rule that picks each pass's examples (n-SAM, RW-SAM, one example), or None; only a driver that
-        hands the plan its batch (:class:`~flatminima.step.SharpnessAwareStep`) can run one."""
+        hands the plan its batch (``SharpnessAwareStep``) can run one."""
         return self._batch_rule
 
     @batch_rule.setter
@@ -175,8 +175,8 @@ class SAM(Optimizer):
         sync_perturbation: bool = False,
         first_pass: bool = False,
     ) -> StepPlan:
-        """The plan of the next step (:mod:`flatminima.optim.plan`) for a driver to run; ``batch``: the step's
-        ``(inputs, targets)``, for a :attr:`batch_rule`; ``groups``: m-SAM's; ``sync_perturbation``: under DDP,
+        """The plan of the next step (``flatminima.optim.plan``) for a driver to run; ``batch``: the step's
+        ``(inputs, targets)``, for a ``batch_rule``; ``groups``: m-SAM's; ``sync_perturbation``: under DDP,
         one perturbation for all ranks; ``first_pass``: a pass at ``w`` even if the rules read no ``g(w)``."""
         self.last_plan = build_plan(self, grad_scaler, batch, groups, sync_perturbation, first_pass)
         return self.last_plan
@@ -201,9 +201,9 @@ class SAM(Optimizer):
         """Move from ``w`` to ``w + e`` with the gradient at ``w`` in ``.grad``; returns whether the weights moved.
 
         ``zero_grad=True`` clears the gradients for the second pass. With ``grad_scaler`` they are unscaled first,
-        and an inf/NaN step is not perturbed (the scaler skips it in :meth:`second_step`). On a step the cadence
+        and an inf/NaN step is not perturbed (the scaler skips it in ``second_step``). On a step the cadence
         exempts, the weights stay at ``w`` and ``second_step`` steps along ``g(w)`` with or without a second pass.
-        ``first_pass=False``: no pass at ``w`` preceded (:attr:`needs_first_pass`), so BatchNorm is not frozen.
+        ``first_pass=False``: no pass at ``w`` preceded (``needs_first_pass``), so BatchNorm is not frozen.
         """
         misuse.refuse_batch_rule(self, "first_step()")
         return self._ascend(zero_grad, grad_scaler, first_pass=first_pass)
@@ -243,7 +243,7 @@ class SAM(Optimizer):
         """Restore ``w`` exactly and take the base optimiser's step along the descent rule's direction.
 
         With ``grad_scaler`` the step goes through ``grad_scaler.step`` and its skip logic (call its ``update()``
-        afterwards). Clip before calling this (after :meth:`apply_descent_rule` for a descent rule not SAM's, and
+        afterwards). Clip before calling this (after ``apply_descent_rule`` for a descent rule not SAM's, and
         ``grad_scaler.unscale_``). Called without ``first_step`` (or with no ascent) it is exactly the base
         optimiser's ``step()`` on ``.grad``.
         """
@@ -314,7 +314,7 @@ class SAM(Optimizer):
         self.rule_state.load(state_dict, self)
 
     def rule_context(self, params: list[Tensor]) -> RuleContext:
-        """The :class:`~flatminima.optim.rules.RuleContext` of ``params`` (each field computed when read)."""
+        """The ``RuleContext`` of ``params`` (each field computed when read)."""
         return rule_state.context(self, params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -1,7 +1,7 @@
 """Sharded parameters: FSDP2's ``fully_shard`` makes each parameter a DTensor of which this rank holds a shard.
 
 SAM then works on the local shards. The ascent rules are handed local tensors and take their totals (the norm of
-the gradient, its largest entry, sums) through :func:`flatminima.optim.norms.reduced_over`, over the process
+the gradient, its largest entry, sums) through ``flatminima.optim.norms.reduced_over``, over the process
 groups the parameters are sharded on, so every rank computes the perturbation of the whole model and all agree on
 the inf/NaN checks. ``w + e`` is written into the shards in place (FSDP gathers the weights from there for the
 next forward pass) and ``w`` is copied back afterwards, bit for bit.
@@ -88,7 +88,7 @@ def shard_groups(params: Iterable[Tensor]) -> tuple[Any, ...] | None:
 
 
 def reducing(groups: tuple[Any, ...] | None) -> AbstractContextManager[None]:
-    """The block in which norms and sums run over all ranks' shards (``groups`` from :func:`shard_groups`), else
+    """The block in which norms and sums run over all ranks' shards (``groups`` from ``shard_groups``), else
     a no-op."""
     return reduced_over(groups) if groups is not None else nullcontext()
 

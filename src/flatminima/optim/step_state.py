@@ -12,7 +12,7 @@ __all__ = ["StepState"]
 
 @dataclass
 class StepState:
-    """The per-step record of :class:`~flatminima.optim.sam.SAM` (where the weights are kept while perturbed is the
+    """The per-step record of ``SAM`` (where the weights are kept while perturbed is the
     optimiser's storage, not this)."""
 
     ascended: bool = False  # the weights moved this step, so the last gradient is g(w + e)

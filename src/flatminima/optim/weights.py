@@ -3,11 +3,11 @@
 SAM picks the strategy once, when it is built, from how the parameters are stored; the step itself only says
 "hold these new weights" and "restore". Every strategy restores ``w`` exactly (no ``w + e - e`` arithmetic):
 
-- :class:`SwappedWeights` (plain tensors): each parameter's own tensor is set aside and ``w + e``, a new tensor,
+- ``SwappedWeights`` (plain tensors): each parameter's own tensor is set aside and ``w + e``, a new tensor,
   swapped in; restoring swaps the pointers back, so it is free.
-- :class:`CopiedShards` (FSDP2's sharded DTensors): FSDP gathers the weights from the shards' storage, so ``w + e``
+- ``CopiedShards`` (FSDP2's sharded DTensors): FSDP gathers the weights from the shards' storage, so ``w + e``
   is copied into the local shards and a copy of ``w`` kept.
-- :class:`FlatWeights` (``flatten=True``): the parameters are views of one buffer; ``w + c g`` is formed in the
+- ``FlatWeights`` (``flatten=True``): the parameters are views of one buffer; ``w + c g`` is formed in the
   buffer in one operation after ``w`` is copied aside. Steps that do not fit the flat path swap, as above.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["CopiedShards", "FlatWeights", "SwappedWeights", "WeightStore"]
 
 
 class WeightStore:
-    """The interface: :meth:`hold` ``w + e``, :meth:`restore` ``w``, and whether the weights are now moved."""
+    """The interface: ``hold`` ``w + e``, ``restore`` ``w``, and whether the weights are now moved."""
 
     @property
     def perturbed(self) -> bool:
@@ -83,7 +83,7 @@ class CopiedShards(WeightStore):
 
 
 class FlatWeights(SwappedWeights):
-    """``flatten=True``: :meth:`hold_flat` forms ``w + c g`` in the flat buffer; other steps swap (the parent)."""
+    """``flatten=True``: ``hold_flat`` forms ``w + c g`` in the flat buffer; other steps swap (the parent)."""
 
     def __init__(self, layout: FlatLayout) -> None:
         super().__init__()

@@ -3,14 +3,14 @@ loss landscapes.
 
 The layout, one concept per module:
 
-* ``operator``: the :class:`LinearOperator` protocol (dim, dtype, device, matvec, matmat) every estimator takes,
+* ``operator``: the ``LinearOperator`` protocol (dim, dtype, device, matvec, matmat) every estimator takes,
   with adapters for a dense tensor and a bare matvec function;
-* ``hvp``: :class:`HessianOperator`, the Hessian of the full-data loss as such an operator;
+* ``hvp``: ``HessianOperator``, the Hessian of the full-data loss as such an operator;
 * ``lanczos``, ``power``, ``trace``, ``density``: the estimators, typed to the protocol (``*_op``), each with a
   ``(model, loss_fn, data)`` front end;
 * ``data``: batches, size weighting, casting, tuple inputs and model modes, shared by every measure;
-* ``probes``: the random probe and start vectors; ``results``: result dataclasses and :func:`mean_stderr`;
-* ``msharpness``, ``landscape``: m-sharpness (its ascent from :mod:`flatminima.optim.perturb`) and loss landscapes;
+* ``probes``: the random probe and start vectors; ``results``: result dataclasses and ``mean_stderr``;
+* ``msharpness``, ``landscape``: m-sharpness (its ascent from ``flatminima.optim.perturb``) and loss landscapes;
 * ``tracking``: lambda_max along training, warm-started (``flatminima train --track-sharpness N``);
 * ``losses``, ``checks``: batch losses and errors, argument checks; ``report``: everything as one table.
 """

@@ -24,7 +24,7 @@ def spectral_density_op(
 
     ``sum_i w_i theta_i^k = v^T H^k v`` exactly for ``k < 2 * num_steps`` (Gauss quadrature), and with ``E[v v^T] =
     I / dim`` its mean over runs estimates ``tr(H^k) / dim``; the spread over runs is the error estimate.
-    ``op`` is any :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor.
+    ``op`` is any ``LinearOperator`` or a dense symmetric tensor.
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError(f"need num_runs >= 1 and num_steps >= 1, got {num_runs}, {num_steps}")
@@ -55,7 +55,7 @@ def spectral_density(
     distribution: str = "rademacher",
     **operator_kwargs: Any,
 ) -> SpectralDensity:
-    """Hessian spectral density of the full-data loss by SLQ (see :func:`spectral_density_op`, whose ``distribution``
+    """Hessian spectral density of the full-data loss by SLQ (see ``spectral_density_op``, whose ``distribution``
     of start vectors it takes too); ``.plot()`` draws it."""
     check_distribution(distribution)
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)

@@ -27,14 +27,14 @@ METHODS = ("double_backward", "forward_over_reverse", "auto")
 
 
 class HessianOperator:
-    """The Hessian of the full-data loss w.r.t. the trainable parameters, a :class:`~flatminima.sharpness.operator.
-    LinearOperator` on flat vectors.
+    """The Hessian of the full-data loss w.r.t. the trainable parameters, a ``
+    LinearOperator`` on flat vectors.
 
     Args:
         model: any module; its parameters with ``requires_grad`` are the variables (error if there are none).
         loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss of a batch.
         data: one batch ``(inputs, targets)`` or an iterable of batches (a DataLoader, a list); inputs may be a
-            tuple of tensors (see :mod:`flatminima.sharpness.data`). It is iterated once at construction to count
+            tuple of tensors (see ``flatminima.sharpness.data``). It is iterated once at construction to count
             examples and once per product (or per ``matmat``), so it should yield the same data each time (no random
             augmentation); a one-shot iterator is materialised into a list.
         dtype: run products in this dtype; ``torch.float64`` uses a float64 *copy* of the model (a snapshot:

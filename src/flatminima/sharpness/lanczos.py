@@ -132,7 +132,7 @@ def lanczos(
 ) -> LanczosDecomposition:
     """Run ``num_steps`` (at most ``dim``) Lanczos steps from ``v0``: the tridiagonal ``(alpha, beta)`` and basis.
 
-    ``op_or_matvec`` is a :class:`~flatminima.sharpness.operator.LinearOperator`, a dense square tensor, or a bare
+    ``op_or_matvec`` is a ``LinearOperator``, a dense square tensor, or a bare
     function ``v -> A v``.
     """
     if num_steps < 1:
@@ -190,7 +190,7 @@ def lanczos_eigs(
     they fail. At ``dim`` steps the space is the whole space and the Ritz pairs are exact up to rounding.
     ``tol`` bounds the relative *residual*; for a symmetric matrix the error of an eigenvalue *that was found* is
     about its square over the gap to its neighbours. ``value_tol`` asks for that instead: a wanted pair also counts
-    as converged once its eigenvalue error bound (:func:`eigenvalue_error_bounds`, ``min(r, r^2 / gap)``) is
+    as converged once its eigenvalue error bound (``eigenvalue_error_bounds``, ``min(r, r^2 / gap)``) is
     ``<= value_tol * |theta_i|``, which stops as soon as the *eigenvalues* reach the accuracy asked for (the
     vectors are then less accurate: their angle error is about ``r / gap``). Every result carries the bounds in
     ``error_bounds``.
@@ -202,7 +202,7 @@ def lanczos_eigs(
     iteration stops, so that the space spans past the wanted end of the spectrum; ``guard=0`` is the plain
     criterion. ``verify=False`` skips the ``k`` verification products and reports the Lanczos estimates as the
     residuals (equal to the true ones up to rounding, with full reorthogonalisation).
-    ``op`` is any :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor; the ``k``
+    ``op`` is any ``LinearOperator`` or a dense symmetric tensor; the ``k``
     verification products go through one ``matmat``.
     """
     if which not in WHICH:
@@ -294,8 +294,8 @@ def hessian_eigenvalues(
     """Top-``k`` (``which="largest"``) or bottom-``k`` (``"smallest"``) Hessian eigenpairs of the full-data loss.
 
     ``guard`` Ritz values beyond the ``k`` must converge too, and ``value_tol`` stops on the eigenvalues' error
-    bounds instead of the residuals (see :func:`lanczos_eigs`). ``operator_kwargs`` go to
-    :class:`HessianOperator` (``train_mode``, ``method``, ``distributed``).
+    bounds instead of the residuals (see ``lanczos_eigs``). ``operator_kwargs`` go to
+    ``HessianOperator`` (``train_mode``, ``method``, ``distributed``).
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")

@@ -1,13 +1,13 @@
 """Loss landscapes in 1D and 2D (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets").
 
 The loss is evaluated at ``w + alpha d1`` (1D) or ``w + alpha d1 + beta d2`` (2D) on a grid, along
-filter-normalised random directions (:func:`filter_normalized_direction`), along Hessian eigenvectors, or along
+filter-normalised random directions (``filter_normalized_direction``), along Hessian eigenvectors, or along
 directions you give. A direction is a list of tensors shaped like the trainable parameters (in
 ``model.parameters()`` order), or one flat vector of their concatenation, as the Hessian module returns them.
 
 ``loss_fn(outputs, targets)`` may return per-example losses (``reduction="none"``) or the batch mean: each point's
 loss is the mean over all examples of ``data`` (batch means are weighted by batch size). ``data`` takes the forms
-of :mod:`flatminima.sharpness.data` (one batch or an iterable of batches; inputs may be a tuple of tensors). The
+of ``flatminima.sharpness.data`` (one batch or an iterable of batches; inputs may be a tuple of tensors). The
 model's weights and modes are restored exactly afterwards; the measurement runs in eval mode unless
 ``train_mode=True``.
 """
@@ -249,7 +249,7 @@ def loss_landscape_1d(
     ``ignore_bn_and_bias``); ``"eigen"`` for the first of ``eigenvectors`` (a flat vector, a ``(k, dim)`` tensor,
     a sequence of directions, or an ``EigenResult`` with its vectors); or a direction itself (list of tensors
     shaped like the trainable parameters, or one flat vector). ``alpha`` is in units of that direction (an
-    eigenvector has unit norm). ``data`` as in :func:`m_sharpness`, iterated once per point (use a loader that
+    eigenvector has unit norm). ``data`` as in ``m_sharpness``, iterated once per point (use a loader that
     does not shuffle; a one-shot iterator is read into memory once).
     """
     weights = list(trainable_parameters(model).values())

@@ -11,7 +11,7 @@ group's mean loss ``L_k`` when the weights ``w`` are perturbed by ``e``:
 
 Both are reported for the loss and for the 0-1 error, averaged over groups with their standard error.
 
-The ascent steps are the training rules of :mod:`flatminima.optim.perturb`: ``DualNorm(p)``, wrapped in
+The ascent steps are the training rules of ``flatminima.optim.perturb``: ``DualNorm(p)``, wrapped in
 ``Adaptive(., eta)`` when adaptive, so that every geometry SAM can be trained in can be measured in, and measured
 with the same maths. Each step of the worst case is the rule's perturbation at the step size, added to the
 current ``e`` and brought back into the ball: for ``p = 2`` by rescaling and for ``p = inf`` by clipping (both the
@@ -20,7 +20,7 @@ retraction, not the Euclidean projection, which has no closed form). Every itera
 loss is the maximum over the iterates, so the estimate is a lower bound of the worst case, as any finite ascent is.
 
 The model's own parameters are never written: perturbed weights are passed with
-:func:`torch.func.functional_call`. Parameters, buffers (BatchNorm running statistics, which update in train
+``torch.func.functional_call``. Parameters, buffers (BatchNorm running statistics, which update in train
 mode) and the train/eval mode of every submodule are still saved and restored exactly, also on exceptions.
 """
 
@@ -222,7 +222,7 @@ def m_sharpness(
         model: the network; its weights and modes are left exactly as they were.
         loss_fn: ``loss_fn(outputs, targets)`` returning per-example losses (``reduction="none"``).
         data: ``(inputs, targets)`` or an iterable of such batches (read once); inputs may be a tuple of tensors
-            (see :mod:`flatminima.sharpness.data`). Examples are taken in order and split into consecutive groups
+            (see ``flatminima.sharpness.data``). Examples are taken in order and split into consecutive groups
             of ``m``; a last incomplete group is dropped.
         m: group size (>= 1 and at most the number of examples).
         rho: radius of the perturbation (>= 0).

@@ -2,8 +2,8 @@
 
 Modelled on curvlinops' ``CurvatureLinearOperator``: an operator is a square matrix known only through its
 products, with a dimension, a dtype and a device. ``matvec`` multiplies one flat vector; ``matmat`` multiplies the
-columns of a ``(dim, k)`` matrix, which an operator over a data set (:class:`~flatminima.sharpness.hvp.
-HessianOperator`) does in one pass over the data. The estimators (Lanczos, power iteration, Hutchinson, Hutch++,
+columns of a ``(dim, k)`` matrix, which an operator over a data set (``
+HessianOperator``) does in one pass over the data. The estimators (Lanczos, power iteration, Hutchinson, Hutch++,
 SLQ) are written against this protocol only, so a dense tensor, a Hessian over a data set or a user's own operator
 (a Gauss-Newton matrix, a Fisher) are measured by the same code.
 """
@@ -59,7 +59,7 @@ def _check_columns(matrix: Tensor, dim: int) -> None:
 
 
 class DenseOperator:
-    """A dense square tensor as a :class:`LinearOperator` (for tests, and for Hessians small enough to store)."""
+    """A dense square tensor as a ``LinearOperator`` (for tests, and for Hessians small enough to store)."""
 
     def __init__(self, matrix: Tensor) -> None:
         if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -168,7 +168,7 @@ class ShiftedOperator(_WrappedOperator):
 
 
 def as_operator(operator: OperatorLike) -> LinearOperator:
-    """``operator`` itself when it implements :class:`LinearOperator`; a :class:`DenseOperator` for a tensor."""
+    """``operator`` itself when it implements ``LinearOperator``; a ``DenseOperator`` for a tensor."""
     if isinstance(operator, Tensor):
         return DenseOperator(operator)
     if isinstance(operator, LinearOperator):

@@ -30,7 +30,7 @@ def power_iteration_op(
 
     Converges to the eigenvalue of largest *magnitude* (which may be negative), at a rate set by the ratio of the two
     largest magnitudes; the residual ``||H v - rq v||`` comes free from the last product. ``op`` is any
-    :class:`~flatminima.sharpness.operator.LinearOperator` or a dense symmetric tensor. ``v0`` starts the iteration
+    ``LinearOperator`` or a dense symmetric tensor. ``v0`` starts the iteration
     (e.g. the previous eigenvector when tracking lambda_max along training: a warm start); default a Gaussian draw.
     """
     if tol <= 0 or max_iter < 1:
@@ -109,6 +109,6 @@ def power_iteration(
     return_vectors: bool = True,
     **operator_kwargs: Any,
 ) -> EigenResult:
-    """Largest-magnitude Hessian eigenvalue of the full-data loss by power iteration (:func:`power_iteration_op`)."""
+    """Largest-magnitude Hessian eigenvalue of the full-data loss by power iteration (``power_iteration_op``)."""
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return power_iteration_op(op, tol=tol, max_iter=max_iter, seed=seed, return_vectors=return_vectors)

@@ -15,7 +15,7 @@ DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
 def check_distribution(distribution: str) -> None:
-    """Raise a ValueError unless ``distribution`` is one of :data:`DISTRIBUTIONS`."""
+    """Raise a ValueError unless ``distribution`` is one of ``DISTRIBUTIONS``."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
 

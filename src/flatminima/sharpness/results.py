@@ -93,7 +93,7 @@ class SpectralDensity:
 
     def moment(self, k: int) -> tuple[float, float]:
         """Estimate of ``tr(H^k) / dim`` and its standard error over the runs (exact per run for k < 2 * steps;
-        the stderr is NaN for one run, see :func:`mean_stderr`)."""
+        the stderr is NaN for one run, see ``mean_stderr``)."""
         return mean_stderr((self.weights * self.nodes.pow(k)).sum(dim=1))
 
     def default_sigma(self) -> float:

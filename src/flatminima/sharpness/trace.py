@@ -43,9 +43,9 @@ def hutchinson_trace_op(
     block_size: int = BLOCK_SIZE,
 ) -> TraceResult:
     """Hutchinson: the mean of ``v^T A v`` over random probes (unbiased); stderr = sample std / sqrt(n), NaN for
-    one probe (see :func:`~flatminima.sharpness.results.mean_stderr`).
+    one probe (see ``mean_stderr``).
 
-    ``op`` is any :class:`~flatminima.sharpness.operator.LinearOperator` or a square tensor; the probes go through
+    ``op`` is any ``LinearOperator`` or a square tensor; the probes go through
     ``matmat`` ``block_size`` at a time (one pass over the data per block for a Hessian over a data set).
     """
     if num_probes < 1:
@@ -179,7 +179,7 @@ def hutchinson_trace(
     dtype: torch.dtype | None = None,
     **operator_kwargs: Any,
 ) -> TraceResult:
-    """Hessian trace of the full-data loss by Hutchinson's estimator (see :func:`hutchinson_trace_op`)."""
+    """Hessian trace of the full-data loss by Hutchinson's estimator (see ``hutchinson_trace_op``)."""
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return hutchinson_trace_op(op, num_probes=num_probes, seed=seed, distribution=distribution)
 
@@ -193,7 +193,7 @@ def hutchpp_trace(
     dtype: torch.dtype | None = None,
     **operator_kwargs: Any,
 ) -> TraceResult:
-    """Hessian trace of the full-data loss by Hutch++ (see :func:`hutchpp_trace_op`)."""
+    """Hessian trace of the full-data loss by Hutch++ (see ``hutchpp_trace_op``)."""
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return hutchpp_trace_op(op, num_matvecs=num_matvecs, seed=seed)
 
@@ -208,6 +208,6 @@ def xtrace(
     dtype: torch.dtype | None = None,
     **operator_kwargs: Any,
 ) -> TraceResult:
-    """Hessian trace of the full-data loss by XTrace (see :func:`xtrace_op`)."""
+    """Hessian trace of the full-data loss by XTrace (see ``xtrace_op``)."""
     op = HessianOperator(model, loss_fn, data, dtype=dtype, **operator_kwargs)
     return xtrace_op(op, num_matvecs=num_matvecs, seed=seed, distribution=distribution)

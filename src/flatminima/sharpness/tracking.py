@@ -2,7 +2,7 @@
 
 Between two measurements a few optimiser steps move the weights a little, so the top eigenvector moves a little
 too: power iteration started from the previous one needs a few products where a cold start needs many more
-(``benchmarks/bench_tracking.py`` measures both). The model is measured as :mod:`flatminima.sharpness` always
+(``benchmarks/bench_tracking.py`` measures both). The model is measured as ``flatminima.sharpness`` always
 measures it: on fixed data, in eval mode by default, its weights, buffers and modes left exactly as they were, and
 without touching the global random state, so a run with tracking trains exactly like one without.
 """
@@ -40,12 +40,12 @@ class SharpnessRecord:
 
 
 class SharpnessTracker:
-    """Call :meth:`maybe_measure` after every optimiser step; every ``every`` steps it measures lambda_max.
+    """Call ``maybe_measure`` after every optimiser step; every ``every`` steps it measures lambda_max.
 
     Args:
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss (the Hessian's loss).
         data: one ``(inputs, targets)`` batch or an iterable of them: the fixed set the Hessian is taken over.
-        every: steps between measurements (the first at step ``every``; :meth:`measure` any time).
+        every: steps between measurements (the first at step ``every``; ``measure`` any time).
         tol: of the power iteration (the relative change of the Rayleigh quotient at which it stops).
         max_iter: of the power iteration.
         trace_probes: also estimate the trace with this many Hutchinson probes (0: no trace).
@@ -80,7 +80,7 @@ class SharpnessTracker:
         return self.measure(model, step)
 
     def measure(self, model: nn.Module, step: int) -> SharpnessRecord:
-        """lambda_max of ``model`` now (warm-started), and the trace if asked; appended to :attr:`history`."""
+        """lambda_max of ``model`` now (warm-started), and the trace if asked; appended to ``history``."""
         op = HessianOperator(model, self.loss_fn, self.data, train_mode=self.train_mode, distributed=False)
         if self.vector is not None and self.vector.shape != (op.dim,):
             self.vector = None  # the model changed shape: start cold

@@ -74,7 +74,7 @@ def optimizer_request(
 def build_optimizer(
     config: TrainConfig, model: nn.Module, request: OptimizerRequest | None = None
 ) -> torch.optim.Optimizer:
-    """The registered optimiser ``config.optimizer`` (see :func:`optimizer_request`)."""
+    """The registered optimiser ``config.optimizer`` (see ``optimizer_request``)."""
     request = request if request is not None else optimizer_request(config, model)
     return optimizer_spec(config.optimizer).build(request)
 
@@ -117,7 +117,7 @@ def _progress(step: int, warmup: int, total: int) -> float:
 def rho_factor(config: TrainConfig, epoch_progress: float) -> float:
     """The shape ``s`` of the constant and linear rho schedules at a fractional epoch: 1, or growing linearly from
     0 over the warm-up epochs (rho is ``rho_min + (rho - rho_min) s``). The other schedules are per step (and the
-    lr schedule reads the learning rate): :func:`build_rho_scheduler` builds them."""
+    lr schedule reads the learning rate): ``build_rho_scheduler`` builds them."""
     if config.rho_schedule not in ("constant", "linear"):
         raise ValueError(
             f"rho_factor covers the constant and linear rho schedules; {config.rho_schedule!r} is per step: use "
@@ -129,7 +129,7 @@ def rho_factor(config: TrainConfig, epoch_progress: float) -> float:
 
 
 def rho_at(config: TrainConfig, epoch_progress: float) -> float:
-    """rho for a fractional epoch under the constant or linear schedule (what :func:`build_rho_scheduler` sets
+    """rho for a fractional epoch under the constant or linear schedule (what ``build_rho_scheduler`` sets
     before each step)."""
     return config.rho_min + (config.rho - config.rho_min) * rho_factor(config, epoch_progress)
 
@@ -138,10 +138,10 @@ def build_rho_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, s
     """Per-iteration rho, moving each group's rho between ``config.rho_min`` and its own rho:
 
     - constant / linear: step ``s`` uses ``rho_at(config, s / steps_per_epoch)``;
-    - cosine: a half cosine down to ``rho_min`` over the steps after the lr warm-up (:func:`cosine_rho`);
-    - step: x0.2 toward ``rho_min`` where the lr's step schedule drops (:func:`step_rho`);
-    - lr: ``rho_min + (rho - rho_min) lr_t / config.lr`` (:func:`lr_proportional_rho`, lr_min = 0). It reads the
-      groups' lr, so build it after :func:`build_scheduler` and step it after the LR scheduler (the loop does).
+    - cosine: a half cosine down to ``rho_min`` over the steps after the lr warm-up (``cosine_rho``);
+    - step: x0.2 toward ``rho_min`` where the lr's step schedule drops (``step_rho``);
+    - lr: ``rho_min + (rho - rho_min) lr_t / config.lr`` (``lr_proportional_rho``, lr_min = 0). It reads the
+      groups' lr, so build it after ``build_scheduler`` and step it after the LR scheduler (the loop does).
     """
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch

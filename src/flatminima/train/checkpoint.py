@@ -47,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; a clear error if it is missing or corrupt."""
+    """Read a checkpoint written by ``save_checkpoint``; a clear error if it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; start without --resume, or point --output at the run.")
@@ -74,7 +74,7 @@ def _damaged(path: str | Path, detail: str) -> ValueError:
 def check_resume_state(state: dict[str, Any], path: str | Path) -> None:
     """Validate, field by field, a checkpoint a run is about to resume from, before anything is loaded or written:
     the epoch in range, a history of one record per epoch, the RNG state a generator's, the world size. Each
-    failure names the field and the fix. (:func:`check_schedule_steps` follows once the config is known to be
+    failure names the field and the fix. (``check_schedule_steps`` follows once the config is known to be
     the checkpoint's.)"""
 
     def damaged(detail: str) -> ValueError:

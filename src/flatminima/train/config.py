@@ -55,7 +55,7 @@ def _help(field_: dataclasses.Field) -> str:
 
 @dataclass
 class _RunFields:
-    """The fields every training run has (:class:`TrainConfig` adds the variants' options)."""
+    """The fields every training run has (``TrainConfig`` adds the variants' options)."""
 
     dataset: str = _option(
         "digits", "digits (embedded), cifar10, cifar100, mnist, fashion_mnist, svhn, signal_noise", tuple(DATASETS)

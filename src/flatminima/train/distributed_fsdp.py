@@ -70,7 +70,7 @@ def full_state(
 def load_full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optimizer_state: dict[str, Any]
 ) -> None:
-    """Shard full state dicts (as :func:`full_state` wrote them, read by every rank) into the model and optimiser."""
+    """Shard full state dicts (as ``full_state`` wrote them, read by every rank) into the model and optimiser."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     optimizer_state = dict(optimizer_state)

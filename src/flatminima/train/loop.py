@@ -124,7 +124,7 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResult:
-    """Run training as configured; see :class:`TrainConfig`. Under torchrun, every rank calls this.
+    """Run training as configured; see ``TrainConfig``. Under torchrun, every rank calls this.
 
     ``dataset`` replaces the dataset ``config.dataset`` names (the config still records that name).
     """
@@ -142,7 +142,7 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResu
 
 @dataclass
 class _Run:
-    """A run's parts, built once (:func:`_setup`) and used by each phase of :func:`_train`."""
+    """A run's parts, built once (``_setup``) and used by each phase of ``_train``."""
 
     config: TrainConfig
     ctx: Distributed

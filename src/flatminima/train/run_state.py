@@ -1,7 +1,7 @@
 """What a training run's checkpoint holds, each stateful part registered once.
 
 The loop registers every part that changes as it trains (model and optimiser, LR and rho schedulers, the
-GradScaler, the sharpness tracker, the RNG) with a :class:`RunState`; ``save()`` gathers their states into one
+GradScaler, the sharpness tracker, the RNG) with a ``RunState``; ``save()`` gathers their states into one
 dict and ``load(state)`` hands each its own back, in the order they were registered. A new stateful part is one
 ``register`` call, not an edit of the save and the load paths each.
 """

@@ -1,19 +1,19 @@
 """The papers' own algorithms, each a short module of rules on the seams that registers its command-line name.
 
-* :mod:`~flatminima.variants.nsam`: n-SAM, the ascent on another, larger sample (``nsam``);
-* :mod:`~flatminima.variants.rwsam`: RW-SAM, the ascent reweighted toward sharp examples (``rwsam``);
-* :mod:`~flatminima.variants.escape`: Ahn et al.'s random perturbations (``ahn-rs``, ``ahn-sa``);
-* :mod:`~flatminima.variants.periodic`: the SAM step every k steps or with probability p (``periodic-sam``,
+* ``nsam``: n-SAM, the ascent on another, larger sample (``nsam``);
+* ``rwsam``: RW-SAM, the ascent reweighted toward sharp examples (``rwsam``);
+* ``escape``: Ahn et al.'s random perturbations (``ahn-rs``, ``ahn-sa``);
+* ``periodic``: the SAM step every k steps or with probability p (``periodic-sam``,
   ``random-sam``);
-* :mod:`~flatminima.variants.momentum_sam`: Momentum-SAM, the perturbation along the momentum (``momentum-sam``);
-* :mod:`~flatminima.variants.friendly_sam`: Friendly SAM, the gradient's running mean removed (``friendly-sam``);
-* :mod:`~flatminima.variants.gsam`: GSAM, the surrogate gap's descent (``gsam``);
-* :mod:`~flatminima.variants.looksam`: LookSAM, SAM every k steps and its orthogonal part reused (``looksam``);
-* :mod:`~flatminima.variants.esam`: ESAM, stochastic weight perturbation and sharpness-sensitive data selection
+* ``momentum_sam``: Momentum-SAM, the perturbation along the momentum (``momentum-sam``);
+* ``friendly_sam``: Friendly SAM, the gradient's running mean removed (``friendly-sam``);
+* ``gsam``: GSAM, the surrogate gap's descent (``gsam``);
+* ``looksam``: LookSAM, SAM every k steps and its orthogonal part reused (``looksam``);
+* ``esam``: ESAM, stochastic weight perturbation and sharpness-sensitive data selection
   (``esam``);
-* :mod:`~flatminima.variants.aesam`: AE-SAM, SAM's step only where ||g||^2 is high against its running statistics
+* ``aesam``: AE-SAM, SAM's step only where ||g||^2 is high against its running statistics
   (``aesam``);
-* :mod:`~flatminima.variants.saf`: SAF and MESA, a trajectory loss instead of SAM's second pass (``saf``, ``mesa``).
+* ``saf``: SAF and MESA, a trajectory loss instead of SAM's second pass (``saf``, ``mesa``).
 
 The convenience builders ``esam()`` and ``aesam()`` are imported from their modules
 (``from flatminima.variants.esam import esam``), so that ``flatminima.variants.esam`` stays the module.

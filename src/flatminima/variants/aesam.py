@@ -19,20 +19,20 @@ the run's number of steps; past it ``c_t`` stays at ``lambda_1``. The defaults a
 ``lambda_1 = -1``, ``lambda_2 = 1``: the threshold falls from one standard deviation above the mean to one below
 it, so that, were ``s_t`` normal with that mean and spread, SAM's share of the steps would grow from about 16 % to
 about 84 % over the run, half of them on average (the fraction actually taken depends on the run: read it with
-:func:`policy_statistics`).
+``policy_statistics``).
 
-On the seams: ascent :class:`~flatminima.optim.DualNorm` (SAM's), cadence every step, descent
-:class:`AdaptivePolicy`, a rule that reads ``g(w)`` (``needs_first_gradient``) only to decline the ascent
-(:meth:`~flatminima.optim.rules.DescentRule.declines_ascent`, which it is asked with its rule context); its
+On the seams: ascent ``DualNorm`` (SAM's), cadence every step, descent
+``AdaptivePolicy``, a rule that reads ``g(w)`` (``needs_first_gradient``) only to decline the ascent
+(``declines_ascent``, which it is asked with its rule context); its
 direction is SAM's, untouched. A declined step is the one pass at ``w`` and the base step along ``g(w)``, as a
 cadence's off step, under every driver. Under DDP ``g(w)`` is all-reduced before the rule sees it (every rule that
 reads it gets the global batch's), so every rank computes the same ``s_t`` and takes the same decision.
 
 State: ``mu``, ``sigma2`` and the counts of the policy's decisions (SAM steps and plain steps) live in the rule state
 of the first parameter with a gradient (``SAM.rule_state``, saved by ``SAM.state_dict()`` as ``"sam_rule_state"``
-and by ``flatminima train``'s checkpoints), under the keys :data:`STATE_KEYS`, as Python floats and ints: exact
+and by ``flatminima train``'s checkpoints), under the keys ``STATE_KEYS``, as Python floats and ints: exact
 doubles, which a checkpoint carries bit for bit (SAM loads a tensor of rule state in its parameter's dtype, so a
-float64 tensor would come back float32 on a float32 model). :func:`policy_statistics` reads them. The step ``t``
+float64 tensor would come back float32 on a float32 model). ``policy_statistics`` reads them. The step ``t``
 is SAM's counter, also in the ``state_dict``, so a resumed run takes the same decisions.
 
 Choices where the paper is open: ``s_t`` sums the per-tensor squared norms in float64 (each tensor's norm taken in
@@ -190,7 +190,7 @@ def aesam(
 ) -> SAM:
     """SAM taking its step where ``||g(w)||^2`` is large against its running statistics and the base optimiser's
     plain step otherwise (AE-SAM); ``total_steps`` is ``T``, the run's number of steps; ``options`` go to
-    :class:`~flatminima.optim.SAM` (``rho``, ``lr``, ``model``...)."""
+    ``SAM`` (``rho``, ``lr``, ``model``...)."""
     return SAM(params, base_optimizer, descent=AdaptivePolicy(total_steps, delta, lambda1, lambda2), **options)
 
 

@@ -4,7 +4,7 @@ dydjw9/Efficient_SAM, ``utils/Esam.py``).
 
 Two changes to SAM's step, each on an existing seam, with ``g = grad L_B(w)`` the batch gradient at ``w``:
 
-* **stochastic weight perturbation** (SWP, the ascent rule :class:`StochasticWeightPerturbation`): each parameter
+* **stochastic weight perturbation** (SWP, the ascent rule ``StochasticWeightPerturbation``): each parameter
   tensor ``j`` is perturbed only when a Bernoulli trial ``m_j ~ B(beta)`` succeeds, and the perturbation is scaled
   up by ``1 / beta``:
 
@@ -13,7 +13,7 @@ Two changes to SAM's step, each on an existing seam, with ``g = grad L_B(w)`` th
   the L2 norm over the kept tensors ``K`` only (the official code takes the norm over the tensors that received a
   gradient, which are the kept ones, and divides by beta). So ``||e|| = rho / beta`` whenever a tensor is kept (at
   ``beta = 0.6`` the perturbed point is ``1.67 rho`` from ``w``). ``beta = 1`` is SAM's ``e = rho g / ||g||``;
-* **sharpness-sensitive data selection** (SDS, the batch rule :class:`SharpnessSensitiveSelection`): with the
+* **sharpness-sensitive data selection** (SDS, the batch rule ``SharpnessSensitiveSelection``): with the
   per-example losses ``l_i(w)`` of the pass at ``w`` and ``l_i(w + e)`` from one forward pass without gradient at
   ``w + e``, the descent takes the gradient at ``w + e`` of the mean loss over the ``k`` examples whose loss rose
   most,
@@ -29,7 +29,7 @@ Choices where the paper is silent, and where this module differs from the offici
   pure function of ``(seed, step, j)``: tensor ``j`` (its position among the tensors the rule is handed: the
   perturbed parameters that have a gradient, in parameter-group order) of step ``t`` (SAM's counter of completed
   steps, ``context.step``) among ``n`` tensors is kept when ``uniform_draw(seed, t n + j) < beta``
-  (:func:`~flatminima.variants.periodic.uniform_draw`, SplitMix64). No generator state: the checkpoint's step
+  (``uniform_draw``, SplitMix64). No generator state: the checkpoint's step
   counter is enough for a resumed run to draw the same masks, bit for bit, and every rank under DDP (or FSDP)
   draws the same. The official code draws the mask of step ``t`` with Python's ``random`` at the end of step
   ``t - 1``, so its step 0 perturbs every tensor (still divided by beta); ours masks step 0 too;
@@ -51,7 +51,7 @@ Choices where the paper is silent, and where this module differs from the offici
   So ``rho = 0`` is the base optimiser bit for bit (one pass per step), whatever gamma;
 * the scoring forward pass runs without gradient with BatchNorm running statistics frozen (in train mode the
   layers still normalise with the batch's statistics, as in the pass at ``w``), through the step's
-  :class:`~flatminima.batch_rules.Probe` at the live (perturbed) weights. The official one runs in train mode
+  ``Probe`` at the live (perturbed) weights. The official one runs in train mode
   and updates the running statistics; here they are updated once per step, by the pass at ``w`` (SAM's rule);
 * the descent's loss is the mean over the selected examples, as in the official code; the loss a step reports
   is the batch's mean at ``w``. Under DDP each rank selects from its own batch, and each rank perturbs with its
@@ -66,7 +66,7 @@ Cost per step: one forward-backward pass on the batch at ``w``, one forward pass
 batch passes and one forward. Counting a backward as two forwards, SAM is 6 forward passes of the batch and ESAM
 ``3 + 1 + 3 gamma`` (5.5 at ``gamma = 0.5``, about 0.9 of SAM): without SWP's skipped backward work, ESAM here
 saves little over SAM. ``SharpnessAwareStep`` alone runs it (a batch rule), without m-SAM groups or
-``accumulation_steps``; SWP alone (:func:`esam`, no batch rule) runs under every driver. Memory: SAM's, plus the
+``accumulation_steps``; SWP alone (``esam``, no batch rule) runs under every driver. Memory: SAM's, plus the
 per-example losses and, during the descent, the selected examples' copy.
 """
 
@@ -106,7 +106,7 @@ class StochasticWeightPerturbation(AscentRule):
     and ``||g_K||`` the L2 norm of the kept tensors' gradients (see the module).
 
     The trial of tensor ``j`` of ``n`` at step ``t`` is ``uniform_draw(seed, t n + j) < beta``: a pure function of
-    ``(seed, t, j)``, with ``t`` read from the :class:`~flatminima.optim.rules.RuleContext` SAM passes (its counter
+    ``(seed, t, j)``, with ``t`` read from the ``RuleContext`` SAM passes (its counter
     of completed steps), so the rule keeps no state (``needs_state`` stays False: the step is not per-parameter
     state) and runs under m-SAM groups (each group of a step gets the same mask) and on FSDP's shards (the norm is
     taken over every rank's shards, and every rank draws the same mask).
@@ -183,8 +183,8 @@ class SharpnessSensitiveSelection(BatchRule):
     """ESAM's SDS: the descent pass on the ``k = max(1, floor(gamma n))`` examples whose loss rose most from ``w`` to
     ``w + e`` (``s_i = l_i(w + e) - l_i(w)``), the ascent on the whole batch (see the module).
 
-    :meth:`ascent_weights` keeps the per-example losses at ``w`` and the step's probe (and returns None: the ascent
-    loss is the plain mean); :meth:`descent_sample`, called with the weights at ``w + e``, runs one forward pass
+    ``ascent_weights`` keeps the per-example losses at ``w`` and the step's probe (and returns None: the ascent
+    loss is the plain mean); ``descent_sample``, called with the weights at ``w + e``, runs one forward pass
     without gradient there (BatchNorm statistics frozen) and returns the selected examples, in batch order.
     ``gamma = 1`` returns the whole batch with no extra pass; so do a step whose scores are all 0 (the weights did
     not move) and one without losses at ``w`` (the plan takes no pass at ``w`` when no rule reads ``g(w)``: every
@@ -213,7 +213,7 @@ class SharpnessSensitiveSelection(BatchRule):
         return None
 
     def ascent_weights(self, losses: Tensor, probe: Probe) -> Tensor | None:
-        """Keep ``l_i(w)`` and the probe for :meth:`descent_sample`; the ascent loss is the plain mean."""
+        """Keep ``l_i(w)`` and the probe for ``descent_sample``; the ascent loss is the plain mean."""
         self._losses, self._probe = (losses.detach(), probe) if self.gamma < 1.0 else (None, None)
         return None
 
@@ -253,8 +253,8 @@ def esam(
     **options: Any,
 ) -> SAM:
     """SAM with ESAM's stochastic weight perturbation (``beta``, drawn from ``(seed, step)``); ``options`` go to
-    :class:`~flatminima.optim.SAM` (``rho``, ``lr``, ``model``...). The data selection is a batch rule: hand
-    ``SharpnessSensitiveSelection(gamma)`` to :class:`~flatminima.step.SharpnessAwareStep` (``batch_rule=``) or set
+    ``SAM`` (``rho``, ``lr``, ``model``...). The data selection is a batch rule: hand
+    ``SharpnessSensitiveSelection(gamma)`` to ``SharpnessAwareStep`` (``batch_rule=``) or set
     it as ``opt.batch_rule``."""
     return SAM(params, base_optimizer, perturbation=StochasticWeightPerturbation(beta, seed), **options)
 

@@ -8,13 +8,13 @@ the part of a second gradient ``u`` orthogonal to ``grad f(x)``; ``E[v]`` follow
 valley of minima. They differ in ``u`` (the papers page of the documentation, papers.md sec. 4):
 
 * **randomly smoothed perturbation** (Algorithm 1, ``ahn-rs``): ``u = grad f(x + rho g)``, ``g`` uniform on the
-  unit sphere of the whole parameter vector. On the seams: ascent :class:`~flatminima.optim.RandomDirection`,
-  descent :class:`OrthogonalEscape`; one batch pass at ``x`` and one at ``x + rho g``.
+  unit sphere of the whole parameter vector. On the seams: ascent ``RandomDirection``,
+  descent ``OrthogonalEscape``; one batch pass at ``x`` and one at ``x + rho g``.
 * **sharpness-aware perturbation** (Algorithm 2, ``ahn-sa``): ``u = grad f_i(x + rho s grad f_i(x) /
   ||grad f_i(x)||)`` for one random example ``i`` of the batch and a random sign ``s``. Ascent
-  :class:`RandomSign` around ``DualNorm(2)``, batch rule :class:`SingleExample` (both extra passes on example
+  ``RandomSign`` around ``DualNorm(2)``, batch rule ``SingleExample`` (both extra passes on example
   ``i`` alone: single-example gradients, never the batch's per-example gradients), descent
-  :class:`OrthogonalEscape`. Cost: the batch pass plus two single-example passes.
+  ``OrthogonalEscape``. Cost: the batch pass plus two single-example passes.
 
 Choices where the paper is open, each an option: ``epsilon`` (the switch), ``eta'`` as a multiple of the base
 learning rate (``relative=True``, the default: ``eta' = c * lr``, so it follows the LR schedule) or absolute; the

@@ -7,7 +7,7 @@ The paper's F-SAM step, with ``g_t`` the batch gradient at ``w_t``:
     d_t = g_t - sigma m_t                            (what is left: the batch's stochastic gradient noise)
     e_t = rho d_t / ||d_t||,   w_{t+1} = base step along grad L_B(w_t + e_t)
 
-sigma = 1 in the paper's experiments. On the seams: the ascent rule :class:`FriendlyAscent` (``needs_state``: the
+sigma = 1 in the paper's experiments. On the seams: the ascent rule ``FriendlyAscent`` (``needs_state``: the
 EMA ``m`` lives in each parameter's rule state under ``"fsam_mean"``, so checkpoints carry it), SAM's descent
 and cadence; two forward-backward passes per step, as SAM, and one more parameter-sized buffer. Choices, each an
 option or stated:

@@ -10,9 +10,9 @@ perturbed loss to first order (Algorithm 1, steps 0-4):
     g = g_par + g_perp,    g_perp = g - (<g, g_p> / ||g_p||^2) g_p                             (step 3)
     w <- w - lr (g_p - alpha g_perp)                                                          (step 4)
 
-``-g_perp`` lowers ``h`` and is orthogonal to ``g_p``. On the seams: ascent :class:`~flatminima.optim.DualNorm`
-(SAM's), descent :class:`GSAMDescent`, cadence every step. Step 0 is a rho schedule, not part of the rule: any
-variant can use it, :func:`flatminima.optim.rho_scheduler.lr_proportional_rho` (``--rho-schedule lr --rho-min``
+``-g_perp`` lowers ``h`` and is orthogonal to ``g_p``. On the seams: ascent ``DualNorm``
+(SAM's), descent ``GSAMDescent``, cadence every step. Step 0 is a rho schedule, not part of the rule: any
+variant can use it, ``flatminima.optim.rho_scheduler.lr_proportional_rho`` (``--rho-schedule lr --rho-min``
 on the command line). Cost: two forward-backward passes per step, as SAM, plus one kept copy of ``g`` and two
 global dot products.
 
@@ -21,7 +21,7 @@ Table 4; its ViT and MLP-Mixer runs with AdamW use 0.01-1.0, the PyTorch re-impl
 default to 0.4); ``minimize_perturbed`` (default True, the paper's ``min(f_p, h)``; False is big_vision's
 ``minimize_fp=False``, ``min(f, h)``: the direction ``g + alpha (g_p - (<g_p, g> / ||g||^2) g)``, the plain
 gradient plus the part of ``g_p`` orthogonal to it). The dot products are global, over every parameter (in float64
-for float64 tensors, float32 at least), and combine FSDP shards (:mod:`flatminima.optim.norms`). Where the paper's
+for float64 tensors, float32 at least), and combine FSDP shards (``flatminima.optim.norms``). Where the paper's
 code divides by a norm plus ``eps``, zero is handled exactly instead: ``g_p = 0`` gives ``g_perp = g`` (all of
 ``g`` is orthogonal to the zero vector), ``g = 0`` gives ``g_perp = 0``. ``alpha = 0`` is SAM bit for bit. Under
 DDP ``g`` is all-reduced (the rule needs it, as every descent rule that reads ``g(w)``), so the perturbation is

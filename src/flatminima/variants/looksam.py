@@ -10,8 +10,8 @@ With ``g = grad f(w)`` at every step:
 
 ``g_v`` is the part of ``g_s`` orthogonal to ``g`` (``||g_s|| cos(theta) g / ||g|| = (<g, g_s> / ||g||^2) g``), the
 component that steers toward flatter regions and changes slowly between steps. On the seams: ascent
-:class:`~flatminima.optim.DualNorm` (SAM's), cadence :class:`~flatminima.optim.EveryKSteps` ``(k)``, descent
-:class:`LookSAMDescent`, which keeps ``g_v`` in each parameter's rule state (``SAM.rule_state``, so checkpoints carry
+``DualNorm`` (SAM's), cadence ``EveryKSteps`` ``(k)``, descent
+``LookSAMDescent``, which keeps ``g_v`` in each parameter's rule state (``SAM.rule_state``, so checkpoints carry
 it). Cost: ``(k + 1) / k`` forward-backward passes per step on average (2 on the ascent steps, 1 on the others, where
 the weights never leave ``w``), plus one stored copy of the gradient (``g_v``) and, on ascent steps, one kept ``g``.
 

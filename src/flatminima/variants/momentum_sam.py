@@ -11,7 +11,7 @@ SGD moves in: ``e = -rho v / ||v||`` (the official code, MarlonBecker/MSAM ``opt
 ``param.sub_(momentum_buffer, alpha=rho / ||v||)``). The gradient is taken a step of length rho *ahead* along the
 update, as in Nesterov's method with a normalised look-ahead; not uphill along ``g`` as SAM.
 
-On the seams: the ascent rule :class:`MomentumAscent` (``needs_gradient = False``: SAM skips the pass at ``w``, so a
+On the seams: the ascent rule ``MomentumAscent`` (``needs_gradient = False``: SAM skips the pass at ``w``, so a
 step costs one forward-backward, at ``w + e``; ``needs_state = True``: it reads the base optimiser's buffer from
 the parameters' optimiser state), SAM's descent and cadence. Choices, each an option or stated:
 
@@ -20,7 +20,7 @@ the parameters' optimiser state), SAM's descent and cadence. Choices, each an op
 * ``||v|| = 0``: ``e = 0`` (the official code divides by ``||v|| + 1e-12``, the same to within 1e-12 / ||v||);
 * the norm is global over all perturbed parameters (one ball, as in the paper and the code);
 * ``buffer``: the state key read; ``"momentum_buffer"`` for SGD, ``"exp_avg"`` (Adam's first moment) for
-  Adam/AdamW, as the official ``AdamW_MSAM`` (:meth:`MomentumAscent.for_optimizer` picks it and refuses SGD
+  Adam/AdamW, as the official ``AdamW_MSAM`` (``MomentumAscent.for_optimizer`` picks it and refuses SGD
   without momentum). Dampening only scales ``v``; Nesterov SGD still keeps ``v`` in the buffer, which is used.
 
 The official code keeps the weights at ``w~`` between steps (it removes the last perturbation, steps, and adds the

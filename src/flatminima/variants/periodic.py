@@ -1,17 +1,17 @@
 """Periodic and random SAM: the SAM step on some steps only, a plain base-optimiser step along ``g(w)`` on the rest.
 
-Both are SAM with another cadence (:class:`~flatminima.optim.rules.Cadence`, the third seam): step ``t`` (0-based,
+Both are SAM with another cadence (``Cadence``, the third seam): step ``t`` (0-based,
 SAM's own step counter) either takes SAM's step, the base optimiser along
 
     g(w_t + e_t),   e_t = rho g(w_t) / ||g(w_t)||_2          (Foret et al. 2021, eq. 2 and 3),
 
 or, exempted, the base optimiser's plain step along ``g(w_t)`` (one forward-backward, no ascent):
 
-* **periodic SAM** (``periodic-sam``, :class:`~flatminima.optim.rules.EveryKSteps`): SAM on ``t = 0, k, 2k, ...``
+* **periodic SAM** (``periodic-sam``, ``EveryKSteps``): SAM on ``t = 0, k, 2k, ...``
   (``t mod k = 0``). The "SAM-k" baseline of LookSAM (Liu, Mai, Chen, Hsieh, You, "Towards Efficient and
   Scalable Sharpness-Aware Minimization", CVPR 2022, arXiv 2203.02714), which takes plain SGD steps between
   the SAM steps; LookSAM itself reuses a component of the last SAM gradient instead. ``k = 1`` is SAM.
-* **random SAM** (``random-sam``, :class:`RandomCadence`): SAM on step ``t`` when a Bernoulli trial
+* **random SAM** (``random-sam``, ``RandomCadence``): SAM on step ``t`` when a Bernoulli trial
   ``b_t ~ B(p)`` succeeds, as in Randomized Sharpness-Aware Training (RST: Zhao, Zhang, Hu, "Randomized
   Sharpness-Aware Training for Boosting Computational Efficiency in Deep Learning", arXiv 2203.09962, 2022),
   whose update is ``w_{t+1} = w_t - lr (b_t g(w_t + e_t) + (1 - b_t) g(w_t))`` with a constant ``p`` here (RST
@@ -91,7 +91,7 @@ def periodic_sam(
     **options: Any,
 ) -> SAM:
     """SAM taking its step every ``k`` steps (``t mod k = 0``) and the base optimiser's plain step otherwise;
-    ``options`` go to :class:`~flatminima.optim.SAM` (``rho``, ``lr``, ``model``...)."""
+    ``options`` go to ``SAM`` (``rho``, ``lr``, ``model``...)."""
     return SAM(params, base_optimizer, cadence=EveryKSteps(k), **options)
 
 
@@ -103,7 +103,7 @@ def random_sam(
     **options: Any,
 ) -> SAM:
     """SAM taking its step with probability ``probability`` (decided by ``(seed, step)``) and the base optimiser's
-    plain step otherwise; ``options`` go to :class:`~flatminima.optim.SAM` (its ``p=`` is the L_p ball of the
+    plain step otherwise; ``options`` go to ``SAM`` (its ``p=`` is the L_p ball of the
     ascent, as always)."""
     return SAM(params, base_optimizer, cadence=RandomCadence(probability, seed), **options)
 

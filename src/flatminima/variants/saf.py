@@ -7,11 +7,11 @@ SAM's sharpness term is replaced by a trajectory loss, which needs no second pas
 
 with ``z_i`` a constant target (no gradient flows into it):
 
-* **SAF** (``saf``, :class:`~flatminima.trajectory.PastOutputs`): ``z_i`` is the example's own logits recorded
+* **SAF** (``saf``, ``PastOutputs``): ``z_i`` is the example's own logits recorded
   ``E~`` epochs earlier. The loss then measures how much the outputs changed along the trajectory of the weights
   (the paper's sec. 4: ``KL`` between the outputs at ``w_t`` and ``w_{t-E~}`` ~ the drop of the loss along the
   trajectory, which is large in a sharp minimum).
-* **MESA** (``mesa``, :class:`~flatminima.trajectory.EMATarget`): ``z_i`` is the output of an exponential moving
+* **MESA** (``mesa``, ``EMATarget``): ``z_i`` is the output of an exponential moving
   average of the weights, ``ema <- d ema + (1 - d) w`` after every step (timm's ``ModelEmaV2``: every entry of the
   state dict, BatchNorm's statistics included), the averaged model run in eval mode: memory-efficient when the
   training set is too large for SAF's record.

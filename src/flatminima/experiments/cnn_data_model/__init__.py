@@ -1,19 +1,19 @@
 """``cnn-data-model``: on the signal/noise patch model, SAM generalises over a larger range of signal strength than SGD.
 
 Chen, Zhang, Kou, Chen, Hsieh and Gu (NeurIPS 2023) train a two-layer ReLU CNN with a fixed ``+1/-1`` second layer
-(:class:`~flatminima.models.two_layer_cnn.TwoLayerCNN`) on two-patch data, one patch ``y mu`` and the other Gaussian
+(``TwoLayerCNN``) on two-patch data, one patch ``y mu`` and the other Gaussian
 noise ``xi`` orthogonal to ``mu``, with training labels flipped with probability ``p``
-(:func:`~flatminima.data.patches.make_signal_noise_patches`). Gradient descent overfits benignly only when the signal
+(``make_signal_noise_patches``). Gradient descent overfits benignly only when the signal
 is strong enough, roughly ``n ||mu||^4 >= C d sigma_p^4``; below that it fits the flipped labels by memorising the
 noise patches (the coefficients ``<w_{y_i,r}, xi_i>`` grow) and the test error stays far from the optimum. SAM's
 ascent step deactivates the filters that align with noise early in training, so the signal is learnt first and the
 test error is small over a strictly larger part of the ``(||mu||, d)`` plane.
 
-The reproduction follows the shared protocol (:mod:`flatminima.experiments.protocol`): SGD's learning rate and
-SAM's radius are chosen from grids of the same size on held-out seeds (:mod:`.selection`), SGD and SAM at the chosen
+The reproduction follows the shared protocol (``flatminima.experiments.protocol``): SGD's learning rate and
+SAM's radius are chosen from grids of the same size on held-out seeds (``.selection``), SGD and SAM at the chosen
 settings (and SAM at every radius of the grid) are then trained over the ``(||mu||, d)`` grid on the reported seeds,
 one model at a time from the same initialisation, at equal steps and at equal gradient evaluations, and the claims
-are verdicts on paired differences and on cells decided by their intervals (:mod:`.verdicts`). Each benign cell is
+are verdicts on paired differences and on cells decided by their intervals (``.verdicts``). Each benign cell is
 also classed by how much of the flipped labels the model fits there: SAM may "overfit benignly" (fit them and still
 generalise, the paper's picture) or "never overfit" (generalise without fitting them).
 
@@ -23,10 +23,10 @@ standard deviation ``sigma_0 sigma_p sqrt(d)``; the shift is ``rho / (sigma_0 sq
 independent of ``d``. With ``sigma_0 = 0.01``, ``n = 20``, ``m = 10`` that is ``rho / 0.14``: only the largest
 radii of the SAM paper's grid switch the noise-aligned filters off at the perturbed point.
 
-The package computes, then reports: :mod:`.problem` (the data and the settings), :mod:`.training` (one run,
-:func:`train_cnn`), :mod:`.regions` (one setting over the grid, :class:`Arm`, and its benign region),
-:mod:`.selection` (the grids and the choice), :mod:`.compute` (:func:`compute`, to a :class:`CnnDataModelResult`),
-:mod:`.verdicts` (the claims), :mod:`.report` (:func:`report`, the table, text and results) and :mod:`.plots`.
+The package computes, then reports: ``.problem`` (the data and the settings), ``.training`` (one run,
+``train_cnn``), ``.regions`` (one setting over the grid, ``Arm``, and its benign region),
+``.selection`` (the grids and the choice), ``.compute`` (``compute``, to a ``CnnDataModelResult``),
+``.verdicts`` (the claims), ``.report`` (``report``, the table, text and results) and ``.plots``.
 """
 
 from __future__ import annotations

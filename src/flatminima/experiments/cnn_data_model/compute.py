@@ -1,9 +1,9 @@
 """The runs: choose the settings on the held-out seeds, then train the chosen ones (and every radius of the grid)
 over ``(||mu||, d)`` and the reported seeds.
 
-:func:`compute` trains and measures and returns a :class:`CnnDataModelResult`; it draws and formats nothing (the
-report does, :mod:`flatminima.experiments.cnn_data_model.report`). The runs go through worker processes, one cell
-of one seed a job (:func:`_train_cell`), each in one thread: a step is microseconds of maths, so a second thread in
+``compute`` trains and measures and returns a ``CnnDataModelResult``; it draws and formats nothing (the
+report does, ``flatminima.experiments.cnn_data_model.report``). The runs go through worker processes, one cell
+of one seed a job (``_train_cell``), each in one thread: a step is microseconds of maths, so a second thread in
 one run only adds overhead, and the runs of one job share their draw of the data.
 """
 
@@ -60,10 +60,10 @@ Found = dict[tuple[int, int, int, float | None, float], list[TrainedCNN]]
 
 @dataclass(frozen=True)
 class CnnDataModelResult:
-    """The grid's axes, the reported seeds (``seeds``; ``more_seeds``: whether :data:`~flatminima.experiments.
-    protocol.MORE_SEEDS` were added because a difference was within two standard errors of zero), what the
+    """The grid's axes, the reported seeds (``seeds``; ``more_seeds``: whether ``MORE_SEEDS`` were added
+    because a difference was within two standard errors of zero), what the
     held-out seeds chose (``selection``), SGD's arm at its chosen learning rate per budget, SAM's arm at every
-    radius of the grid (by rho, in the grid's order; the chosen one is :attr:`chosen`), and SGD's boundary
+    radius of the grid (by rho, in the grid's order; the chosen one is ``chosen``), and SGD's boundary
     constant at equal steps."""
 
     seeds: tuple[int, ...]
@@ -86,7 +86,7 @@ class CnnDataModelResult:
 
     @property
     def tracked(self) -> Cell:
-        """The index ``(i, j)`` of the tracked cell, :data:`TRACKED`."""
+        """The index ``(i, j)`` of the tracked cell, ``TRACKED``."""
         return self.dims.index(TRACKED[1]), self.signal_norms.index(TRACKED[0])
 
 
@@ -108,7 +108,7 @@ class _Job:
 
 
 def _train_cell(job: _Job) -> list[list[TrainedCNN]]:
-    """Train a job's runs (in a worker: one thread), each measured after :data:`STEPS` steps and at its end."""
+    """Train a job's runs (in a worker: one thread), each measured after ``STEPS`` steps and at its end."""
     torch.set_num_threads(1)
     data = make_data(job.signal_norm, job.dim, job.seed)
     return [
@@ -166,7 +166,7 @@ def _jobs(
 
 def _reported_runs(lr: dict[Budget, float]) -> tuple[Run, ...]:
     """The runs of a reported seed: SGD at each budget's chosen learning rate (one run when both chose the same:
-    its measure after :data:`STEPS` steps is the equal-steps run) and SAM at every radius, at SGD's equal-steps
+    its measure after ``STEPS`` steps is the equal-steps run) and SAM at every radius, at SGD's equal-steps
     learning rate."""
     longest = SGD_CHECKPOINTS[Budget.EQUAL_EVALUATIONS]
     sgd = {lr[Budget.EQUAL_EPOCHS]: STEPS, lr[Budget.EQUAL_EVALUATIONS]: longest}
@@ -177,9 +177,9 @@ def _reported_runs(lr: dict[Budget, float]) -> tuple[Run, ...]:
 
 
 def compute(ctx: Context, workers: int | None = None) -> CnnDataModelResult:
-    """Choose SGD's learning rate (per budget) and SAM's radius on :data:`SELECTION_SEEDS`, then train SGD and SAM
-    at every radius over the grid and the reported seeds (``ctx.seeds``; :data:`MORE_SEEDS` when they are
-    :data:`SEEDS` and SAM's paired difference with SGD where SGD is harmful is within two standard errors of zero).
+    """Choose SGD's learning rate (per budget) and SAM's radius on ``SELECTION_SEEDS``, then train SGD and SAM
+    at every radius over the grid and the reported seeds (``ctx.seeds``; ``MORE_SEEDS`` when they are
+    ``SEEDS`` and SAM's paired difference with SGD where SGD is harmful is within two standard errors of zero).
 
     ``workers`` processes train at once (default: one per CPU core); the results do not depend on it.
     """
@@ -231,7 +231,7 @@ def compute(ctx: Context, workers: int | None = None) -> CnnDataModelResult:
 
 def _too_close(found: Found, selection: Selection, seeds: Sequence[int], shape: Cell) -> bool:
     """Whether SAM's paired difference with SGD where SGD is harmful, at either budget, is within two standard
-    errors of zero (:func:`~flatminima.experiments.protocol.needs_more_seeds`)."""
+    errors of zero (``needs_more_seeds``)."""
     lr = selection.lr
     sam = _arm(found, selection.rho, lr[Budget.EQUAL_EPOCHS], STEPS, seeds, shape)
     for budget in BUDGETS:

@@ -29,7 +29,7 @@ def draws_boundary(result: CnnDataModelResult) -> bool:
 
 def cell_marks(arm: Arm) -> list[list[str]]:
     """Each cell's mark on the map: for a benign cell (by the mean) the letter of its fit of the flipped labels
-    (:data:`FIT_MARKS`; ``-``: none was flipped there), and ``?`` where its interval does not decide it."""
+    (``FIT_MARKS``; ``-``: none was flipped there), and ``?`` where its interval does not decide it."""
     benign, decided, fraction = arm.benign, arm.decided(), arm.flipped_fraction()
     return [
         [
@@ -60,7 +60,7 @@ def _outline(axis: Any, benign: Sequence[Sequence[bool]]) -> None:
 
 def plot_maps(path: Path, result: CnnDataModelResult, arms: Sequence[Arm], columns: int = 3) -> Path:
     """Heatmaps of the mean clean test error over ``(||mu||, d)``, ``columns`` to a row, with the benign cells
-    outlined, each cell marked (:func:`cell_marks`) and the curve ``n ||mu||^4 = C d`` (``C`` read off SGD's
+    outlined, each cell marked (``cell_marks``) and the curve ``n ||mu||^4 = C d`` (``C`` read off SGD's
     boundary at equal steps)."""
     import numpy as np
 

@@ -60,7 +60,7 @@ def make_data(signal_norm: float, dim: int, seed: int) -> ImageDataset:
 
 
 def held_out_labels(data: ImageDataset, seed: int) -> Tensor:
-    """The test labels flipped like the training ones (each with probability :data:`FLIP_PROB`): the labels a
+    """The test labels flipped like the training ones (each with probability ``FLIP_PROB``): the labels a
     held-out draw is scored on when it chooses a setting (the paper's test error is on the noisy distribution, so
     its optimum is ``p``). The flips come from their own generator, seeded ``seed + 20_000``, the same for every
     ``||mu||`` of a row and every optimiser."""

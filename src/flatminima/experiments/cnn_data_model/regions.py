@@ -1,4 +1,4 @@
-"""One optimiser setting over the ``(||mu||, d)`` grid (:class:`Arm`) and what the report reads off it: the benign
+"""One optimiser setting over the ``(||mu||, d)`` grid (``Arm``) and what the report reads off it: the benign
 region (by the mean and by each cell's 95 % interval), each row's smallest benign signal, and how much of the
 flipped training labels the model fits where it is benign."""
 
@@ -47,7 +47,7 @@ class Decided(str, Enum):
 
 
 class Fit(str, Enum):
-    """How an optimiser treats the flipped training labels where it is benign (:func:`fit_class`)."""
+    """How an optimiser treats the flipped training labels where it is benign (``fit_class``)."""
 
     NEVER_OVERFITS = "never overfits"
     PARTLY_OVERFITS = "partly overfits"
@@ -56,8 +56,8 @@ class Fit(str, Enum):
 
 
 def fit_class(fraction: float) -> Fit:
-    """The class of a fraction of flipped labels fitted in the benign cells: at most :data:`NEVER_FITS_BELOW`,
-    never overfits (it generalises without fitting them); at least :data:`OVERFITS_FROM`, overfits benignly (it
+    """The class of a fraction of flipped labels fitted in the benign cells: at most ``NEVER_FITS_BELOW``,
+    never overfits (it generalises without fitting them); at least ``OVERFITS_FROM``, overfits benignly (it
     fits them and still generalises); partly in between; NaN (no benign cell, or no flipped label in one)."""
     if math.isnan(fraction):
         return Fit.UNKNOWN
@@ -117,7 +117,7 @@ class Arm:
         return [r for row in self.runs for cell in row for r in cell]
 
     def cell_mean(self, key: str) -> list[list[float]]:
-        """The mean over seeds of one measure (a :class:`TrainedCNN` field) in every cell."""
+        """The mean over seeds of one measure (a ``TrainedCNN`` field) in every cell."""
         return [[mean([getattr(r, key) for r in cell]) for cell in row] for row in self.runs]
 
     @property
@@ -138,7 +138,7 @@ class Arm:
         return [(i, j) for i, j in self.cells() if benign[i][j]]
 
     def thresholds(self, signal_norms: Sequence[float]) -> list[float]:
-        """Each row's smallest benign ``||mu||`` (:func:`benign_threshold`)."""
+        """Each row's smallest benign ``||mu||`` (``benign_threshold``)."""
         return [benign_threshold(row, signal_norms) for row in self.benign]
 
     def decided(self) -> list[list[Decided]]:
@@ -206,5 +206,5 @@ def _fraction(fitted: Sequence[int], flipped: Sequence[int]) -> float:
 
 def paired(first: Arm, second: Arm, key: str, cells: Sequence[Cell]) -> list[float]:
     """Seed by seed, ``first``'s mean of one measure over ``cells`` minus ``second``'s (both trained on the same
-    seeds in the same order: the values :func:`~flatminima.experiments.protocol.paired_difference` takes)."""
+    seeds in the same order: the values ``paired_difference`` takes)."""
     return [a - b for a, b in zip(first.per_seed(key, cells), second.per_seed(key, cells), strict=True)]

@@ -1,4 +1,4 @@
-"""The report: from a :class:`~flatminima.experiments.cnn_data_model.compute.CnnDataModelResult` to the table, the
+"""The report: from a ``CnnDataModelResult`` to the table, the
 claims, the text (every outcome in it read off the result), ``results.json`` and the figures."""
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def _trajectory_mean(arm: Arm, cell: tuple[int, int]) -> list[list[float]]:
 
 
 def report(result: CnnDataModelResult, ctx: Context) -> Outcome:
-    """The :class:`Outcome`: one table row per arm, the claims, the text, ``results.json`` and the figures (the
+    """The ``Outcome``: one table row per arm, the claims, the text, ``results.json`` and the figures (the
     maps of SGD and the chosen SAM, the other radii, the tracked cell's coefficients, the held-out scores)."""
     selection, arms = result.selection, _arms(result)
     rows = [_row(result, key, arm) for key, arm in arms.items()]

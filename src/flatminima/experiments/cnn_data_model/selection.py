@@ -1,17 +1,17 @@
 """Choosing the settings on held-out seeds: SGD's learning rate and SAM's radius, from grids of the same size.
 
 The data model is generative, so the held-out set is a fresh draw rather than a split: each of
-:data:`SELECTION_SEEDS` draws its own training set (n = 20, labels flipped like the reported ones) and its own 1000
+``SELECTION_SEEDS`` draws its own training set (n = 20, labels flipped like the reported ones) and its own 1000
 test points, over the whole ``(||mu||, d)`` grid. A split of a reported seed's training set would leave 15 or fewer
 points to train on and change ``n``, one of the two axes of the paper's condition ``n ||mu||^4 >= C d``, and its
 error would come in steps of a fifth. A setting's score is its error on the selection draws' test points with the
-labels flipped like the training labels (:func:`~flatminima.experiments.cnn_data_model.problem.held_out_labels`:
+labels flipped like the training labels (``held_out_labels``:
 the paper's test error is on the noisy distribution), averaged over every cell and selection seed; the reported
 seeds' test sets are never looked at until the chosen settings are trained on them.
 
-The grids (:data:`LR_GRID`, :data:`RHO_GRID`) have six settings each (:func:`~flatminima.experiments.protocol.
-equal_sizes`): SGD over its learning rate (the model has no weight decay), SAM over the SAM paper's radii at SGD's
-chosen learning rate. SGD is tuned once per budget, on the same runs (:data:`SGD_CHECKPOINTS`: its score after
+The grids (``LR_GRID``, ``RHO_GRID``) have six settings each (``
+equal_sizes``): SGD over its learning rate (the model has no weight decay), SAM over the SAM paper's radii at SGD's
+chosen learning rate. SGD is tuned once per budget, on the same runs (``SGD_CHECKPOINTS``: its score after
 ``STEPS`` steps for equal steps, after twice as many for equal gradient evaluations).
 """
 
@@ -49,7 +49,7 @@ LR_GRID = Grid("SGD", tuple({"lr": lr} for lr in (0.025, 0.05, 0.1, 0.2, 0.4, 0.
 RHO_GRID = Grid("SAM", tuple({"rho": rho} for rho in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)))
 equal_sizes(LR_GRID, RHO_GRID)
 BUDGETS = (Budget.EQUAL_EPOCHS, Budget.EQUAL_EVALUATIONS)
-#: SGD's steps in each budget against SAM's :data:`STEPS` (a step is an epoch here: the batch is the training set)
+#: SGD's steps in each budget against SAM's ``STEPS`` (a step is an epoch here: the batch is the training set)
 SGD_CHECKPOINTS = {budget: sgd_epochs(STEPS, budget) for budget in BUDGETS}
 
 
@@ -79,14 +79,14 @@ class Selection:
 
 
 def choose_lr(sgd_arms: dict[Budget, Sequence[Arm]]) -> tuple[dict[Budget, list[float]], dict[Budget, float]]:
-    """SGD's scores per budget (its arms in the order of :data:`LR_GRID`) and the chosen learning rate of each."""
+    """SGD's scores per budget (its arms in the order of ``LR_GRID``) and the chosen learning rate of each."""
     scores = {budget: [held_out_score(arm) for arm in arms] for budget, arms in sgd_arms.items()}
     chosen = {budget: float(choose(LR_GRID, [-s for s in scores[budget]])["lr"]) for budget in scores}
     return scores, chosen
 
 
 def select(sgd_arms: dict[Budget, Sequence[Arm]], sam_arms: Sequence[Arm], seeds: Sequence[int]) -> Selection:
-    """The :class:`Selection` from the held-out runs: SGD's arms per budget and SAM's, in the order of the grids."""
+    """The ``Selection`` from the held-out runs: SGD's arms per budget and SAM's, in the order of the grids."""
     if len(sam_arms) != len(RHO_GRID) or any(len(arms) != len(LR_GRID) for arms in sgd_arms.values()):
         raise ValueError("one held-out arm per setting of each grid")
     sgd_scores, lr = choose_lr(sgd_arms)

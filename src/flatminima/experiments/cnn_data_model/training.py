@@ -99,7 +99,7 @@ def _measure(
 def train_checkpoints(
     setting: Setting, data: ImageDataset | None = None, track_every: int = 0, checkpoints: Sequence[int] = ()
 ) -> list[TrainedCNN]:
-    """Train one :class:`TwoLayerCNN` on one draw of the patch data; measure it after each of ``checkpoints``
+    """Train one ``TwoLayerCNN`` on one draw of the patch data; measure it after each of ``checkpoints``
     steps and at the end (``setting.steps``), in order of steps.
 
     Full-batch gradient descent is deterministic, so the measure after ``k`` steps of a longer run is the measure
@@ -107,13 +107,13 @@ def train_checkpoints(
 
     ``data`` is ``make_data(signal_norm, dim, seed)`` when not given. The filters are drawn from
     ``N(0, INIT_STD^2)`` with a generator seeded ``seed + 10_000``, so every optimiser starts from the same point.
-    Each step is one full-batch step of the library's (:func:`_step`). With ``track_every > 0`` the noise and
+    Each step is one full-batch step of the library's (``_step``). With ``track_every > 0`` the noise and
     signal coefficients are recorded every ``track_every`` steps (and at step 0 and each checkpoint) in each
     measure's ``trajectory``.
 
-    The loop is this function's, not :func:`flatminima.train`'s: that loop builds a registry model with its own
-    initialisation from a :class:`~flatminima.train.TrainConfig` and records once per epoch, while this run needs
-    the shared ``N(0, sigma_0^2)`` initialisation of :class:`TwoLayerCNN` and the coefficients every few steps.
+    The loop is this function's, not ``flatminima.train``'s: that loop builds a registry model with its own
+    initialisation from a ``TrainConfig`` and records once per epoch, while this run needs
+    the shared ``N(0, sigma_0^2)`` initialisation of ``TwoLayerCNN`` and the coefficients every few steps.
     """
     if data is None:
         data = make_data(setting.signal_norm, setting.dim, setting.seed)
@@ -144,5 +144,5 @@ def train_checkpoints(
 
 
 def train_cnn(setting: Setting, data: ImageDataset | None = None, track_every: int = 0) -> TrainedCNN:
-    """Train one :class:`TwoLayerCNN` for ``setting.steps`` steps and measure it (:func:`train_checkpoints`)."""
+    """Train one ``TwoLayerCNN`` for ``setting.steps`` steps and measure it (``train_checkpoints``)."""
     return train_checkpoints(setting, data, track_every)[-1]

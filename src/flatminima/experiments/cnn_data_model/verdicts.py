@@ -1,8 +1,7 @@
 """The claims and their verdicts, each computed from the reported seeds by a rule fixed before the run.
 
-Where SGD "overfits harmfully" is decided on the held-out seeds (:attr:`~flatminima.experiments.cnn_data_model.
-selection.Selection.sgd_harmful`), not on the reported ones: cells picked for SGD's bad luck on the reported seeds
-would favour SAM there by regression to the mean alone.
+Where SGD "overfits harmfully" is decided on the held-out seeds (``sgd_harmful``), not on the reported ones: cells
+picked for SGD's bad luck on the reported seeds would favour SAM there by regression to the mean alone.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def budget_name(budget: Budget) -> str:
 @dataclass(frozen=True)
 class FitRow:
     """One arm's fit of the flipped labels where it is benign: pooled over seeds (``fraction``), its interval over
-    the seeds that had a flipped label there (``band``, None with fewer than two), and its :class:`Fit`."""
+    the seeds that had a flipped label there (``band``, None with fewer than two), and its ``Fit``."""
 
     fraction: float
     band: Interval | None
@@ -53,8 +52,7 @@ class FitRow:
 
 
 def fit_row(arm: Arm) -> FitRow:
-    """How ``arm`` treats the flipped labels in its benign cells (:func:`~flatminima.experiments.cnn_data_model.
-    regions.fit_class` of the pooled fraction)."""
+    """How ``arm`` treats the flipped labels in its benign cells (``fit_class`` of the pooled fraction)."""
     values = [v for v in arm.fitted_per_seed(arm.benign_list()) if not math.isnan(v)]
     fraction = arm.fitted_where_benign()
     return FitRow(fraction, interval(values) if len(values) >= 2 else None, fit_class(fraction))

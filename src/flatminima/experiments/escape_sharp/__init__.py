@@ -2,7 +2,7 @@
 
 Ahn, Jadbabaie and Sra (ICML 2024) measure flatness by ``tr(H) / d`` and give two algorithms that, once the
 gradient is small, add ``-eta' v`` to the gradient step, ``v`` the part orthogonal to ``grad f(x)`` of a gradient
-taken at a randomly perturbed point (:mod:`flatminima.variants.escape`): Algorithm 1 (``ahn-rs``) perturbs along
+taken at a randomly perturbed point (``flatminima.variants.escape``): Algorithm 1 (``ahn-rs``) perturbs along
 a uniform random direction, Algorithm 2 (``ahn-sa``) along one random example's normalised gradient with a
 random sign. Both drifts follow ``-grad tr(H)`` along the set of minima; Algorithm 2's is ``d`` times larger at the
 same ``rho`` and ``eta'``. Plain GD does not move at a minimum (its gradient is zero there).
@@ -28,7 +28,7 @@ With ``Sigma = X^T X / n`` (full rank):
 The inputs are whitened (``Sigma = I`` exactly, so ``tr(H)_min = 2 sqrt(k) ||beta||`` and ``a*^2 = ||beta|| /
 sqrt(k)``). Every run starts from the same sharp minimum (``a = a* / 2`` and an ``R`` that adds ``tr(H)_min`` to
 the trace: ``tr(H) = 3.125 tr(H)_min``) and uses the library's optimisers in float64: ``torch.optim.SGD`` through
-:class:`~flatminima.PlainStep` (GD), :class:`~flatminima.SAM` through :class:`~flatminima.SharpnessAwareStep` (SAM,
+``PlainStep`` (GD), ``SAM`` through ``SharpnessAwareStep`` (SAM,
 ``ahn-rs``, ``ahn-sa``). ``tr(H)`` is the trace of the dense Hessian from ``torch.autograd.functional.hessian``,
 checked against the closed form.
 """
@@ -88,8 +88,8 @@ __all__ = [
 
 
 def run(ctx: Context) -> Outcome:
-    """Compute every run (:func:`compute`), then turn the result into the table, report and figures
-    (:func:`outcome`)."""
+    """Compute every run (``compute``), then turn the result into the table, report and figures
+    (``outcome``)."""
     return outcome(compute(ctx), ctx)
 
 

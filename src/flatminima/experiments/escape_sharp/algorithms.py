@@ -1,5 +1,5 @@
 """The algorithms of ``escape-sharp``, all from the library: GD, SAM and Ahn et al.'s Algorithms 1 and 2 as
-:class:`~flatminima.PlainStep` / :class:`~flatminima.SharpnessAwareStep` over :class:`~flatminima.SAM`, and one
+``PlainStep`` / ``SharpnessAwareStep`` over ``SAM``, and one
 run of each from the sharp minimum with its curves and final measurements. Only computes."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ SETTINGS = Settings()
 
 class RandomSubset(BatchRule):
     """Both extra passes of Algorithm 2 on ``size`` examples drawn without replacement from the batch (a new draw
-    every step): :class:`~flatminima.variants.SingleExample` for a mini-batch, for the batch-size experiment. The
+    every step): ``SingleExample`` for a mini-batch, for the batch-size experiment. The
     gradient at ``x`` that ``OrthogonalEscape`` projects against stays the whole batch's."""
 
     def __init__(self, size: int, generator: torch.Generator | None = None) -> None:
@@ -85,7 +85,7 @@ class RandomSubset(BatchRule):
 def make_step(
     name: str, model: nn.Module, settings: Settings, seed: int, batch_size: int = 1
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The library's step for ``name`` (one of :data:`ALGORITHMS`) on ``model``; ``seed`` fixes the random draws
+    """The library's step for ``name`` (one of ``ALGORITHMS``) on ``model``; ``seed`` fixes the random draws
     (directions, signs, examples); ``batch_size`` is the number of examples of ``ahn-sa``'s extra passes."""
     lr, rho = settings.lr, settings.rho
     if name == "GD":
@@ -132,10 +132,10 @@ def run_algorithm(
     """``steps`` steps of ``name`` from the sharp minimum on the whole data set each step; records ``tr(H)``, the
     loss and the distance to the flattest minima along the way, and at the end also ``lambda_max`` and the nearest
     minimum's ``tr(H)`` and distance. The largest loss is taken over every step (the loss at ``x`` that each step
-    returns), the curves at :func:`record_steps`.
+    returns), the curves at ``record_steps``.
 
-    The step is the library's (:func:`make_step`); the iteration is this function's, not
-    :func:`flatminima.train.train`'s, because that loop runs epochs of mini-batches from a data set, while here each
+    The step is the library's (``make_step``); the iteration is this function's, not
+    ``flatminima.train.train``'s, because that loop runs epochs of mini-batches from a data set, while here each
     step is full-batch in float64, the dense Hessian is taken at the recorded steps and the ascent is detected per
     step (by counting forward passes)."""
     model = TwoLayerLinear(problem)

@@ -27,7 +27,7 @@ __all__ = [
 #: Every tensor of the experiment is float64: the start is a minimum to rounding (loss ~1e-32).
 DTYPE = torch.float64
 
-#: The problem every row starts from (the arguments of :func:`make_problem`).
+#: The problem every row starts from (the arguments of ``make_problem``).
 PROBLEM: dict[str, Any] = {"seed": 0, "n": 12, "k": 4, "hidden": 3, "sharpness": 2.0, "extra": 1.0, "whiten": True}
 
 

@@ -1,5 +1,5 @@
-"""``escape-sharp``'s result as the runner's :class:`~flatminima.experiments.reproduce.Outcome`: the table rows,
-the batch-size table, ``results.json``, the figures and the commentary (:mod:`.commentary`)."""
+"""``escape-sharp``'s result as the runner's ``Outcome``: the table rows,
+the batch-size table, ``results.json``, the figures and the commentary (``.commentary``)."""
 
 from __future__ import annotations
 

@@ -8,25 +8,25 @@ flatter for that reason alone. So here every run trains until its *full* trainin
 threshold, and is measured there; that also settles the budget: each optimiser gets what it needs to reach the same
 training loss (the report gives the epochs and gradient evaluations each spent).
 
-Setting: the embedded digits with clean labels, the library's :class:`~flatminima.models.SmallCNN` (no BatchNorm,
+Setting: the embedded digits with clean labels, the library's ``SmallCNN`` (no BatchNorm,
 151k parameters), the same initialisation and batch order for every optimiser of a seed: ``torch.optim.SGD``
 (momentum 0.9, batch 32, constant learning rate, since the stopping point is not known in advance) and the
-library's :class:`~flatminima.SAM` around the same SGD.
+library's ``SAM`` around the same SGD.
 
-The protocol (:mod:`flatminima.experiments.protocol`): SGD's learning rate x weight decay (2 x 2) and then SAM's
+The protocol (``flatminima.experiments.protocol``): SGD's learning rate x weight decay (2 x 2) and then SAM's
 rho (4 radii of the paper's grid, on SGD's chosen pair) are tuned on a validation split of the first seed's
-training set, by validation accuracy at the common training loss only (:mod:`.tuning`). The headline is SAM at the
+training set, by validation accuracy at the common training loss only (``.tuning``). The headline is SAM at the
 paper's rho = 0.05; SAM at the validated rho is measured beside it. Per seed (0-2, and 3-4 when a paired
 difference is within two standard errors of zero), on a fixed subset of the training examples (the first 512):
 the top-5 eigenvalues by Lanczos with their error bounds (``value_tol=1e-3``, residuals verified), tr(H) by
 Hutchinson with its standard error, the SLQ spectral density, and lambda_max along training
-(:class:`~flatminima.sharpness.SharpnessTracker`). The claims' verdicts rest on the per-seed log(SGD / SAM) of
-lambda_max and of lambda_max / lambda_5 (:mod:`.claims`).
+(``SharpnessTracker``). The claims' verdicts rest on the per-seed log(SGD / SAM) of
+lambda_max and of lambda_max / lambda_5 (``.claims``).
 
-The package: :mod:`.setting` (the paper's numbers, the grids, the recipe, the run sizes), :mod:`.problem` (data,
-model, optimiser), :mod:`.training` (:func:`train_to_loss`), :mod:`.tuning`, :mod:`.measure`
-(:func:`measure_spectrum`), :mod:`.compute` (:func:`compute`, the typed :class:`HessianSpectrumResult`),
-:mod:`.claims`, and :mod:`.report` and :mod:`.plots` (the Outcome).
+The package: ``.setting`` (the paper's numbers, the grids, the recipe, the run sizes), ``.problem`` (data,
+model, optimiser), ``.training`` (``train_to_loss``), ``.tuning``, ``.measure``
+(``measure_spectrum``), ``.compute`` (``compute``, the typed ``HessianSpectrumResult``),
+``.claims``, and ``.report`` and ``.plots`` (the Outcome).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The claims' verdicts: per seed, log(SGD's value / SAM's) of lambda_max and of lambda_max / lambda_5, its 95 %
-interval over the seeds widened by the Lanczos error bounds, and the verdict of :func:`protocol.verdict`.
+interval over the seeds widened by the Lanczos error bounds, and the verdict of ``protocol.verdict``.
 
 The comparison is of logs (a ratio per seed) because the paper's numbers differ by factors (24 against 1.0) and the
 eigenvalues of different seeds differ in scale; the interval of the mean log ratio, exponentiated, is that of the
-geometric mean of SGD / SAM. Each eigenvalue theta has a Lanczos error bound b (:func:`~flatminima.sharpness.lanczos.
-eigenvalue_error_bounds`): the eigenvalue lies in ``[theta - b, theta + b]``, so its log is within
+geometric mean of SGD / SAM. Each eigenvalue theta has a Lanczos error bound b (``
+eigenvalue_error_bounds``): the eigenvalue lies in ``[theta - b, theta + b]``, so its log is within
 ``-log(1 - b / theta)`` of log theta; a seed's log ratio is within the sum of those of the values it is made of
 (two for lambda_max, four for lambda_max / lambda_5), and the interval is widened by the largest such sum over the
 seeds before the verdict is taken, so that an eigenvalue error could not have made it.

@@ -1,5 +1,5 @@
 """The report's text: the tuning and detail tables, the commentary's statements (each chosen from the runs) and the
-caption, for :func:`~flatminima.experiments.hessian_spectrum.report.outcome`."""
+caption, for ``outcome``."""
 
 from __future__ import annotations
 

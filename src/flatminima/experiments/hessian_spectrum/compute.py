@@ -1,4 +1,4 @@
-"""The computation: the tuning (:mod:`.tuning`), then per seed SGD, SAM at the paper's rho and SAM at the validated
+"""The computation: the tuning (``.tuning``), then per seed SGD, SAM at the paper's rho and SAM at the validated
 rho trained to the common loss and measured there (each run a job of a worker pool); the typed result the report is
 made from."""
 
@@ -85,13 +85,13 @@ class RunRecord:
 
 @dataclass
 class HessianSpectrumResult:
-    """Everything the reproduction computed: the setting and the recipe used (after :func:`paper_scale`, with SGD's
-    chosen learning rate and weight decay), the measured seeds, one :class:`RunRecord` per seed and optimiser, the
+    """Everything the reproduction computed: the setting and the recipe used (after ``paper_scale``, with SGD's
+    chosen learning rate and weight decay), the measured seeds, one ``RunRecord`` per seed and optimiser, the
     SLQ densities by optimiser key (one per seed), the number of classes (the uniform prediction's loss is
     ``ln classes``), the second radius and where it came from (``rho_source``: "validation", "command line" or
     "none"), the tuning (None when the command line gave the settings), whether a claim's difference over the
     first seeds was within two standard errors of zero (``close_call``), and whether the seeds were extended to
-    :data:`MORE_SEEDS` for it (a full run on the default seeds only)."""
+    ``MORE_SEEDS`` for it (a full run on the default seeds only)."""
 
     setting: Setting
     recipe: Recipe
@@ -139,7 +139,7 @@ def measured_run(
     seed: int, rho: float | None, recipe: Recipe, setting: Setting, threads: int | None
 ) -> tuple[RunRecord, SpectralDensity | None, Setting, int]:
     """Train SGD (``rho=None``) or SAM on the seed's whole training set to the threshold and measure the Hessian
-    there: the record, its SLQ density, the setting used (:func:`paper_scale`) and the number of classes. Runs in
+    there: the record, its SLQ density, the setting used (``paper_scale``) and the number of classes. Runs in
     a worker."""
     previous = torch.get_num_threads()
     # small matrices: on a shared machine a second thread per run mostly waits
@@ -204,7 +204,7 @@ def _jobs(pool: Executor | None, say: Callable[[str], None]) -> Jobs:
 
 
 def tune(seed: int, recipe: Recipe, setting: Setting, threads: int | None, jobs: Jobs) -> Tuning:
-    """SGD's grid, then SAM's on top of SGD's choice (:mod:`.tuning`), on ``seed``'s split."""
+    """SGD's grid, then SAM's on top of SGD's choice (``.tuning``), on ``seed``'s split."""
     sgd_recipes = [dataclasses.replace(recipe, **point) for point in SGD_GRID.settings]
     sgd: list[TuningRun] = jobs(
         tuning_run,
@@ -235,7 +235,7 @@ def _measure(
 
 def _close_call(records: Sequence[RunRecord], seeds: Sequence[int], rhos: Sequence[float]) -> bool:
     """Whether any claim's paired difference (log SGD/SAM of lambda_max or of lambda_max / lambda_5, each radius) is
-    within two standard errors of zero (:func:`needs_more_seeds`)."""
+    within two standard errors of zero (``needs_more_seeds``)."""
     return any(
         needs_more_seeds(log_ratios(records, seeds, key(rho), name)) for rho in rhos for name in ("lambda_max", "ratio")
     )

@@ -1,5 +1,5 @@
 """The report: the table, results.json, the claims, the commentary (every outcome it states computed from the runs)
-and the figures, made from a :class:`~flatminima.experiments.hessian_spectrum.compute.HessianSpectrumResult`."""
+and the figures, made from a ``HessianSpectrumResult``."""
 
 from __future__ import annotations
 

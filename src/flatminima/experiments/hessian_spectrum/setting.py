@@ -73,7 +73,7 @@ equal_sizes(SGD_GRID, SAM_GRID)
 class Recipe:
     """What is trained: the data, the network and SGD's settings. The default is the digits setting of the package
     docstring; ``flatminima reproduce hessian-spectrum --dataset ... --model ...`` replaces fields (see
-    :func:`recipe_from`), and the tuning replaces ``lr`` and ``weight_decay`` by SGD's chosen pair."""
+    ``recipe_from``), and the tuning replaces ``lr`` and ``weight_decay`` by SGD's chosen pair."""
 
     dataset: str = "digits"
     data_root: str | None = None

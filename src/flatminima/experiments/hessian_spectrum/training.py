@@ -67,11 +67,11 @@ def train_to_loss(
     the full training loss is computed; the model and optimiser states at the last check above the threshold are
     kept, and when a check falls below it they are restored and the steps since are replayed one at a time, so
     the run stops at the first step below the threshold. lambda_max is tracked on ``subset`` every ``track_every``
-    steps (and at step 0) with a warm-started :class:`SharpnessTracker`, unless ``track`` is False (the tuning
+    steps (and at step 0) with a warm-started ``SharpnessTracker``, unless ``track`` is False (the tuning
     runs, which only need the stopping point) or ``track_every`` is 0 (the quick run).
 
-    Each step is the library's (:class:`~flatminima.step.SharpnessAwareStep` for SAM, :class:`PlainStep` for
-    SGD); the iteration around it stays here because :func:`flatminima.train` runs a fixed number of epochs and
+    Each step is the library's (``SharpnessAwareStep`` for SAM, ``PlainStep`` for
+    SGD); the iteration around it stays here because ``flatminima.train`` runs a fixed number of epochs and
     cannot stop at the first step whose full training loss is below a threshold, rewind to a kept state and replay.
     """
     model, optimizer = build(seed, rho, recipe, images, int(labels.max()) + 1)

@@ -1,7 +1,7 @@
 """The tuning: SGD's learning rate and weight decay, then SAM's rho on top of SGD's choice, each chosen by the
 validation accuracy of a run trained to the common training loss on the training set less a validation split.
 
-Both grids have the same size (:data:`~.setting.SGD_GRID`, :data:`~.setting.SAM_GRID`); every point is trained once,
+Both grids have the same size (``SGD_GRID``, ``SAM_GRID``); every point is trained once,
 on the first seed, with the same stopping rule as the measured runs (the first step whose full training loss is
 below the threshold), and scored by its accuracy on the held-out split there. A run that never reaches the threshold
 scores NaN (it could not be compared at matched loss) and is never chosen. The size of the sharpness effect plays no
@@ -42,7 +42,7 @@ class TuningRun:
 
     @property
     def score(self) -> float:
-        """The validation accuracy, NaN when the run never reached the threshold (so :func:`choose` skips it)."""
+        """The validation accuracy, NaN when the run never reached the threshold (so ``choose`` skips it)."""
         return self.val_accuracy if self.reached else math.nan
 
 

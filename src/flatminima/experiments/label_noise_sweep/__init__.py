@@ -2,14 +2,14 @@
 
 The paper trains ResNet-32 on CIFAR-10 with a fraction of the training labels replaced at random and reports clean
 test accuracy, SGD against SAM: 84.8 / 68.8 / 48.2 / 26.2 against 95.1 / 93.4 / 90.5 / 77.9 at 20 / 40 / 60 / 80 %
-noise. Here the setting is the ``flatminima demo``'s (:data:`~flatminima.experiments.label_noise.DEMO_CONFIG`:
+noise. Here the setting is the ``flatminima demo``'s (``DEMO_CONFIG``:
 SmallCNN on the embedded digits, batch 32, SGD with a cosine schedule and momentum 0.9), swept over the paper's noise
 levels and several seeds, SGD against SAM around the same SGD from the same initialisation and batch order. Each
 run reports the clean test accuracy at the end and the fraction of the corrupted training labels the final model
-predicts (:func:`~flatminima.experiments.label_noise.fitted_fractions`): SGD's accuracy falls because it memorises
+predicts (``fitted_fractions``): SGD's accuracy falls because it memorises
 them, and SAM's holds as long as it does not.
 
-The runs follow the protocol of every training reproduction (:mod:`flatminima.experiments.protocol`): at each
+The runs follow the protocol of every training reproduction (``flatminima.experiments.protocol``): at each
 noise level, on a validation split whose labels are corrupted like the training labels, SGD is tuned over its
 learning rate and weight decay (at both budgets: equal epochs, and equal gradient evaluations, twice the epochs) and
 SAM over rho on SGD's chosen pair, with grids of the same size; the tuned settings are then trained on the whole
@@ -17,9 +17,9 @@ training set over the seeds (more seeds where the gap is within two standard err
 SGD paired difference gets a 95 % interval and a computed verdict. At 60 and 80 % noise SAM also runs at the
 paper's rho (0.1, 0.05) where validation chose another.
 
-The package computes, then reports: :mod:`.settings` (the grids and each run's config), :mod:`.training` (the
-runs, through the library's :func:`flatminima.train` loop), :mod:`.compute` (:func:`compute`, the sweep, to a
-:class:`LabelNoiseResult`) and :mod:`.report` (:func:`report`, the result to the table, text, results and figure).
+The package computes, then reports: ``.settings`` (the grids and each run's config), ``.training`` (the
+runs, through the library's ``flatminima.train`` loop), ``.compute`` (``compute``, the sweep, to a
+``LabelNoiseResult``) and ``.report`` (``report``, the result to the table, text, results and figure).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The sweep itself, by the protocol of :mod:`flatminima.experiments.protocol`: at each noise level, tune SGD (lr and
+"""The sweep itself, by the protocol of ``flatminima.experiments.protocol``: at each noise level, tune SGD (lr and
 weight decay, at both budgets) and SAM (rho, on SGD's chosen pair) on a validation split, then train the tuned
 settings over the seeds on the whole training set.
 
-:func:`compute` trains and measures and returns a :class:`LabelNoiseResult`; it writes nothing and formats nothing
-(the report does, :mod:`flatminima.experiments.label_noise_sweep.report`).
+``compute`` trains and measures and returns a ``LabelNoiseResult``; it writes nothing and formats nothing
+(the report does, ``flatminima.experiments.label_noise_sweep.report``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _PAPER_ROW_NOISES = (0.6, 0.8)
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run over the seeds: its role (:data:`ROLES`), noise level, seed, epochs and settings, and what it
+    """One run over the seeds: its role (``ROLES``), noise level, seed, epochs and settings, and what it
     measured (fractions in [0, 1]; ``noisy_fitted`` is NaN without noise)."""
 
     role: str
@@ -132,7 +132,7 @@ def _role_config(
     setting: dict[str, Any],
     validation: bool = False,
 ) -> TrainConfig:
-    """One run of ``role`` (:data:`ROLES`): its optimiser and budget follow from the role, and SGD's roles carry
+    """One run of ``role`` (``ROLES``): its optimiser and budget follow from the role, and SGD's roles carry
     no rho (their config keeps its default, unread)."""
     own = {k: v for k, v in setting.items() if role.startswith("sam") or k != "rho"}
     return run_config(base, _optimizer(role), noise, seed, _epochs(role, epochs), output, own, validation)
@@ -189,7 +189,7 @@ def _record(role: str, config: TrainConfig, output: TrainingOutput) -> RunRecord
 def compute(ctx: Context) -> LabelNoiseResult:
     """Tune on validation (unless lr, weight decay or rho is given), then train every role over the seeds at every
     noise level; a noise level whose SAM - SGD difference is within two standard errors of zero at either budget
-    gets :data:`MORE_SEEDS` (when the seeds are the default ones)."""
+    gets ``MORE_SEEDS`` (when the seeds are the default ones)."""
     base = base_config(dict(ctx.overrides))
     epochs = int(ctx.overrides.get("epochs", QUICK_EPOCHS if ctx.quick else EPOCHS))
     noise_levels = QUICK_NOISE_LEVELS if ctx.quick else NOISE_LEVELS

@@ -1,4 +1,4 @@
-"""The sweep's report: from a :class:`~flatminima.experiments.label_noise_sweep.compute.LabelNoiseResult` to the
+"""The sweep's report: from a ``LabelNoiseResult`` to the
 table, the verdicts, the text (every outcome in it read off the result), ``results.json`` and the figure."""
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _plot(ctx: Context, result: LabelNoiseResult) -> Any:
 
 
 def stuck_note(runs: Sequence[RunRecord]) -> str:
-    """A sentence naming the runs that never left chance level (best clean test accuracy below :data:`CHANCE`),
+    """A sentence naming the runs that never left chance level (best clean test accuracy below ``CHANCE``),
     which the means and spreads of the table mix with the others; empty when there are none."""
     stuck = [r for r in runs if r.best_test_accuracy < CHANCE]
     if not stuck:
@@ -346,7 +346,7 @@ def _results(result: LabelNoiseResult) -> dict[str, Any]:
 
 
 def report(result: LabelNoiseResult, ctx: Context) -> Outcome:
-    """The :class:`Outcome` of the sweep: the table by noise level, the verdicts, the text, the results, the
+    """The ``Outcome`` of the sweep: the table by noise level, the verdicts, the text, the results, the
     figure."""
     epochs = result.epochs
     return Outcome(

@@ -69,7 +69,7 @@ def run_config(
     validation: bool = False,
 ) -> TrainConfig:
     """``base`` with one run's optimiser, noise level, seed, epochs and tuned ``setting`` (lr, weight decay, rho);
-    ``validation`` holds out :data:`VALIDATION_FRACTION` of the training set, its labels corrupted like the
+    ``validation`` holds out ``VALIDATION_FRACTION`` of the training set, its labels corrupted like the
     training labels (``validation_labels="noisy"``)."""
     return dataclasses.replace(
         base,
@@ -88,7 +88,7 @@ def run_config(
 
 def base_config(overrides: dict[str, Any]) -> TrainConfig:
     """The demo's config with the training settings given to ``flatminima reproduce`` (epochs is the sweep's own:
-    :func:`~flatminima.experiments.label_noise_sweep.compute.compute` reads it)."""
+    ``compute`` reads it)."""
     fields = {k: v for k, v in overrides.items() if k != "epochs"}
     if "dataset" in fields and "model" not in fields and fields["dataset"] != "digits":
         raise ValueError("label-noise with --dataset needs --model too (the paper's: --model resnet32)")

@@ -13,7 +13,7 @@ from flatminima.worker_pool import worker_pool
 
 __all__ = ["TrainingOutput", "run_trainings"]
 
-#: What one run returns: its final record and its per-epoch history (:func:`train_and_measure`).
+#: What one run returns: its final record and its per-epoch history (``train_and_measure``).
 TrainingOutput = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
@@ -22,8 +22,8 @@ def run_trainings(
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[TrainingOutput]:
-    """Train every config (:func:`~flatminima.experiments.label_noise.train_and_measure`, which trains with
-    :func:`flatminima.train`): ``(record, history)`` each, in the order given.
+    """Train every config (``train_and_measure``, which trains with
+    ``flatminima.train``): ``(record, history)`` each, in the order given.
 
     ``workers`` processes run at once (default: one per CPU core; each training uses one thread, as the demo's
     config says); the results do not depend on it.

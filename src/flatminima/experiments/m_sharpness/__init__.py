@@ -8,17 +8,17 @@ with an SDE: the perturbation's gradient noise adds an implicit regulariser ``(r
 per-example gradient covariance; their Reweighted SAM (RW-SAM) keeps one batch-wide perturbation but weights the
 examples toward the sharp ones, for about one sixth more than SAM's cost.
 
-The task (:mod:`.problem`) is Chen et al.'s two-layer CNN on signal/noise patch data trained with mini-batches, a
+The task (``.problem``) is Chen et al.'s two-layer CNN on signal/noise patch data trained with mini-batches, a
 setting where SGD overfits harmfully (it fits the flipped labels by memorising noise patches) and a small group's
 ascent is dominated by its own examples' noise: the digits CNN of the former version was flat in m. The protocol of
-:mod:`flatminima.experiments.protocol` throughout: grids of one size per method, chosen on a validation split, two
+``flatminima.experiments.protocol`` throughout: grids of one size per method, chosen on a validation split, two
 budgets for SGD, seeds with paired intervals, and claims with verdicts computed by rules fixed before the run
-(:mod:`.analysis`).
+(``.analysis``).
 
-The package computes, then reports: :mod:`.problem` (the data), :mod:`.methods` (the methods and their grids),
-:mod:`.settings` (the design of a run), :mod:`.tracking` (one training, with tr(V) measured along it and the final
-weights' m-sharpness), :mod:`.compute` (tuning, seeds, to an :class:`MSharpnessResult`), :mod:`.analysis`
-(intervals, correlations, claims) and :mod:`.report` (the table, the commentary and the figures).
+The package computes, then reports: ``.problem`` (the data), ``.methods`` (the methods and their grids),
+``.settings`` (the design of a run), ``.tracking`` (one training, with tr(V) measured along it and the final
+weights' m-sharpness), ``.compute`` (tuning, seeds, to an ``MSharpnessResult``), ``.analysis``
+(intervals, correlations, claims) and ``.report`` (the table, the commentary and the figures).
 """
 
 from __future__ import annotations

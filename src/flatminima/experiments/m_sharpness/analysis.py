@@ -1,7 +1,7 @@
 """From the trainings to the numbers the claims rest on, and the claims' verdicts, by rules fixed before the run.
 
 Claims and rules (accuracies in percentage points; seed-paired differences over the seeds both methods ran,
-Student-t 95 % intervals, :func:`~flatminima.experiments.protocol.verdict`):
+Student-t 95 % intervals, ``verdict``):
 
 1. Smaller m generalises better (Foret et al., Fig. 3 left): test accuracy of m-SAM at the smallest m minus SAM's
    (m = the batch), paired by seed; the paper says positive.

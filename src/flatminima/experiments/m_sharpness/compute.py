@@ -1,13 +1,13 @@
 """The reproduction's trainings: each grid tuned on validation, then the chosen settings over the seeds, and more seeds
-where a claim's paired difference is too close to call; gathered in an :class:`MSharpnessResult` (no text, no figures,
-no verdicts: :mod:`.analysis` draws those from it).
+where a claim's paired difference is too close to call; gathered in an ``MSharpnessResult`` (no text, no figures,
+no verdicts: ``.analysis`` draws those from it).
 
 Stages, all in the same worker processes: (1) SGD's grid; (2) the SAM family's grids at SGD's chosen learning rate and
 weight decay, with SGD's grid at twice the epochs (its own choice); each grid point on the tuning seeds, and each
-method's setting chosen by :func:`~flatminima.experiments.protocol.choose` on the mean validation accuracy at the last
+method's setting chosen by ``choose`` on the mean validation accuracy at the last
 epoch; (3) each chosen setting on the reported seeds, fresh runs (the tuning seeds are
-:data:`~flatminima.experiments.protocol.SELECTION_SEEDS`, never reported); (4)
-:data:`~flatminima.experiments.protocol.MORE_SEEDS` for the methods of a claim whose paired difference is within two
+``SELECTION_SEEDS``, never reported); (4)
+``MORE_SEEDS`` for the methods of a claim whose paired difference is within two
 standard errors of zero (full run with the default seeds only).
 """
 
@@ -34,7 +34,7 @@ __all__ = ["MSharpnessResult", "RunRecord", "Tuning", "compute"]
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One training: the method, seed, grid index and setting, its epochs, and what :func:`train_and_track`
+    """One training: the method, seed, grid index and setting, its epochs, and what ``train_and_track``
     measured."""
 
     method: str
@@ -72,7 +72,7 @@ class Tuning:
 @dataclass(frozen=True)
 class MSharpnessResult:
     """The settings, every training (grid points and final seeds), each method's tuning, and the methods that got
-    :attr:`Settings.more_seeds` (and which claim asked for them)."""
+    ``Settings.more_seeds`` (and which claim asked for them)."""
 
     settings: Settings
     runs: list[RunRecord]
@@ -185,7 +185,7 @@ def compute(
     more_seeds_for: Callable[[MSharpnessResult], dict[str, list[str]]] | None = None,
 ) -> MSharpnessResult:
     """Tune, train the chosen settings over the seeds, and (``more_seeds_for``: which methods a close call needs
-    more seeds for, and the claims asking) train :attr:`Settings.more_seeds` for those."""
+    more seeds for, and the claims asking) train ``Settings.more_seeds`` for those."""
     methods = settings.methods
     sgd_method = settings.method("sgd")
     rest = [m for m in methods if m.name != "sgd"]

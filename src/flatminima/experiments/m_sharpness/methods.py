@@ -1,5 +1,5 @@
-"""The methods compared and their tuning grids, all of the same size (:func:`~flatminima.experiments.protocol.
-equal_sizes`): SGD over learning rate x weight decay, at the SAM runs' epochs and at twice them (the two budgets);
+"""The methods compared and their tuning grids, all of the same size (``
+equal_sizes``): SGD over learning rate x weight decay, at the SAM runs' epochs and at twice them (the two budgets);
 m-SAM for each m from the smallest to the batch (m = the batch is SAM) over rho; RW-SAM over lambda x rho; n-SAM
 over rho. The SAM family trains at SGD's chosen learning rate and weight decay.
 

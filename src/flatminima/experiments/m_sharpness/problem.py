@@ -80,15 +80,15 @@ BASE = TrainConfig(
 )
 
 
-#: the settings that replace :data:`BASE`'s for another dataset, unless given too: the SAM paper's CIFAR weight
+#: the settings that replace ``BASE``'s for another dataset, unless given too: the SAM paper's CIFAR weight
 #: decay and radius, and the small CNN (the two-layer CNN reads patches only)
 OTHER_DEFAULTS = {"model": "small_cnn", "weight_decay": 5e-4, "rho": 0.05}
 
 
 def problem_for(overrides: dict[str, Any]) -> tuple[TrainConfig, SignalNoise | None]:
     """The base config with the command line's ``overrides``, and the patch problem it trains on: ``None`` when
-    they name another dataset (then :func:`~flatminima.train.prepare_data` loads it, clean labels,
-    :data:`OTHER_VALIDATION_FRACTION` held out, and :data:`OTHER_DEFAULTS` for what is not given)."""
+    they name another dataset (then ``prepare_data`` loads it, clean labels,
+    ``OTHER_VALIDATION_FRACTION`` held out, and ``OTHER_DEFAULTS`` for what is not given)."""
     if overrides.get("dataset", BASE.dataset) == "signal_noise":
         return dataclasses.replace(BASE, **overrides), SignalNoise()
     given = {**OTHER_DEFAULTS, "validation_fraction": OTHER_VALIDATION_FRACTION, **overrides}

@@ -1,4 +1,4 @@
-"""From an :class:`MSharpnessResult` to the runner's :class:`Outcome`: the table, the commentary, results.json, the
+"""From an ``MSharpnessResult`` to the runner's ``Outcome``: the table, the commentary, results.json, the
 claims and the figures."""
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def train_and_track(job: Job) -> TrackedRun:
     then measure the final weights.
 
     A module-level function, so that worker processes can run it. The measurement runs from a global optimiser step
-    hook on the base SGD step, so :func:`flatminima.train` runs unchanged; there are none for a model with
+    hook on the base SGD step, so ``flatminima.train`` runs unchanged; there are none for a model with
     BatchNorm, whose per-example gradients are not defined in training mode (one example has no batch statistics).
     """
     config = job.config

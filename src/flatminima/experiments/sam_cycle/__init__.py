@@ -6,11 +6,11 @@ steps bounces across the minimum along the top eigenvector ``u_1`` with amplitud
 the cycle (``||g|| = lambda_1 c`` there) gives the rate at which coordinate ``i`` dies: it is multiplied each step by
 ``f_i = 1 - eta lambda_i - (lambda_i / lambda_1)^2 (2 - eta lambda_1)``, and ``|f_i| < 1`` for every
 ``lambda_i < lambda_1`` and ``0 < eta lambda_1 < 2`` (so the cycle is stable beyond the paper's ``eta < 1 / (2
-lambda_1)``). The runs use the library's :class:`~flatminima.SAM` around ``torch.optim.SGD`` in float64, so the
+lambda_1)``). The runs use the library's ``SAM`` around ``torch.optim.SGD`` in float64, so the
 reproduction checks the product, not a separate simulator.
 
-The package computes, then reports: :mod:`.quadratic` (the problem and the SAM runs on it), :mod:`.measure` (what
-one run shows, a :class:`RunRecord`) and :mod:`.compute` (the sweep, a :class:`SamCycleResult`); :mod:`.report`
+The package computes, then reports: ``.quadratic`` (the problem and the SAM runs on it), ``.measure`` (what
+one run shows, a ``RunRecord``) and ``.compute`` (the sweep, a ``SamCycleResult``); ``.report``
 turns that result into the table, the commentary and the figures.
 """
 

@@ -1,5 +1,5 @@
 """The reproduction's runs: the sweep of ``eta lambda_1`` and ``rho`` over one random quadratic per seed, and the
-2-d ravine the trajectory figure shows, gathered in a :class:`SamCycleResult` (no text, no figures)."""
+2-d ravine the trajectory figure shows, gathered in a ``SamCycleResult`` (no text, no figures)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Ravine:
 
 @dataclass(frozen=True)
 class SamCycleResult:
-    """The sweep's settings and one :class:`RunRecord` per (seed, eta lambda_1, rho), seed-major; the ravine."""
+    """The sweep's settings and one ``RunRecord`` per (seed, eta lambda_1, rho), seed-major; the ravine."""
 
     dim: int
     steps: int

@@ -1,5 +1,5 @@
 """What one run on a random quadratic shows: the cycle's amplitude and sign, what is left of the other coordinates,
-and their decay factors measured against the linearisation, in a :class:`RunRecord`."""
+and their decay factors measured against the linearisation, in a ``RunRecord``."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def decay_factor(eta: float, lambda_i: float, lambda_1: float) -> float:
 def run_sam(hessian: Tensor, w0: Tensor, eta: float, rho: float, steps: int) -> Tensor:
     """``steps`` steps of ``SAM(SGD(lr=eta), rho)`` on ``1/2 w^T H w`` from ``w0``: the trajectory ``(steps+1, d)``.
 
-    The step is the library's (``SAM.step(closure)``); the loop is its own, not :func:`flatminima.train`, because
+    The step is the library's (``SAM.step(closure)``); the loop is its own, not ``flatminima.train``, because
     this is full-batch descent on a quadratic in float64 that must record every iterate, which the epoch-and-dataset
     training loop does not do.
     """

@@ -1,4 +1,4 @@
-"""From a :class:`SamCycleResult` to the runner's :class:`Outcome`: the table, the commentary, results.json and
+"""From a ``SamCycleResult`` to the runner's ``Outcome``: the table, the commentary, results.json and
 the figures. The sentences that state what the runs showed are chosen from their records."""
 
 from __future__ import annotations

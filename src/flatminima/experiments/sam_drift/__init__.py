@@ -12,20 +12,20 @@ the sign of ``x`` and ``|x + e_x| = c + rho`` to leading order. The y-coordinate
 
     dy/step = -eta/2 a'(y) (c + rho)^2 = -2 eta rho^2 a'(y) / (2 - eta a)^2
 
-(``c + rho = 2 rho / (2 - eta a)``), up to four relative corrections of order ``rho^2`` (:func:`correction_terms`;
+(``c + rho = 2 rho / (2 - eta a)``), up to four relative corrections of order ``rho^2`` (``correction_terms``;
 8.0e-6 in all at ``y = 1``, ``eta = 0.1``, ``rho = 0.01``). For small ``eta a`` this is ``-eta rho^2 a'(y) / 2``:
 gradient descent on ``lambda_max = a(y)`` with step ``eta rho^2 / 2``; the closed form's extra factor
 ``4 / (2 - eta a)^2`` is 1.23 at ``y = 1``. Gradient descent from the same point contracts ``x`` by ``1 - eta a``
 per step, moves ``y`` by ``O(eta x0^2)`` while it does, and then stops: ``x = 0`` is a fixed point.
 
-The runs use the library's :class:`~flatminima.SAM` around ``torch.optim.SGD`` (and plain ``torch.optim.SGD``
+The runs use the library's ``SAM`` around ``torch.optim.SGD`` (and plain ``torch.optim.SGD``
 for GD) on the parameter ``w = (x, y)`` in float64: the product, not a separate simulator. The derivation is in
 ``docs/reproductions.md`` (section sam-drift).
 
-The package computes, then reports: :mod:`.problem` (the valley and the runs on it), :mod:`.theory` (the closed
-forms), :mod:`.measure` (what is read off a trajectory) and :mod:`.compute` (the runs, gathered in a
-:class:`SamDriftResult`); :mod:`.report` turns that result into the table and the commentary, and
-:mod:`.plots` into the figures.
+The package computes, then reports: ``.problem`` (the valley and the runs on it), ``.theory`` (the closed
+forms), ``.measure`` (what is read off a trajectory) and ``.compute`` (the runs, gathered in a
+``SamDriftResult``); ``.report`` turns that result into the table and the commentary, and
+``.plots`` into the figures.
 """
 
 from __future__ import annotations

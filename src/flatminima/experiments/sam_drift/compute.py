@@ -1,5 +1,5 @@
 """The reproduction's runs and numbers: SAM and GD from the same start, the rate at ``y = 1``, GD's stillness, the
-closed form's long-run path and the rho sweep, gathered in a :class:`SamDriftResult` (no text, no figures)."""
+closed form's long-run path and the rho sweep, gathered in a ``SamDriftResult`` (no text, no figures)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class SamDriftResult:
     #: the first step at which SAM's y is below 1, and SAM's |x| there (NaN without a crossing)
     crossing_step: int | None
     amplitude_at_crossing: float
-    #: :func:`correction_terms` at ``(eta, rho, 1)``
+    #: ``correction_terms`` at ``(eta, rho, 1)``
     corrections: dict[str, float]
     #: y iterated with the closed-form rate alone, as many steps as SAM took
     predicted_path: list[float]

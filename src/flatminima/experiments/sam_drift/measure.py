@@ -84,7 +84,7 @@ class RateRecord:
 
 
 def rate_record(eta: float, rho: float, trajectory: Tensor) -> RateRecord:
-    """The :class:`RateRecord` of a SAM trajectory at ``rho``."""
+    """The ``RateRecord`` of a SAM trajectory at ``rho``."""
     measured = measured_rate(trajectory[:, 1])
     predicted = predicted_rate(eta, rho, 1.0)
     refined = refined_rate(eta, rho, 1.0)

@@ -1,4 +1,4 @@
-"""The sam-drift figures, drawn from a :class:`SamDriftResult`: the iterates in the valley, lambda_max over the
+"""The sam-drift figures, drawn from a ``SamDriftResult``: the iterates in the valley, lambda_max over the
 steps, and the rate against rho."""
 
 from __future__ import annotations

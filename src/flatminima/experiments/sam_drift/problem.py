@@ -44,7 +44,7 @@ def run_valley(
     """``steps`` steps of ``SAM(SGD(lr=eta), rho)`` (``method="sam"``) or ``SGD(lr=eta)`` (``"gd"``) on the valley
     from ``w0``, in float64; stops early once y falls below ``stop_below``. Returns the iterates ``(n + 1, 2)``.
 
-    The step is the library's (``SAM.step(closure)``); the loop is its own, not :func:`flatminima.train`, because
+    The step is the library's (``SAM.step(closure)``); the loop is its own, not ``flatminima.train``, because
     this is full-batch descent on a two-parameter function in float64 that must record every iterate and stop on
     the iterate's value, none of which the epoch-and-dataset training loop does.
     """

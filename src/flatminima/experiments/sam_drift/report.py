@@ -1,4 +1,4 @@
-"""From a :class:`SamDriftResult` to the runner's :class:`Outcome`: the table, the commentary, results.json and
+"""From a ``SamDriftResult`` to the runner's ``Outcome``: the table, the commentary, results.json and
 the figures. Every sentence that states what the runs showed is chosen from the measured numbers."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ON_CYCLE = 1e-3
 
 
 def explained_by_corrections(record: RateRecord) -> bool:
-    """Whether ``measured / predicted - 1`` is the sum of the four second-order terms, to within :data:`EXPLAINED`."""
+    """Whether ``measured / predicted - 1`` is the sum of the four second-order terms, to within ``EXPLAINED``."""
     difference, terms = record.signed_rel_difference, record.second_order_corrections
     return math.isfinite(difference) and abs(difference - terms) <= EXPLAINED * abs(terms)
 

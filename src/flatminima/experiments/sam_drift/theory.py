@@ -18,12 +18,12 @@ def predicted_rate(eta: float, rho: float, y: float) -> float:
 
 
 def small_eta_rate(eta: float, rho: float, y: float) -> float:
-    """The leading term of :func:`predicted_rate` for small ``eta a``: ``-eta rho^2 a'(y) / 2``."""
+    """The leading term of ``predicted_rate`` for small ``eta a``: ``-eta rho^2 a'(y) / 2``."""
     return -0.5 * eta * rho**2 * a_prime(y)
 
 
 def correction_terms(eta: float, rho: float, y: float) -> dict[str, float]:
-    """The relative corrections to :func:`predicted_rate` at second order in ``rho`` (each ``O(rho^2)``), whose sum
+    """The relative corrections to ``predicted_rate`` at second order in ``rho`` (each ``O(rho^2)``), whose sum
     is ``measured / predicted - 1`` (derived in the docs):
 
     - ``a_prime_shift``: ``a'`` read at ``y + e_y``, ``e_y = rho a' c / (2 a)``: ``a'' e_y / a'``;
@@ -63,10 +63,10 @@ def _frozen_cycle(eta: float, rho: float, y: float) -> tuple[float, float, float
 
 
 def refined_rate(eta: float, rho: float, y: float) -> float:
-    """:func:`predicted_rate` without its approximations, to explain the measured rate's last digits.
+    """``predicted_rate`` without its approximations, to explain the measured rate's last digits.
 
     Two corrections, each a relative ~1e-6 to 1e-5 at the default settings: (1) the perturbation's y-component and
-    the exact normalisation (:func:`_frozen_cycle`: ``u`` and ``e`` instead of ``c`` and ``rho``); (2) the cycle's
+    the exact normalisation (``_frozen_cycle``: ``u`` and ``e`` instead of ``c`` and ``rho``); (2) the cycle's
     lag behind ``u(y)`` as y drifts. With ``|x_t| = u_t + d_t``, the x-update gives
     ``d_(t+1) = -(1 - eta a) d_t - (u_(t+1) - u_t)``, so a steady drift ``u_(t+1) - u_t = u'(y) r`` leaves
     ``d = -u'(y) r / (2 - eta a)`` on both steps of the cycle (``|x|`` above ``u`` while y descends). The rate is then
