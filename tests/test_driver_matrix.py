@@ -99,11 +99,13 @@ COST: dict[str, Cost] = {
     "rwsam": Cost(2, probes=1),  # SAM's two passes (the ascent reweighted) + one forward at w + delta z, no gradient
     "esam": Cost(2, probes=1),  # batch at w; one no-grad forward at w + e to score; the top gamma B at w + e
     "aesam": Cost(2),  # g(w), then g(w + e) when ||g(w)||^2 >= mu + c_t sigma; 1 when declined
+    "wsam": Cost(2),  # SAM's two passes; g(w) kept for the weighted (or decoupled) descent
+    "bsam": Cost(2),  # the first pass at a posterior draw w + z, the second at w + rho g / s
 }
 # Where m-SAM groups are refused, and by whom: the builder (config.group_size set), or SharpnessAwareStep when built.
 MSAM_REFUSED_BY_BUILDER = ("friendly-sam", "momentum-sam")  # one EMA / one momentum perturbation per step
 # the descent needs g(w), or a batch rule
-MSAM_REFUSED_BY_STEP = ("aesam", "ahn-rs", "ahn-sa", "esam", "gsam", "looksam", "nsam", "rwsam")
+MSAM_REFUSED_BY_STEP = ("aesam", "ahn-rs", "ahn-sa", "esam", "gsam", "looksam", "nsam", "rwsam", "wsam")
 
 # 1e-12 on weights of size 0.1-1: both sides run the same maths in float64 (unit roundoff 1.1e-16), and differ
 # only in summation order (a mean over 24 examples against two chunk means, F.cross_entropy's mean against
@@ -116,7 +118,7 @@ REFUSAL = (ValueError, TypeError, NotImplementedError)
 def test_every_sharpness_aware_variant_is_in_the_matrix() -> None:
     """A newly registered variant must be given its declared cost here (and so enter every driver's cells)."""
     plain = {"sgd", "adamw", "saf", "mesa"}  # the base optimisers, and SAF and MESA's one pass (PlainStep)
-    assert len(optimizer_names()) == 19 and set(optimizer_names()) - set(VARIANTS) == plain
+    assert len(optimizer_names()) == 21 and set(optimizer_names()) - set(VARIANTS) == plain
     assert set(COST) == set(VARIANTS)
     assert set(MSAM_REFUSED_BY_BUILDER) | set(MSAM_REFUSED_BY_STEP) <= set(VARIANTS)
     rules = {"ahn-sa", "esam", "nsam", "rwsam"}
@@ -190,6 +192,11 @@ def make_setup(name: str, group_size: int | None = None) -> Setup:
 # ---------------------------------------------------------------------------- the reference: SAM's API by hand
 
 
+def first_pass(opt: SAM) -> contextlib.AbstractContextManager:
+    """Where the pass at ``w`` is taken: bSAM takes it at a posterior draw (``opt.sampled_pass()``), the rest at w."""
+    return opt.sampled_pass() if hasattr(opt, "sampled_pass") else contextlib.nullcontext()
+
+
 def reference_step(setup: Setup, x: Tensor, y: Tensor, group_size: int | None = None) -> bool:
     """One step of the variant written out with first_step / second_step on a SAM without a batch rule; returns
     whether the step took the ascent (else it was one pass at ``w`` and a plain step along ``g(w)``)."""
@@ -208,7 +215,8 @@ def reference_step(setup: Setup, x: Tensor, y: Tensor, group_size: int | None = 
         return True
     if group_size is not None:
         return _msam_step(opt, model, x, y, group_size)
-    mean_loss(model, x, y).backward()  # g(w) of the batch
+    with first_pass(opt):
+        mean_loss(model, x, y).backward()  # g(w) of the batch
     if not opt.first_step(zero_grad=True):  # w -> w + e, unless the descent rule declines at g(w)
         assert opt.ascent_declined  # Ahn et al.'s switch, ||g(w)|| > epsilon: .grad still holds g(w)
         opt.second_step()
@@ -225,7 +233,8 @@ def _msam_step(opt: SAM, model: nn.Module, x: Tensor, y: Tensor, m: int) -> bool
     for start in range(0, x.shape[0], m):
         xg, yg = x[start : start + m], y[start : start + m]
         opt.zero_grad()
-        mean_loss(model, xg, yg).backward()  # g_k(w), the group's
+        with first_pass(opt):
+            mean_loss(model, xg, yg).backward()  # g_k(w), the group's
         opt.first_step(zero_grad=True)  # w -> w + e_k
         (mean_loss(model, xg, yg) * (xg.shape[0] / x.shape[0])).backward()  # its share of the descent
         opt.restore()  # back to w for the next group
@@ -433,6 +442,12 @@ def test_core_driver(name: str, driver: str) -> None:
         x, y = setup.batches[0]
         with refused(setup):
             setup.opt.step(lambda: mean_loss(setup.model, x, y).backward())
+        return
+    if name == "bsam" and driver == "two-step":  # davda54's pattern takes the first pass at w, not at a draw
+        x, y = setup.batches[0]
+        mean_loss(setup.model, x, y).backward()
+        with refused(setup, match="sampled_pass"):
+            setup.opt.first_step(zero_grad=True)
         return
     if setup.rule is not None and driver == "two-step":
         x, y = setup.batches[0]

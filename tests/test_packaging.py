@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_readme_links import URLS, targets  # tests/ is on sys.path: pytest's rootdir-less "prepend" import mode
 
 from flatminima import __version__
 
@@ -97,6 +98,12 @@ def test_wheel_holds_the_package_its_data_and_the_entry_point(dist: Path) -> Non
     assert "flatminima = flatminima.cli:main" in entry_points
     for extra in ("dev", "docs", "huggingface", "lightning"):
         assert f"Provides-Extra: {extra}\n" in metadata
+    for label, url in URLS.items():
+        assert f"\nProject-URL: {label}, {url}\n" in metadata
+    description = metadata.split("\n\n", 1)[1]  # the long description: the README, as a package index shows it
+    assert "Description-Content-Type: text/markdown" in metadata and description.startswith("# flatminima")
+    relative = [target for target in targets(description) if not target.startswith("https://")]
+    assert not relative, f"relative links in the long description break on a package index: {relative}"
 
 
 @pytest.mark.slow

@@ -77,7 +77,10 @@ def test_cli_verdicts_prints_the_table_and_all_refuses_per_run_settings(
 
 @pytest.mark.parametrize(
     ("page", "summary", "link_base"),
-    [("README.md", True, "docs/reproductions"), ("docs/reproductions.md", False, "reproductions")],
+    [
+        ("README.md", True, "https://flatminima.readthedocs.io/en/latest/reproductions/{name}/report/"),
+        ("docs/reproductions.md", False, "reproductions"),
+    ],
 )
 def test_the_docs_tables_are_the_stored_full_runs_table(page: str, summary: bool, link_base: str) -> None:
     """The README's verdict counts and the reproductions page's table of every claim are generated: `flatminima

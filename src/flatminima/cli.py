@@ -36,9 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     from flatminima import __version__
     from flatminima.experiments.label_noise import VARIANTS as DEMO_VARIANTS
     from flatminima.experiments.reproduce import TRAINING_FIELDS
+    from flatminima.links import DOCS_URL, docs_page
     from flatminima.train.config import add_arguments
 
-    parser = _Parser(prog="flatminima", description="Sharpness-aware training and measurement.")
+    parser = _Parser(
+        prog="flatminima", description="Sharpness-aware training and measurement.", epilog=f"Documentation: {DOCS_URL}"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (every config field is also a flag)")
@@ -58,8 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=["sgd", "sam"],
-        help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} "
-        "(the Variants page of the documentation)",
+        help=f"what to compare (default: sgd sam); any of {', '.join(DEMO_VARIANTS)} (see {docs_page('variants')})",
     )
     demo.add_argument("--workers", type=int, default=1, help="trainings run at once, one process each (default: 1)")
     demo.add_argument("--overwrite", action="store_true", help="replace files of the demo's names it did not write")
@@ -102,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         "--links",
         metavar="PREFIX",
         default=None,
-        help="with --verdicts: link each reproduction to PREFIX/NAME/report.md (the README's: docs/reproductions)",
+        help=(
+            "with --verdicts: link each reproduction to PREFIX/NAME/report.md, or to PREFIX with {name} filled in "
+            "when it holds {name} (the README's: the site's reproductions/{name}/report/)"
+        ),
     )
     reproduce.add_argument("--quick", action="store_true", help="a small version of the same run (seconds)")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the reproduction's)")

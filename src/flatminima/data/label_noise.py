@@ -20,8 +20,8 @@ from torch import Tensor
 
 __all__ = ["CIFAR10_ASYMMETRIC_MAPPING", "asymmetric_label_noise", "symmetric_label_noise"]
 
-#: Patrini et al. (2017)'s CIFAR-10 flips: truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
 CIFAR10_ASYMMETRIC_MAPPING: Mapping[int, int] = MappingProxyType({9: 1, 2: 0, 4: 7, 3: 5, 5: 3})
+"""Patrini et al. (2017)'s CIFAR-10 flips: truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog."""
 
 
 def symmetric_label_noise(labels: Tensor, rate: float, num_classes: int, seed: int) -> Tensor:

@@ -15,7 +15,6 @@ from flatminima.data.svhn import load_svhn
 
 __all__ = ["DATASETS", "FILE_DATASETS", "load_dataset"]
 
-#: name -> loader.  File-based loaders take ``root`` as first argument; the others take only keyword arguments.
 DATASETS: dict[str, Callable[..., ImageDataset]] = {
     "digits": load_digits,
     "cifar10": load_cifar10,
@@ -25,6 +24,7 @@ DATASETS: dict[str, Callable[..., ImageDataset]] = {
     "svhn": load_svhn,
     "signal_noise": make_signal_noise_patches,
 }
+"""Name -> loader. File-based loaders take ``root`` as first argument; the others take only keyword arguments."""
 
 #: the datasets read from files the user downloaded, with what ``root`` should point at
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"

@@ -56,14 +56,20 @@ def collect(folder: str | Path) -> list[ClaimRow]:
     return sorted(rows, key=lambda row: row.reproduction)
 
 
+def report_link(link_base: str, name: str) -> str:
+    """Where a reproduction's report lies: ``link_base`` with ``{name}`` filled in when it holds that field (a
+    site's page, ``https://.../reproductions/{name}/report/``), else ``{link_base}/{name}/report.md`` (a file)."""
+    return link_base.format(name=name) if "{name}" in link_base else f"{link_base}/{name}/report.md"
+
+
 def verdict_table(rows: Sequence[ClaimRow], link_base: str | None = None) -> str:
     """A markdown table: reproduction, claim, measured, verdict, one row per claim, and a line counting the
-    verdicts. ``link_base`` links each reproduction's name to ``{link_base}/{folder name}/report.md``."""
+    verdicts. ``link_base`` links each reproduction's name to its report (``report_link``)."""
     lines = ["| reproduction | claim | measured | verdict |", "|---|---|---|---|"]
     for row in rows:
         name = row.reproduction + (" (quick)" if row.quick else "")
         if link_base is not None:
-            name = f"[{name}]({link_base}/{row.folder.name}/report.md)"
+            name = f"[{name}]({report_link(link_base, row.folder.name)})"
         cells = (name, row.statement, row.measured, f"**{row.verdict.value}**")
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     counts = {v: sum(row.verdict is v for row in rows) for v in Verdict}
@@ -80,7 +86,7 @@ def verdict_summary(rows: Sequence[ClaimRow], link_base: str | None = None) -> s
         own = [row for row in rows if row.reproduction == name]
         label = name + (" (quick)" if own[0].quick else "")
         if link_base is not None:
-            label = f"[{label}]({link_base}/{own[0].folder.name}/report.md)"
+            label = f"[{label}]({report_link(link_base, own[0].folder.name)})"
         counts = [sum(row.verdict is v for row in own) for v in Verdict]
         lines.append(f"| {label} | {len(own)} | " + " | ".join(map(str, counts)) + " |")
     counts = [sum(row.verdict is v for row in rows) for v in Verdict]

@@ -48,6 +48,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "mlp",
     "two_layer_cnn",
 )
+"""The names ``build_model`` (and ``flatminima train --model``) accept."""
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

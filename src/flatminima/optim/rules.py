@@ -68,6 +68,7 @@ class DescentCapabilities(_Declarations):
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
     is_identity: bool = False
+    steps_after_base: bool = False
 
 
 @functools.cache
@@ -250,11 +251,14 @@ class DescentRule:
     the tensors themselves); such a rule may also decline the ascent from ``g(w)`` (``declines_ascent``).
     ``shard_aware``: as for ``AscentRule`` (the rule then gets local shards on sharded parameters).
     ``state_keys``: as for ``AscentRule``, the keys the rule keeps in ``context.states``.
+    ``steps_after_base``: SAM calls ``after_base_step_`` once the base optimiser has stepped (WSAM's decoupled
+    sharpness term, a move the base optimiser's moments never see).
     """
 
     needs_first_gradient: bool = False
     shard_aware: bool = False
     state_keys: tuple[str, ...] = ()
+    steps_after_base: bool = False
 
     def declines_ascent(self, first_grads: list[Tensor], *, context: RuleContext | None = None) -> bool:
         """Whether, given ``g(w)``, this step should skip the ascent and step along ``g(w)`` (asked only of rules
@@ -283,6 +287,14 @@ class DescentRule:
         cadence skipped the ascent). ``first_grads`` is ``g(w)`` when asked for and the step ascended.
         ``context`` (``RuleContext``): the rule's own states (checkpointed by SAM), the base optimiser's,
         each parameter's learning rate and the step.
+        """
+
+    def after_base_step_(self, params: list[Tensor], context: RuleContext) -> None:
+        """Move the weights after the base optimiser's step (called only for rules that declare
+        ``steps_after_base``, and only when the base step ran: not on a skipped step, nor one a GradScaler skips).
+
+        ``params``: the parameters with a gradient, as ``direction_`` had them this step (local shards on sharded
+        parameters); ``context``: their ``RuleContext``, the learning rates read after the base step.
         """
 
     @property

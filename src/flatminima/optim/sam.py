@@ -25,7 +25,15 @@ from flatminima.optim.groups import RuleBook, add_group, build_base, check_lrs, 
 from flatminima.optim.guard import NonFiniteGuard, NonFinitePolicy
 from flatminima.optim.plan import StepPlan, build_plan, checked_batch_rule
 from flatminima.optim.rule_state import RuleState
-from flatminima.optim.rules import Cadence, DescentRule, EveryStep, PerturbationRule, PerturbedGradient, RuleContext
+from flatminima.optim.rules import (
+    Cadence,
+    DescentCapabilities,
+    DescentRule,
+    EveryStep,
+    PerturbationRule,
+    PerturbedGradient,
+    RuleContext,
+)
 from flatminima.optim.step_state import StepState
 from flatminima.optim.weights import CopiedShards, FlatWeights, SwappedWeights, WeightStore
 
@@ -264,7 +272,7 @@ class SAM(Optimizer):
             else:
                 self.apply_descent_rule()
                 if descent.descent_gradient_ok(self):
-                    descent.base_step(self)
+                    self._base_step()
                 else:
                     zero_grad = True
             if zero_grad:
@@ -293,7 +301,7 @@ class SAM(Optimizer):
         gradients before each). Returns the loss at ``w`` (at ``w + e`` for a plan with no pass at ``w``). With
         ``grad_scaler`` the closure backpropagates ``grad_scaler.scale(loss)``."""
         if closure is amp.BASE_STEP:  # GradScaler.step calling back from second_step
-            return descent.base_step(self)
+            return self._base_step()
         return run_closure(self, closure, grad_scaler)
 
     # ------------------------------------------------------------------ checkpoints and groups
@@ -337,6 +345,19 @@ class SAM(Optimizer):
 
     def _plain_store(self) -> WeightStore:
         return CopiedShards() if self.sharded else SwappedWeights()
+
+    def _base_step(self) -> Any:
+        """The base optimiser's step, then the descent rule's ``after_base_step_`` if it declares
+        ``steps_after_base`` (WSAM's decoupled term): on the parameters with a gradient, as ``direction_`` had them."""
+        result = descent.base_step(self)
+        if self.rules.declared(self.descent, DescentCapabilities).steps_after_base:
+            params = [p for p in self._params() if p.grad is not None]
+            context = self.rule_context(params)
+            if self.sharded:
+                params = sharded.locals_of(params)
+            with torch.no_grad(), sharded.reducing(self.shard_groups):
+                self.descent.after_base_step_(params, context)
+        return result
 
     def _has_gradient(self) -> bool:
         return any(p.grad is not None for p in self._params())

@@ -226,6 +226,9 @@ def measuring(model: nn.Module, train_mode: bool = False, *, restore_parameters:
     finally:
         with torch.no_grad():
             for tensor, copy in saved:
-                tensor.copy_(copy)
+                # only what changed is written back: a write bumps the tensor's version, which would invalidate a
+                # gradient graph that saved it (the Hessian operator keeps those graphs across products)
+                if not torch.equal(tensor, copy):
+                    tensor.copy_(copy)
         for module, mode in modes:
             module.training = mode

@@ -160,14 +160,27 @@ def eigenvalue_error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
     ``gap_i`` separates ``theta_i`` from the rest of the spectrum (Kato-Temple; Parlett, *The Symmetric Eigenvalue
     Problem*, 11.7). The rest of the spectrum is estimated conservatively from the other Ritz values, each moved
     towards ``theta_i`` by its own residual: ``gap_i = min_j (|theta_i - theta_j| - r_j)``. The bound is
-    ``min(r_i, r_i^2 / gap_i)`` (``r_i`` where the gap is not positive).
+    ``min(r_i, r_i^2 / gap_i)`` (``r_i`` where the gap is not positive, or unknown: a single Ritz value says
+    nothing about the rest of the spectrum).
     """
     theta, residuals = theta.to(torch.float64), residuals.to(torch.float64)
     distance = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
     distance.fill_diagonal_(math.inf)
     gap = distance.min(dim=1).values
-    squared = torch.where(gap > 0, residuals**2 / gap.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
+    known = (gap > 0) & torch.isfinite(gap)
+    squared = torch.where(known, residuals**2 / gap.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
     return torch.minimum(residuals, squared)
+
+
+def _resolve_defaults(k: int, value_tol: float | None, guard: int | None, verify: bool | None) -> tuple[int, bool]:
+    """``guard`` and ``verify`` where left to the default (None): see ``lanczos_eigs``."""
+    if guard is None:
+        guard = 1
+    if not isinstance(guard, int) or guard < 0:
+        raise ValueError(f"guard must be an integer >= 0, got {guard!r}")
+    if verify is None:
+        verify = value_tol is None
+    return guard, bool(verify)
 
 
 def lanczos_eigs(
@@ -178,9 +191,10 @@ def lanczos_eigs(
     max_steps: int | None = None,
     seed: int = 0,
     return_vectors: bool = True,
-    guard: int = 1,
-    verify: bool = True,
+    guard: int | None = None,
+    verify: bool | None = None,
     value_tol: float | None = None,
+    v0: Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of ``op`` by Lanczos with full reorthogonalisation.
 
@@ -202,8 +216,16 @@ def lanczos_eigs(
     iteration stops, so that the space spans past the wanted end of the spectrum; ``guard=0`` is the plain
     criterion. ``verify=False`` skips the ``k`` verification products and reports the Lanczos estimates as the
     residuals (equal to the true ones up to rounding, with full reorthogonalisation).
-    ``op`` is any ``LinearOperator`` or a dense symmetric tensor; the ``k``
-    verification products go through one ``matmat``.
+
+    The defaults follow what was asked: with ``value_tol`` the eigenvalues are the goal, so ``verify`` defaults to
+    False (the ``k`` products would check residuals nobody asked for); without it, ``verify=True`` as before.
+    ``guard`` stays 1 for every ``k``: with ``guard=0`` and ``k=1`` one start in ten on the digits CNN stopped on
+    lambda_2 (39 % off) after 4 products, because the top eigenvector entered the space late
+    (benchmarks/bench_fast_sharpness.py); ``guard=0`` saves two to four products where that risk is acceptable.
+    ``v0`` starts the Krylov space (a warm start: the previous eigenvector when tracking lambda_max along
+    training; or the same start as another solver, to compare them); default a Gaussian draw from ``seed``.
+    ``op`` is any ``LinearOperator`` or a dense symmetric tensor; the ``k`` verification products go through one
+    ``matmat``.
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
@@ -216,10 +238,14 @@ def lanczos_eigs(
     max_steps = op.dim if max_steps is None else min(int(max_steps), op.dim)
     if max_steps < k:
         raise ValueError(f"max_steps={max_steps} must be at least k={k}")
-    if guard < 0:
-        raise ValueError(f"guard must be >= 0, got {guard}")
+    guard, verify = _resolve_defaults(k, value_tol, guard, verify)
     watched = min(k + guard, op.dim)  # Ritz values that must converge: the k wanted and the guard beyond them
-    v0 = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
+    if v0 is None:
+        v0 = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
+    elif v0.shape != (op.dim,) or not bool(torch.isfinite(v0).all()) or not bool(v0.abs().sum() > 0):
+        raise ValueError(f"v0 must be a finite, non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
+    else:
+        v0 = v0.detach().to(device=op.device, dtype=op.dtype)
     state = _Lanczos(op.matvec, op.dim, v0, True, seed)
     floor_factor = 10 * math.sqrt(op.dim) * torch.finfo(op.dtype).eps
 
@@ -287,15 +313,18 @@ def hessian_eigenvalues(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     return_vectors: bool = True,
-    guard: int = 1,
+    guard: int | None = None,
     value_tol: float | None = None,
+    verify: bool | None = None,
+    v0: Tensor | None = None,
     **operator_kwargs: Any,
 ) -> EigenResult:
     """Top-``k`` (``which="largest"``) or bottom-``k`` (``"smallest"``) Hessian eigenpairs of the full-data loss.
 
-    ``guard`` Ritz values beyond the ``k`` must converge too, and ``value_tol`` stops on the eigenvalues' error
-    bounds instead of the residuals (see ``lanczos_eigs``). ``operator_kwargs`` go to
-    ``HessianOperator`` (``train_mode``, ``method``, ``distributed``).
+    ``guard`` Ritz values beyond the ``k`` must converge too, ``value_tol`` stops on the eigenvalues' error
+    bounds instead of the residuals, ``verify`` recomputes the residuals and ``v0`` starts the space (see
+    ``lanczos_eigs`` for the defaults). ``operator_kwargs`` go to ``HessianOperator`` (``train_mode``,
+    ``method``, ``distributed``, ``reuse_graph``, ``graph_budget``, ``vectorize``).
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; expected one of {WHICH}")
@@ -309,5 +338,7 @@ def hessian_eigenvalues(
         seed=seed,
         return_vectors=return_vectors,
         guard=guard,
+        verify=verify,
         value_tol=value_tol,
+        v0=v0,
     )

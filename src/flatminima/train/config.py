@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flatminima.data.registry import DATASETS
+from flatminima.links import docs_page
 from flatminima.models import MODEL_NAMES as MODELS
 from flatminima.optim import optimizer_names
 from flatminima.optim.registry import optimizer_help
@@ -128,8 +129,8 @@ class _RunFields:
     fsdp: bool = _option(
         False,
         "under torchrun: shard weights, gradients and optimiser state across the processes with FSDP2's "
-        "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient (the documentation's FSDP2 "
-        "page)",
+        "fully_shard instead of DDP; SAM then perturbs with the global batch's gradient "
+        f"({docs_page('compile-fsdp')})",
     )
     variant_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "", "internal": True})
 

@@ -13,12 +13,17 @@
   (``esam``);
 * ``aesam``: AE-SAM, SAM's step only where ||g||^2 is high against its running statistics
   (``aesam``);
-* ``saf``: SAF and MESA, a trajectory loss instead of SAM's second pass (``saf``, ``mesa``).
+* ``saf``: SAF and MESA, a trajectory loss instead of SAM's second pass (``saf``, ``mesa``);
+* ``wsam``: WSAM, the sharpness weighted as a regulariser, outside the base optimiser (``wsam``);
+* ``bsam``: bSAM, SAM as a relaxation of Bayes, with a Gaussian posterior over the weights (``bsam``).
 
-The convenience builders ``esam()`` and ``aesam()`` are imported from their modules
-(``from flatminima.variants.esam import esam``), so that ``flatminima.variants.esam`` stays the module.
+The convenience builders ``esam()`` and ``aesam()``, and ``WSAMDescent``, ``BSAM`` and the posterior's
+functions, are imported from their modules (``from flatminima.variants.esam import esam``), so that
+``flatminima.variants.esam`` stays the module.
 """
 
+from flatminima.variants import bsam as bsam  # registers bsam
+from flatminima.variants import wsam as wsam  # registers wsam
 from flatminima.variants.aesam import AdaptivePolicy, PolicyStatistics, policy_statistics
 from flatminima.variants.esam import SharpnessSensitiveSelection, StochasticWeightPerturbation
 from flatminima.variants.escape import OrthogonalEscape, RandomSign, SingleExample
