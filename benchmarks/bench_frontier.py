@@ -109,6 +109,10 @@ VARIANTS = (
     # the EMA's decay: a horizon of 100 steps, about SAF's lag of 3 epochs here (38 steps per epoch); the paper's
     # 0.9998 (5,000 steps, for ImageNet) would hardly move from the initial weights in these runs' 760 steps
     Variant("MESA", "mesa", "mesa_lambda", (0.3, 0.8, 2.0), {"mesa_decay": 0.99}),
+    Variant("WSAM", "wsam"),  # gamma 0.9 (the peer's and the authors' README default), decoupled
+    # bSAM is its own Adam-like optimiser: its step is lr g_m / s, so SGD's lr does not carry over; its lr is the
+    # setting tuned, at the authors' rho 0.01 and beta2 0.99 (0.999 leaves s decaying from s_0 in 760 steps)
+    Variant("bSAM", "bsam", "lr", (0.05, 0.1, 0.2), {"rho": 0.01, "bsam_beta2": 0.99}),
 )
 SGD_LABEL = "SGD"
 SAM_LABEL = "SAM"

@@ -16,16 +16,13 @@ one point at a time toward the paper's Algorithm 1, until it agrees with ours to
 
 from __future__ import annotations
 
-import argparse
-import io
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from _common import float64_batches, max_diff, weights
+from _peer import Counter, Net, PeerReport, options_parser, parse_options, round_trip
 from torch import Tensor, nn
 
 from flatminima.variants.bsam import BSAM, posterior_variance
@@ -40,40 +37,6 @@ FIX_NOTES = {
     "unsquared": "precision from sqrt(s)|g| + delta + gamma (the peer squares it)",
     "noisy_gradient": "... with g the gradient at the draw (the peer's: g_e, at w + z + e)",
 }
-
-
-class Net(nn.Module):
-    """10 -> 16 -> 3 with tanh, float64, the same initialisation every time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-        self.double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-
-class Counter:
-    """Counts the forward passes of the models it watches."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.passes = 0
-        self.watch(model)
-
-    def watch(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(lambda module, args: self._count())
-
-    def _count(self) -> None:
-        self.passes += 1
-
-
-def round_trip(state: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def mean_loss(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> float:
@@ -238,28 +201,11 @@ def peer_crash() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = parse_options(options_parser(__doc__), argv)
     steps = args.steps
     data = float64_batches(steps)
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    say(f"# bSAM against pytorch_optimizer {_version()}")
-    say()
-    command = " ".join(["python", *sys.argv])
-    say(f"`{command}` (interpreter `{sys.executable}`); torch {torch.__version__}, float64, {steps} steps, 1 thread.")
-    say()
-    rows: list[tuple[str, str, str]] = []
-
-    def row(what: str, value: float | str, note: str) -> None:
-        rows.append((what, value if isinstance(value, str) else f"{value:.1e}", note))
+    report = PeerReport("bSAM", steps)
+    say, row = report, report.row
 
     ours_model, ours_opt, ours_passes = run_ours(data)
     ours = weights(ours_model)
@@ -301,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     row("peer resumed without that call", max_diff(weights(peer_cold), peer),
         "a fresh model has no gradient: the first resumed step draws no noise")  # fmt: skip
 
-    say("| comparison | max abs weight difference | note |")
-    say("|---|---:|---|")
-    for what, value, note in rows:
-        say(f"| {what} | {value} | {note} |")
-    say()
+    report.comparison_table()
     say("**Reading.** The peer is not the paper's bSAM (Algorithm 1): its noise has standard deviation 1/(N s),")
     say("the variance, instead of sqrt(1/(N s)); it never takes the noise z or the ascent e back off the weights,")
     say("so its update starts from w + z + e and every step leaves an ascent of rho g / s in the weights; its")
@@ -318,15 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     say("Ours keeps w exactly (the draw and the ascent are swapped in and out), and its noise generator's state is")
     say("in its state dict, so a resumed run is the straight one bit for bit.")
     say()
-    if args.output is not None:
-        args.output.write_text("\n".join(lines) + "\n")
+    report.write(args.output)
     return 0
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("pytorch_optimizer")
 
 
 if __name__ == "__main__":

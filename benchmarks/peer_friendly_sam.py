@@ -16,7 +16,6 @@ F-SAM's documented use), the official MSAM by a backward pass at its (perturbed)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import float64_batches, max_diff, weights
+from _peer import Net, options_parser, parse_options
 from torch import Tensor, nn
 
 from flatminima import SAM
@@ -34,11 +34,6 @@ from flatminima.variants.friendly_sam import FriendlyAscent
 from flatminima.variants.momentum_sam import MomentumAscent
 
 LR, MOMENTUM, RHO, MSAM_RHO, WD = 0.1, 0.9, 0.05, 0.5, 5e-4
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
 def closure_of(model: nn.Module, x: Tensor, y: Tensor, passes: list[int], penalty: float = 0.0) -> Callable[[], Tensor]:
@@ -58,7 +53,7 @@ def closure_of(model: nn.Module, x: Tensor, y: Tensor, passes: list[int], penalt
 def train_ours(
     steps: int, rule: Any, rho: float, wd: float = 0.0, wd_in_loss: bool = False
 ) -> tuple[list[Tensor], int]:
-    model, passes = net(), []
+    model, passes = Net(), []
     opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MOMENTUM,
               weight_decay=0.0 if wd_in_loss else wd, perturbation=rule)  # fmt: skip
     for x, y in float64_batches(steps):
@@ -68,7 +63,7 @@ def train_ours(
 
 def train_peer(steps: int, cls: type, wd: float = 0.0, **options: Any) -> tuple[list[Tensor], int]:
     """A davda54-style SAM class (pytorch_optimizer's, F-SAM's): backward at w, then step(closure)."""
-    model, passes = net(), []
+    model, passes = Net(), []
     opt = cls(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, weight_decay=wd, **options)
     for x, y in float64_batches(steps):
         closure = closure_of(model, x, y, passes)
@@ -99,7 +94,7 @@ def peer_norm_in_float64() -> Iterator[None]:
 
 
 def train_sgd(steps: int, wd: float = 0.0) -> list[Tensor]:
-    model, passes = net(), []
+    model, passes = Net(), []
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=wd)
     for x, y in float64_batches(steps):
         opt.zero_grad()
@@ -109,7 +104,7 @@ def train_sgd(steps: int, wd: float = 0.0) -> list[Tensor]:
 
 
 def train_official_msam(steps: int, cls: type, wd: float = 0.0) -> tuple[list[Tensor], int]:
-    model, passes = net(), []
+    model, passes = Net(), []
     opt = cls(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=wd, rho=MSAM_RHO)
     opt.move_up_to_momentumAscent()
     for x, y in float64_batches(steps):
@@ -132,12 +127,9 @@ def load_class(path: Path, name: str) -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
+    parser = options_parser(__doc__)
     parser.add_argument("--official", type=Path, default=None, help="folder with fsam_utils.py and msam.py")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = parse_options(parser, argv)
     from pytorch_optimizer import FriendlySAM
 
     steps = args.steps

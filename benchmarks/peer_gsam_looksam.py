@@ -16,17 +16,14 @@ forward passes, resumes each optimiser from a ``state_dict`` saved after 3 steps
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from _common import float64_batches, max_diff, weights
+from _peer import Counter, Net, PeerReport, options_parser, parse_options, round_trip
 from torch import Tensor, nn
 
 from flatminima import SAM
@@ -39,35 +36,6 @@ LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
 GSAM_ALPHA, RHO_MIN = 0.4, 0.02  # pytorch_optimizer's default alpha; rho_min for the lr-proportional runs
 LOOKSAM_K, LOOKSAM_ALPHA = 5, 0.7
 SAVE_AT = 3
-
-
-class Net(nn.Module):
-    """10 -> 16 -> 3 with tanh; ``dead`` adds a parameter whose gradient is always exactly zero."""
-
-    def __init__(self, dead: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-        self.dead = nn.Parameter(torch.randn(4)) if dead else None
-        self.double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.body(x)
-        return out if self.dead is None else out + 0.0 * self.dead.sum()
-
-
-class Counter:
-    """Counts the forward passes of the models it watches."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.passes = 0
-        self.watch(model)
-
-    def watch(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(lambda module, args: self._count())
-
-    def _count(self) -> None:
-        self.passes += 1
 
 
 def lr_factor(steps: int, decay: bool) -> Callable[[int], float]:
@@ -138,13 +106,6 @@ def run_ours(
 
 def _tuple(built: Any) -> tuple[Any, ...]:
     return built if isinstance(built, tuple) else (built,)
-
-
-def round_trip(state: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # ---------------------------------------------------------------- pytorch_optimizer
@@ -257,28 +218,11 @@ def run_peer_looksam(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = parse_options(options_parser(__doc__), argv)
     steps = args.steps
     data = float64_batches(steps)
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    say(f"# GSAM and LookSAM against pytorch_optimizer {_version()}")
-    say()
-    command = " ".join(["python", *sys.argv])
-    say(f"`{command}` (interpreter `{sys.executable}`); torch {torch.__version__}, float64, {steps} steps, 1 thread.")
-    say()
-    rows: list[tuple[str, str, str]] = []
-
-    def row(what: str, value: float | str, note: str) -> None:
-        rows.append((what, value if isinstance(value, str) else f"{value:.1e}", note))
+    report = PeerReport("GSAM and LookSAM", steps)
+    say, row = report, report.row
 
     # GSAM
     ours_const, ours_passes = run_ours(lambda m: ours_gsam(m, False, steps), data)
@@ -347,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     row("GSAM, one tensor with zero gradient: ours vs peer", max_diff(ours_gdead, peer_gdead),
         f"all weights finite: {finite}")  # fmt: skip
 
-    say("| comparison | max abs weight difference | note |")
-    say("|---|---:|---|")
-    for what, value, note in rows:
-        say(f"| {what} | {value} | {note} |")
-    say()
+    report.comparison_table()
     say("**Reading.** GSAM: the two follow Algorithm 1 alike; the peer's gradient norm is taken in float32 even for")
     say("float64 weights (a precision loss of about 1e-7 relative in e), and its rho_t is kept outside its state dict,")
     say("so a resumed run takes its first step at the rho of the first learning rate unless `update_rho_t()` is")
@@ -362,15 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     say("loop saves the pass. Not reproduced in this version: weights rolled back on cheap steps, a crash without a")
     say("step counter, a division by zero (a tensor whose gradient is always 0 stays finite in both).")
     say()
-    if args.output is not None:
-        args.output.write_text("\n".join(lines) + "\n")
+    report.write(args.output)
     return 0
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("pytorch_optimizer")
 
 
 if __name__ == "__main__":

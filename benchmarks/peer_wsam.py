@@ -16,17 +16,14 @@ a model with a tensor whose gradient is always zero.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from _common import float64_batches, max_diff, weights
+from _peer import Counter, Net, PeerReport, options_parser, parse_options, round_trip
 from torch import Tensor, nn
 
 from flatminima import SAM
@@ -37,42 +34,6 @@ LR, MOMENTUM, RHO, GAMMA = 0.1, 0.9, 0.05, 0.9
 ADAMW_LR, WD = 1e-2, 0.01
 MAX_NORM = 0.25  # below ||g|| on these batches, so that the clipping acts
 SAVE_AT = 3
-
-
-class Net(nn.Module):
-    """10 -> 16 -> 3 with tanh; ``dead`` adds a parameter whose gradient is always exactly zero."""
-
-    def __init__(self, dead: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-        self.dead = nn.Parameter(torch.randn(4)) if dead else None
-        self.double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.body(x)
-        return out if self.dead is None else out + 0.0 * self.dead.sum()
-
-
-class Counter:
-    """Counts the forward passes of the models it watches."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.passes = 0
-        self.watch(model)
-
-    def watch(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(lambda module, args: self._count())
-
-    def _count(self) -> None:
-        self.passes += 1
-
-
-def round_trip(state: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # ---------------------------------------------------------------- ours
@@ -190,28 +151,11 @@ def first_gradient_norm(data: list[tuple[Tensor, Tensor]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    args = parse_options(options_parser(__doc__), argv)
     steps = args.steps
     data = float64_batches(steps)
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    say(f"# WSAM against pytorch_optimizer {_version()}")
-    say()
-    command = " ".join(["python", *sys.argv])
-    say(f"`{command}` (interpreter `{sys.executable}`); torch {torch.__version__}, float64, {steps} steps, 1 thread.")
-    say()
-    rows: list[tuple[str, str, str]] = []
-
-    def row(what: str, value: float | str, note: str) -> None:
-        rows.append((what, value if isinstance(value, str) else f"{value:.1e}", note))
+    report = PeerReport("WSAM", steps)
+    say, row = report, report.row
 
     # decoupled (the paper's Algorithm 1; both sides' default)
     ours_d, ours_passes = run(ours(True), data)
@@ -274,26 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     row("one tensor with zero gradient: ours vs peer", max_diff(ours_dead, peer_dead),
         f"all weights finite: {finite}")  # fmt: skip
 
-    say("| comparison | max abs weight difference | note |")
-    say("|---|---:|---|")
-    for what, value, note in rows:
-        say(f"| {what} | {value} | {note} |")
-    say()
+    report.comparison_table()
     say("**Reading.** The peer implements the paper's update, decoupled by default as ours: the base optimiser steps")
     say("along g and the weights then move by `-lr k (g~ - g)`, k = gamma / (1 - gamma). What separates the runs is")
     say("precision: the peer's gradient norm is taken in float32 even for float64 weights (about 1e-7 relative in e),")
     say("then its `+ 1e-12` and its `w + e - e` restore, at the level of rounding. Its `max_norm` clips g(w + e) only,")
     say("where the authors' code clips both gradients (ours with `max_norm`); with the same clipping the two agree.")
     say()
-    if args.output is not None:
-        args.output.write_text("\n".join(lines) + "\n")
+    report.write(args.output)
     return 0
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("pytorch_optimizer")
 
 
 if __name__ == "__main__":

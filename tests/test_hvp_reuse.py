@@ -3,6 +3,11 @@ and against the products that rebuild the graph every time."""
 
 from __future__ import annotations
 
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +131,73 @@ def test_auto_times_the_kept_graph_and_leaves_the_model_alone() -> None:
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="graph_budget"):
         HessianOperator(_model(), F.cross_entropy, _batches(), graph_budget=-1)
+    with pytest.raises(ValueError, match="graph_budget"):
+        HessianOperator(_model(), F.cross_entropy, _batches(), graph_budget=float("nan"))
+    for bad in ("1GiB", None, True):
+        with pytest.raises(TypeError, match=r"graph_budget must be a number of bytes .*2\*\*30"):
+            HessianOperator(_model(), F.cross_entropy, _batches(), graph_budget=bad)  # type: ignore[arg-type]
+    assert HessianOperator(_model(), F.cross_entropy, _batches(), graph_budget=math.inf).graph_budget == math.inf
+
+
+def _frozen_write(model: nn.Module) -> None:
+    """A frozen parameter changed in place (the version moves; the operator does not differentiate it)."""
+    with torch.no_grad():
+        model[0].bias.add_(0.5)
+
+
+def _data_write(model: nn.Module) -> None:
+    """A trainable parameter written through ``.data``: neither its version nor its storage moves."""
+    model[0].weight.data.add_(0.3)
+
+
+def _buffer_data_write(model: nn.Module) -> None:
+    """A BatchNorm running mean (used in eval mode) written through ``.data``."""
+    model[1].running_mean.data.add_(0.5)
+
+
+@pytest.mark.parametrize("write", [_frozen_write, _data_write, _buffer_data_write])
+def test_kept_graph_sees_writes_the_version_misses(write: Callable[[nn.Module], None]) -> None:
+    """After the write, the next product on the old operator equals a fresh operator's, to 1e-12 in float64."""
+    model = _model(batch_norm=True)
+    model[0].bias.requires_grad_(False)
+    op = HessianOperator(model, F.cross_entropy, _batches())
+    v = _vectors(op.dim, 1)[:, 0]
+    before = op.matvec(v)
+    write(model)
+    after = op.matvec(v)
+    fresh = HessianOperator(model, F.cross_entropy, _batches(), reuse_graph=False).matvec(v)
+    assert float((fresh - before).abs().max()) > 1e-3  # the write moved the Hessian
+    torch.testing.assert_close(after, fresh, rtol=0, atol=1e-12)
+    assert op.graph_reused == 0 and op.graph_builds == 2
+    torch.testing.assert_close(op.matvec(v), fresh, rtol=0, atol=1e-12)  # kept again, and reused
+    assert op.graph_reused == 1
+
+
+def test_over_budget_products_keep_no_graph() -> None:
+    """Once over budget, a product rebuilds each batch's graph and frees it before the next: no batch's graph is
+    alive while another is built, and nothing is kept; the products stay right."""
+    model = _model()
+    one = HessianOperator(model, F.cross_entropy, _batches((8,)))
+    v = _vectors(one.dim, 1)[:, 0]
+    one.matvec(v)
+    op = HessianOperator(model, F.cross_entropy, _batches(), graph_budget=1.5 * one.graph_bytes)
+    dense = op.dense_hessian() @ v
+    torch.testing.assert_close(op.matvec(v), dense, rtol=1e-10, atol=1e-12)
+    assert op.graph_over_budget
+    built: list[weakref.ref[Tensor]] = []
+    alive: list[int] = []
+    original = op._gradient_graph
+
+    def spy(*args: Any) -> Any:
+        alive.append(sum(ref() is not None for ref in built))  # earlier batches' gradients still held
+        grads, nbytes = original(*args)
+        built.append(weakref.ref(grads[0]))
+        return grads, nbytes
+
+    op._gradient_graph = spy  # type: ignore[method-assign]
+    torch.testing.assert_close(op.matvec(v), dense, rtol=1e-10, atol=1e-12)
+    assert alive == [0, 0, 0]  # three batches, each graph freed before the next was built
+    assert op.graph_builds == 2 and op.graph_reused == 0 and op._graphs is None and op.graph_bytes == 0
 
 
 @pytest.mark.parametrize("k", [1, 3])

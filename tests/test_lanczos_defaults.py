@@ -73,3 +73,19 @@ def test_a_warm_start_on_the_top_eigenvector_stops_after_one_product() -> None:
     assert warm.num_hvp == 1 and abs(warm.eigenvalues[0].item() - values[0].item()) <= 1e-12
     with pytest.raises(ValueError, match="v0"):
         lanczos_eigs(matrix, k=1, v0=torch.zeros(matrix.shape[0]))
+
+
+def test_a_start_vector_that_is_not_a_tensor_is_refused_clearly() -> None:
+    matrix, _ = _matrix(dim=10)
+    with pytest.raises(TypeError, match=r"v0 must be a torch.Tensor of shape \(10,\).*got list.*torch.as_tensor"):
+        lanczos_eigs(matrix, k=1, v0=[1.0] * 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="v0 must be a finite, non-zero vector"):
+        lanczos_eigs(matrix, k=1, v0=torch.zeros(10, dtype=torch.float64))
+
+
+def test_power_iteration_refuses_a_start_vector_that_is_not_a_tensor() -> None:
+    from flatminima.sharpness.power import power_iteration_op
+
+    matrix, _ = _matrix(dim=10)
+    with pytest.raises(TypeError, match=r"v0 must be a torch.Tensor of shape \(10,\).*got list.*torch.as_tensor"):
+        power_iteration_op(matrix, v0=[1.0] * 10)  # type: ignore[arg-type]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -52,11 +54,17 @@ class HessianOperator:
             one backward through that graph instead of a forward and two backwards (about 1.5x faster on the
             digits CNN, see docs/sharpness.md). The kept graphs hold each batch's activations and first-backward
             intermediates until the operator is dropped (or ``release_graph``): memory grows linearly with the
-            number of examples, about 60 KB per digits image on the SmallCNN. They are rebuilt when a parameter
-            or buffer is changed (an optimiser step) but not when ``data`` would yield other batches.
-        graph_budget: the most bytes the kept graphs may hold (default 1 GiB), counted from the tensors autograd
-            saves; beyond it the graphs are dropped and every product rebuilds them batch by batch, as with
-            ``reuse_graph=False`` (``graph_over_budget`` then says so; ``graph_bytes`` holds what was kept).
+            number of examples, about 60 KB per digits image on the SmallCNN. They are rebuilt when any parameter
+            (frozen ones too) or buffer of the model is changed: an optimiser step or ``load_state_dict`` (seen by
+            each tensor's storage and in-place version), or a write through ``.data`` (seen by a per-tensor
+            checksum, the float64 sum and norm of every parameter and buffer, computed before every product on a
+            kept graph and compared with one device sync). They are not rebuilt when ``data`` would yield other
+            batches, nor after a write that keeps every tensor's sum and norm (a permutation of its entries): call
+            ``release_graph()`` to drop the graphs explicitly.
+        graph_budget: the most bytes the kept graphs may hold (default 1 GiB; ``math.inf`` for no limit), counted
+            from the tensors autograd saves; beyond it the graphs are dropped and from then on every product
+            rebuilds them batch by batch without trying to keep them, as with ``reuse_graph=False``
+            (``graph_over_budget`` then says so; ``graph_bytes`` holds what was kept).
         vectorize: ``matmat`` differentiates all ``k`` columns in one batched backward (``is_grads_batched``;
             ``vmap`` of the jvp for forward-over-reverse) instead of one backward per column: more memory, and
             faster only where one product leaves the device idle (slower on the CPU, see docs/sharpness.md).
@@ -84,8 +92,16 @@ class HessianOperator:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        if not graph_budget >= 0:
-            raise ValueError(f"graph_budget is a number of bytes >= 0 (0 never keeps a graph), got {graph_budget!r}")
+        if not isinstance(graph_budget, numbers.Real) or isinstance(graph_budget, bool):
+            raise TypeError(
+                f"graph_budget must be a number of bytes (an int or float, e.g. 2**30 for 1 GiB, math.inf for no "
+                f"limit), got {graph_budget!r} of type {type(graph_budget).__name__}"
+            )
+        if math.isnan(graph_budget) or graph_budget < 0:
+            raise ValueError(
+                f"graph_budget must be a number of bytes >= 0 (0 never keeps a graph, math.inf for no limit), "
+                f"got {graph_budget!r}"
+            )
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
         trainable = trainable_parameters(model)
@@ -120,6 +136,7 @@ class HessianOperator:
         self.reuse_graph, self.graph_budget, self.vectorize = bool(reuse_graph), float(graph_budget), bool(vectorize)
         self._graphs: list[tuple[tuple[Tensor | None, ...], float]] | None = None
         self._kept_key: tuple[tuple[int, int, int], ...] | None = None
+        self._kept_sums: Tensor | None = None
         self.graph_bytes = 0
         self.graph_over_budget = False
         self.graph_reused = 0
@@ -155,11 +172,29 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ products
 
-    def _graph_key(self) -> tuple[tuple[int, int, int], ...]:
-        """What a kept graph depends on: each parameter and buffer, its storage and its in-place version (an
-        optimiser step, ``load_state_dict`` or ``p.data = ...`` changes one of them, and the graph is rebuilt)."""
-        tensors = [*self._params, *self.model.buffers()]
+    def _model_tensors(self) -> list[Tensor]:
+        """What a kept graph depends on: every parameter of the model (the frozen ones too) and every buffer."""
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    @staticmethod
+    def _graph_key(tensors: Sequence[Tensor]) -> tuple[tuple[int, int, int], ...]:
+        """Each tensor's identity, storage and in-place version: an optimiser step, ``load_state_dict`` or
+        ``p.data = ...`` changes one of them (the cheap check, no device work)."""
         return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+    def _checksums(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Each tensor's sum and 2-norm, accumulated in float64 (float32 on MPS), stacked on the operator's device:
+        a write through ``.data`` (``p.data.add_(1)``) bumps neither the version nor the storage, but moves these."""
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
+        sums = []
+        for tensor in tensors:
+            t = tensor.detach()
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            sums.append(t.sum(dtype=acc))
+            if t.is_floating_point():
+                sums.append(torch.linalg.vector_norm(t, dtype=acc))
+        return torch.stack([s.to(self.device) for s in sums]) if sums else torch.zeros(0, dtype=acc)
 
     def _gradient_graph(
         self, inputs: Any, targets: Any, saved: dict[int, int]
@@ -236,15 +271,22 @@ class HessianOperator:
         return torch.stack([product(v) for v in rows], dim=1) * weight
 
     def release_graph(self) -> None:
-        """Free the kept gradient graphs (they are rebuilt by the next product)."""
+        """Free the kept gradient graphs (they are rebuilt by the next product): the explicit way to drop them, for
+        a change the automatic checks miss (see ``reuse_graph``) or to give their memory back."""
         self._graphs = None
         self._kept_key = None
+        self._kept_sums = None
 
     def _kept_products(self, matrix: Tensor) -> Tensor | None:
         """``H V`` on the kept graphs, or None when there are none or the model changed since they were built."""
         if self._graphs is None:
             return None
-        if self._kept_key != self._graph_key():
+        tensors = self._model_tensors()
+        if (
+            self._kept_sums is None
+            or self._kept_key != self._graph_key(tensors)
+            or not torch.equal(self._kept_sums, self._checksums(tensors))  # one device sync
+        ):
             self.release_graph()
             return None
         out = torch.zeros_like(matrix)
@@ -255,13 +297,13 @@ class HessianOperator:
     def _products(self, matrix: Tensor) -> Tensor:
         """``H V`` summed over this rank's batches, keeping the gradient graphs for the next products where the
         method and ``graph_budget`` allow (a budget exceeded mid-pass drops the graphs kept so far and rebuilds
-        the remaining batches, so no work is lost)."""
+        the remaining batches, so no work is lost; every later product then rebuilds per batch, keeping nothing)."""
         kept = self._kept_products(matrix)
         if kept is not None:
             self.graph_reused += 1
             return kept
         self.graph_builds += 1
-        keep = self.reuse_graph and self.method == "double_backward"
+        keep = self.reuse_graph and self.method == "double_backward" and not self.graph_over_budget
         graphs: list[tuple[tuple[Tensor | None, ...], float]] = []
         total, saved = 0, dict[int, int]()
         out = torch.zeros_like(matrix)
@@ -280,7 +322,8 @@ class HessianOperator:
                 out += self._graph_products(grads, weight, matrix, retain=keep)
         if keep:
             self._graphs, self.graph_bytes = graphs, total
-            self._kept_key = self._graph_key()  # after the mode context: the buffers are as they will stay
+            tensors = self._model_tensors()  # after the mode context: the buffers are as they will stay
+            self._kept_key, self._kept_sums = self._graph_key(tensors), self._checksums(tensors)
         return out
 
     def matmat(self, matrix: Tensor) -> Tensor:

@@ -242,6 +242,11 @@ def lanczos_eigs(
     watched = min(k + guard, op.dim)  # Ritz values that must converge: the k wanted and the guard beyond them
     if v0 is None:
         v0 = random_vectors(1, op.dim, torch.Generator().manual_seed(seed), "gaussian", op.dtype, op.device)[0]
+    elif not isinstance(v0, Tensor):
+        raise TypeError(
+            f"v0 must be a torch.Tensor of shape ({op.dim},) (a flat start vector), got {type(v0).__name__}; "
+            "convert it with torch.as_tensor(v0)"
+        )
     elif v0.shape != (op.dim,) or not bool(torch.isfinite(v0).all()) or not bool(v0.abs().sum() > 0):
         raise ValueError(f"v0 must be a finite, non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
     else:

@@ -37,6 +37,11 @@ def power_iteration_op(
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     op = CountingOperator(as_operator(op))
     if v0 is not None:
+        if not isinstance(v0, torch.Tensor):
+            raise TypeError(
+                f"v0 must be a torch.Tensor of shape ({op.dim},) (a flat start vector), got {type(v0).__name__}; "
+                "convert it with torch.as_tensor(v0)"
+            )
         if v0.shape != (op.dim,) or not bool(torch.isfinite(v0).all()) or not bool(v0.abs().sum() > 0):
             raise ValueError(f"v0 must be a finite, non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
         v = v0.detach().to(device=op.device, dtype=op.dtype).clone()

@@ -34,9 +34,14 @@ class EigenResult:
 
     ``eigenvalues`` are sorted from the requested end inwards (descending for ``which="largest"``, ascending for
     ``"smallest"``); ``eigenvectors`` holds one unit vector per row (``None`` when not requested); ``residuals`` are
-    the true residual norms ``||H y - theta y||`` of the returned pairs, the error estimate (an eigenvalue is within
-    its residual norm of an exact eigenvalue, and much closer when well separated). ``error_bounds`` (Lanczos only)
-    bound ``|lambda - theta|`` with the gap to the other Ritz values, ``min(r, r^2 / gap)``.
+    the residual norms ``||H y - theta y||`` of the returned pairs, the error estimate (an eigenvalue is within its
+    residual norm of an exact eigenvalue, and much closer when well separated). Power iteration and
+    ``lanczos_eigs(verify=True)`` (its default without ``value_tol``) give the true norms, measured with products;
+    with ``verify=False`` (the default when ``value_tol`` is given, as in ``hessian_eigenvalues(value_tol=...)``)
+    they are the Lanczos estimates ``|beta_m s_{m,i}|``, equal to the true norms up to rounding under full
+    reorthogonalisation, but not measured.
+    ``error_bounds`` (Lanczos only) bound ``|lambda - theta|`` with the gap to the other Ritz values,
+    ``min(r, r^2 / gap)``.
     """
 
     eigenvalues: Tensor

@@ -156,12 +156,17 @@ class BSAM(SAM):
     Args:
         params: parameters or parameter groups (a group may set ``rho``, ``lr``, ``weight_decay``...).
         num_data: ``N``, the data-set size (the authors multiply it by 4 under data augmentation).
-        lr, betas, weight_decay, damping, init_precision, order: ``BSAMBase``'s (``alpha``, ``beta1, beta2``,
-            ``delta``, ``gamma``, ``s_0``, and which ``s`` the mean's step divides by).
+        lr: ``alpha``, the mean's step size (``BSAMBase``).
         rho: the ascent's scale in ``e = rho g / s`` (not a radius: ``s`` sets the length).
+        betas: ``(beta1, beta2)``, the decays of the momentum and of the precision.
+        weight_decay: ``delta``, in the momentum and in the precision.
+        damping: ``gamma``, added to the precision at every step.
+        init_precision: ``s_0``, the precision before the first step.
+        order: ``"paper"`` (the mean's step divides by the updated ``s``) or ``"official"`` (by the old ``s``).
         noise: draw the first pass's weights from the posterior (False: the first pass at ``w``).
         generator: the noise's generator (default: a new one on the parameters' device, seeded from torch's).
-        model, nonfinite: as for ``SAM``.
+        model: as for ``SAM``.
+        nonfinite: as for ``SAM``.
     """
 
     def __init__(
