@@ -99,7 +99,7 @@ class BSAMBase(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, delta, gamma = group["lr"], group["weight_decay"], group["damping"]
-            paper = group["order"] == "paper"
+            params, grads, precisions, momenta, scales = [], [], [], [], []
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -109,17 +109,44 @@ class BSAMBase(Optimizer):
                 state = self.state[p]
                 if PRECISION not in state:  # a state dict that did not hold this parameter
                     self._start(p, group)
-                s, m = state[PRECISION], state[MOMENTUM]
                 total, count = state.pop(ABS_GRAD_SUM, None), state.pop(ABS_GRAD_COUNT, 1)
-                scale = grad.abs() if total is None else (total if count == 1 else total / count)
-                m.mul_(beta1).add_(grad.add(p, alpha=delta), alpha=1 - beta1)
-                if not paper:
-                    p.addcdiv_(m, s, value=-lr)
-                curvature = s.sqrt().mul_(scale).add_(delta + gamma)  # sqrt(s) |g| + delta + gamma
-                s.mul_(beta2).add_(curvature, alpha=1 - beta2)
-                if paper:
-                    p.addcdiv_(m, s, value=-lr)
+                scales.append(grad.abs() if total is None else (total if count == 1 else total / count))
+                params.append(p)
+                grads.append(grad)
+                precisions.append(state[PRECISION])
+                momenta.append(state[MOMENTUM])
+            if params:
+                _update(params, grads, precisions, momenta, scales, lr, beta1, beta2, delta, gamma, group["order"])
         return loss
+
+
+def _update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    precisions: list[Tensor],
+    momenta: list[Tensor],
+    scales: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    delta: float,
+    gamma: float,
+    order: str,
+) -> None:
+    """One group's update with multi-tensor (``torch._foreach_*``) kernels: one launch per operation for the whole
+    group, as torch.optim's foreach paths, rather than a Python loop of small kernels per parameter."""
+    direction = torch._foreach_add(grads, params, alpha=delta)  # g_e + delta w
+    torch._foreach_mul_(momenta, beta1)
+    torch._foreach_add_(momenta, direction, alpha=1 - beta1)
+    if order != "paper":  # the authors' code: the mean's step with the old s
+        torch._foreach_addcdiv_(params, momenta, precisions, value=-lr)
+    curvature = torch._foreach_sqrt(precisions)
+    torch._foreach_mul_(curvature, scales)
+    torch._foreach_add_(curvature, delta + gamma)  # sqrt(s) |g| + delta + gamma
+    torch._foreach_mul_(precisions, beta2)
+    torch._foreach_add_(precisions, curvature, alpha=1 - beta2)
+    if order == "paper":
+        torch._foreach_addcdiv_(params, momenta, precisions, value=-lr)
 
 
 def _number(value: Any) -> bool:

@@ -105,19 +105,23 @@ class BayesianAscent(AscentRule):
         """``grads`` (``g``) becomes ``rho g / s``; ``|g|`` is added to each parameter's base state."""
         if context is None:
             raise TypeError("BayesianAscent reads the precision s from the base optimiser's state: pass context=.")
-        for grad, state in zip(grads, context.optimizer_states):
-            s = state.get(PRECISION)
-            if s is None:
-                raise TypeError(
-                    "BayesianAscent needs the precision s that BSAMBase keeps: use it with BSAM (or a SAM around "
-                    "flatminima.optim.bsam_base.BSAMBase)."
-                )
+        states = list(context.optimizer_states)
+        precisions = [state.get(PRECISION) for state in states]
+        if any(s is None for s in precisions):
+            raise TypeError(
+                "BayesianAscent needs the precision s that BSAMBase keeps: use it with BSAM (or a SAM around "
+                "flatminima.optim.bsam_base.BSAMBase)."
+            )
+        if not grads:
+            return
+        for state, magnitude in zip(states, torch._foreach_abs(grads)):
             if ABS_GRAD_SUM in state:  # another m-SAM group's draw of this step
-                state[ABS_GRAD_SUM].add_(grad.abs())
+                state[ABS_GRAD_SUM].add_(magnitude)
                 state[ABS_GRAD_COUNT] += 1
             else:
-                state[ABS_GRAD_SUM], state[ABS_GRAD_COUNT] = grad.abs(), 1
-            grad.mul_(rho).div_(s)
+                state[ABS_GRAD_SUM], state[ABS_GRAD_COUNT] = magnitude, 1
+        torch._foreach_mul_(grads, rho)
+        torch._foreach_div_(grads, precisions)
 
 
 @dataclass(frozen=True)
