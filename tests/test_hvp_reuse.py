@@ -90,8 +90,10 @@ def test_graph_memory_grows_with_the_examples_and_respects_the_budget() -> None:
     two = HessianOperator(model, F.cross_entropy, _batches((8, 8)))
     v = _vectors(one.dim, 1)[:, 0]
     one.matvec(v), two.matvec(v)
-    # per batch: the activations the graph saves plus one gradient: two equal batches keep twice as much
-    assert two.graph_bytes == 2 * one.graph_bytes > 0
+    # per batch: the activations the graph saves plus one gradient: two equal batches keep twice as much, up to a
+    # few scalar storages (8 bytes each) that the allocator may hand to both batches' graphs, counted once (seen:
+    # 20,088 against 2 x 10,048 in one run and exactly twice in others); a batch's activations alone are ~5 KB
+    assert one.graph_bytes > 0 and abs(two.graph_bytes - 2 * one.graph_bytes) <= 64
     dense = two.dense_hessian() @ v
     small = HessianOperator(model, F.cross_entropy, _batches((8, 8)), graph_budget=1.5 * one.graph_bytes)
     for _ in range(2):  # over budget after the first batch: every product rebuilds, and is still right
