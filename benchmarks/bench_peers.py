@@ -23,7 +23,8 @@ then its cheapest; a run is stopped at 500 products (counted as not reaching the
 
 * ours: ``lanczos_eigs(verify=False)`` over tol (0.3, 0.1, 3e-2, 1e-2), and the same with ``value_tol=1e-3`` when
   ``lanczos_eigs`` takes that keyword (checked with ``inspect.signature`` at run time; the rows are skipped if not),
-  and once with ``value_tol=1e-3, tol=1e-8`` (value_tol, an extra way to stop, then decides alone);
+  and once with ``value_tol=1e-3, tol=1e-8`` (value_tol, an extra way to stop, then decides alone); the default
+  guard is one guard Ritz value, or for k=1 with ``value_tol`` the wanted residual to ``EVIDENCE_TOL`` instead;
   ``power_iteration_op`` (k=1) over tol (1e-2, ..., 1e-5). Counted by ``HessianOperator.num_hvp``.
 * PyHessian ``eigenvalues(maxIter=1000, tol, top_n=k)`` over tol (1e-2, ..., 1e-5) (power iteration with deflation;
   a larger top_n computes the same first k values and then more). Start vectors from the global generator, seeded 0.
@@ -328,7 +329,7 @@ def eigen_solvers(k: int, op: HessianOperator, peers: Peers, quick: bool) -> lis
     ours_count = lambda: op.num_hvp  # noqa: E731
     tols = (0.3, 0.1, 3e-2, 1e-2)
     params = inspect.signature(lanczos_eigs).parameters
-    guard = params["guard"].default if "guard" in params else "n/a"
+    guard = "default guard" if "guard" in params else "no guard keyword"
 
     def ours(tol: float, **extra: Any) -> list[float]:
         res = lanczos_eigs(op, k=k, tol=tol, max_steps=400, seed=0, return_vectors=False, verify=False, **extra)
@@ -336,7 +337,7 @@ def eigen_solvers(k: int, op: HessianOperator, peers: Peers, quick: bool) -> lis
 
     solvers.append(
         Solver(
-            f"ours, lanczos_eigs (verify=False, guard={guard})",
+            f"ours, lanczos_eigs (verify=False, {guard})",
             [[(f"tol {t:g}", lambda t=t: ours(t)) for t in tols]],
             ours_count,
         )
@@ -344,14 +345,14 @@ def eigen_solvers(k: int, op: HessianOperator, peers: Peers, quick: bool) -> lis
     if "value_tol" in params:
         solvers.append(
             Solver(
-                f"ours, lanczos_eigs (verify=False, guard={guard}, value_tol=1e-3)",
+                f"ours, lanczos_eigs (verify=False, {guard}, value_tol=1e-3)",
                 [[(f"tol {t:g}", lambda t=t: ours(t, value_tol=1e-3)) for t in tols]],
                 ours_count,
             )
         )
         solvers.append(  # value_tol is an extra way to stop: with a tight tol it alone decides
             Solver(
-                f"ours, lanczos_eigs (verify=False, guard={guard}, value_tol=1e-3, tol=1e-8)",
+                f"ours, lanczos_eigs (verify=False, {guard}, value_tol=1e-3, tol=1e-8)",
                 [[("value_tol 1e-3, tol 1e-8", lambda: ours(1e-8, value_tol=1e-3))]],
                 ours_count,
             )

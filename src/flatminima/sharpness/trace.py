@@ -30,8 +30,11 @@ BLOCK_SIZE = 16  # probes per matmat: one pass over the data serves this many pr
 
 
 def _quadratic_forms(op: LinearOperator, rows: Tensor, block_size: int) -> Tensor:
-    """``v^T A v`` in float64 for each row ``v`` of ``rows``, ``block_size`` rows per ``matmat``."""
-    out = [(block * op.matmat(block.T.contiguous()).T).sum(dim=1).to(torch.float64) for block in rows.split(block_size)]
+    """``v^T A v`` in float64 for each row ``v`` of ``rows``, ``block_size`` rows per ``matmat``.
+
+    The blocks go to ``matmat`` as ``block.T``, a view whose columns are the contiguous probes (no copy; the
+    Hessian operator and a column-by-column ``matmat`` read them as they are)."""
+    out = [(block * op.matmat(block.T).T).sum(dim=1).to(torch.float64) for block in rows.split(block_size)]
     return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -76,7 +79,7 @@ def hutchpp_trace_op(
     gen = torch.Generator().manual_seed(seed)
     sketch = min(num_matvecs // 3, op.dim)
     s = random_vectors(sketch, op.dim, gen, "rademacher", op.dtype, op.device)  # rows
-    products = torch.cat([op.matmat(block.T.contiguous()) for block in s.split(block_size)], dim=1)
+    products = torch.cat([op.matmat(block.T) for block in s.split(block_size)], dim=1)
     q, _ = torch.linalg.qr(products)  # (dim, sketch)
     low_rank = float(_quadratic_forms(op, q.T, block_size).sum())
     if q.shape[1] == op.dim:
@@ -112,9 +115,9 @@ def xtrace_op(
     op = CountingOperator(as_operator(op))
     count = num_matvecs // 2
     omega = random_vectors(count, op.dim, torch.Generator().manual_seed(seed), distribution, op.dtype, op.device)
-    y = torch.cat([op.matmat(block.T.contiguous()) for block in omega.split(block_size)], dim=1)  # (dim, s)
+    y = torch.cat([op.matmat(block.T) for block in omega.split(block_size)], dim=1)  # (dim, s)
     q, _ = torch.linalg.qr(y)  # (dim, r), r = min(dim, s)
-    z = torch.cat([op.matmat(block.T.contiguous()) for block in q.T.split(block_size)], dim=1)  # A Q
+    z = torch.cat([op.matmat(block.T) for block in q.T.split(block_size)], dim=1)  # A Q
     small = torch.float64
     r_y = (q.T @ y).to(small)  # Q^T A w_i, also (A Q)^T w_i for a symmetric A
     w = (q.T @ omega.T).to(small)  # Q^T w_i
@@ -154,7 +157,7 @@ def xnystrace_op(
     block_size = positive_int("block_size", block_size)
     op = CountingOperator(as_operator(op))
     omega = random_vectors(num_matvecs, op.dim, torch.Generator().manual_seed(seed), distribution, op.dtype, op.device)
-    y = torch.cat([op.matmat(block.T.contiguous()) for block in omega.split(block_size)], dim=1)  # (dim, s)
+    y = torch.cat([op.matmat(block.T) for block in omega.split(block_size)], dim=1)  # (dim, s)
     gram = (omega @ y).to(torch.float64)  # W^T A W
     gram = (gram + gram.T) / 2
     outer = (y.T @ y).to(torch.float64)  # (A W)^T (A W)
