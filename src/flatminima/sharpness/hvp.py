@@ -332,7 +332,8 @@ class HessianOperator:
 
     def matmat(self, matrix: Tensor) -> Tensor:
         """``H V`` for a ``(dim, k)`` matrix: ``k`` products (counted as ``k``), one pass over the data (or over
-        the kept gradient graphs)."""
+        the kept gradient graphs). The result may be the transposed view of its ``k`` contiguous rows (contiguous
+        when ``distributed``, for the all-reduce)."""
         if matrix.dim() != 2 or matrix.shape[0] != self.dim:
             raise ValueError(f"expected a matrix of shape ({self.dim}, k), got {tuple(matrix.shape)}")
         matrix = matrix.to(device=self.device, dtype=self.dtype)

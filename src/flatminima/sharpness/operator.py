@@ -46,7 +46,10 @@ class LinearOperator(Protocol):
         ...
 
     def matmat(self, matrix: Tensor) -> Tensor:
-        """``A V`` for a ``(dim, k)`` matrix: ``k`` products, as cheaply as the operator can do them together."""
+        """``A V`` for a ``(dim, k)`` matrix: ``k`` products, as cheaply as the operator can do them together.
+
+        ``matrix`` may be a non-contiguous view (the estimators pass their row-major probe blocks transposed, each
+        column contiguous), and the result may be one too: call ``.contiguous()`` where a layout is needed."""
         ...
 
 
